@@ -1,0 +1,282 @@
+"""Datasets, the stage text formats and batching (METHOD sections 2, 4, 5.1, 6).
+
+Files live in the TinyThinker layout `{data_dir}/{name}/original/{file}` (so `data_dir` may point at a copy of the
+official repo's `datasets/` folder); missing files are fetched from the datasets' official public locations.
+
+Decisions recorded here (METHOD section 9):
+* A11 splits: the official code draws the CSQA valid sample and the StrategyQA shuffle with no seed, so its splits
+  cannot be reproduced; ours are drawn with `random.Random(SPLIT_SEED)` so they are the same on every machine.
+* A13 options: "(A) x (B) y" is built from the structured choices, not by splitting "A. x, B. y" on ", ", so the
+  OBQA options whose text contains ", " are kept intact instead of garbled.
+* A1 order: the summarize input joins the analyses in alphabetical order at training time too, as inference does
+  (METHOD 6); the teacher's order (gold option first) would let the student learn "the first analysis is the answer",
+  a shortcut that is absent at test time.
+"""
+import io
+import json
+import random
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+import torch
+
+LETTERS = "ABCDE"
+SPLIT_SEED = 42
+DEFAULT_DIR = Path(__file__).resolve().parent / "data"
+
+# Official public locations. CSQA serves plain files; OBQA and StrategyQA are published only as zips.
+CSQA_URL = "https://s3.amazonaws.com/commensenseqa/"
+# (the OBQA zip is also at s3-us-west-2.amazonaws.com/ai2-website/data/, the address in AI2's OpenBookQA repo)
+OBQA_ZIP = "https://ai2-public-datasets.s3.amazonaws.com/open-book-qa/OpenBookQA-V1-Sep2018.zip"
+STRATEGYQA_ZIP = "https://storage.googleapis.com/ai2i/strategyqa/data/strategyqa_dataset.zip"
+# local file name -> path suffix of that file inside the download (the zip's top folder is not relied on)
+FILES = {
+    "csqa": {"train_rand_split.jsonl": "train_rand_split.jsonl", "dev_rand_split.jsonl": "dev_rand_split.jsonl"},
+    "obqa": {"train.jsonl": "Data/Main/train.jsonl", "dev.jsonl": "Data/Main/dev.jsonl",
+             "test.jsonl": "Data/Main/test.jsonl"},
+    "strategyqa": {"strategyqa_train.json": "strategyqa_train.json"},
+}
+
+
+@dataclass
+class Question:
+    id: str
+    question: str
+    choices: list[str]  # choices[i] is option LETTERS[i]
+    answer: str  # gold letter
+
+
+# ---------------------------------------------------------------- download and load (METHOD 2)
+
+def _get(url: str) -> bytes:
+    response = requests.get(url, timeout=120)
+    response.raise_for_status()
+    return response.content
+
+
+def _write(path: Path, content: bytes):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(content)
+    tmp.replace(path)  # atomic: a killed download leaves no half file that would later be read as data
+
+
+def download(name: str, data_dir=None) -> Path:
+    """Fetch the official files of `name` that are not yet in `{data_dir}/{name}/original/`; return that folder."""
+    folder = Path(data_dir or DEFAULT_DIR) / name / "original"
+    missing = [f for f in FILES[name] if not (folder / f).exists()]
+    if not missing:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    if name == "csqa":
+        for f in missing:
+            _write(folder / f, _get(CSQA_URL + FILES[name][f]))
+        return folder
+    url = OBQA_ZIP if name == "obqa" else STRATEGYQA_ZIP
+    with zipfile.ZipFile(io.BytesIO(_get(url))) as archive:
+        for f in missing:
+            members = [m for m in archive.namelist() if m == FILES[name][f] or m.endswith("/" + FILES[name][f])]
+            if len(members) != 1:
+                raise FileNotFoundError(f"{url}: expected one member ending in {FILES[name][f]}, found {members}")
+            _write(folder / f, archive.read(members[0]))
+    return folder
+
+
+def _multiple_choice(obj: dict, where: str) -> Question:
+    """CSQA / OBQA record: {"id", "question": {"stem", "choices": [{"label", "text"}]}, "answerKey"}."""
+    try:
+        choices = sorted(obj["question"]["choices"], key=lambda c: c["label"])
+        labels = "".join(c["label"] for c in choices)
+        question = Question(str(obj["id"]), obj["question"]["stem"], [c["text"] for c in choices], obj["answerKey"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{where}: not a multiple-choice record (missing {e})") from None
+    if labels != LETTERS[:len(labels)] or question.answer not in labels:
+        raise ValueError(f"{where}: labels {labels!r} / answerKey {question.answer!r} are not A.. in order")
+    return question
+
+
+def _read_jsonl(path: Path) -> list[Question]:
+    questions = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            questions.append(_multiple_choice(obj, f"{path}:{number}"))
+    return questions
+
+
+def _read_strategyqa(path: Path) -> list[Question]:
+    """A JSON list of {qid, question, answer: bool, ...}; options are "yes" (A, answer true) and "no" (B)."""
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a JSON list of questions")
+    questions = []
+    for i, item in enumerate(items):
+        if not (isinstance(item, dict) and {"qid", "question"} <= item.keys() and isinstance(item.get("answer"), bool)):
+            raise ValueError(f"{path}: item {i}: needs qid, question and a boolean answer")
+        questions.append(Question(item["qid"], item["question"], ["yes", "no"], "A" if item["answer"] else "B"))
+    return questions
+
+
+def load(name: str, split: str, data_dir=None) -> list[Question]:
+    """The splits of METHOD 2 (train/valid/test), drawn with SPLIT_SEED where the official code drew unseeded.
+
+    csqa: valid = a random sample of official train the size of official dev, train = the rest (file order),
+    test = official dev. obqa: official train/dev/test. strategyqa: shuffle, then 80% / 10% / the rest.
+    """
+    if split not in ("train", "valid", "test"):
+        raise ValueError(f"split must be train, valid or test, not {split!r}")
+    if name not in FILES:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(FILES)}")
+    folder = download(name, data_dir)
+    rng = random.Random(SPLIT_SEED)
+    if name == "csqa":
+        train, dev = _read_jsonl(folder / "train_rand_split.jsonl"), _read_jsonl(folder / "dev_rand_split.jsonl")
+        if split == "test":
+            return dev
+        valid = set(rng.sample(range(len(train)), k=len(dev)))
+        return [q for i, q in enumerate(train) if (i in valid) == (split == "valid")]
+    if name == "obqa":
+        return _read_jsonl(folder / {"train": "train.jsonl", "valid": "dev.jsonl", "test": "test.jsonl"}[split])
+    questions = _read_strategyqa(folder / "strategyqa_train.json")
+    rng.shuffle(questions)
+    n_train, n_valid = len(questions) * 8 // 10, len(questions) // 10
+    bounds = {"train": (0, n_train), "valid": (n_train, n_train + n_valid), "test": (n_train + n_valid, None)}[split]
+    return questions[slice(*bounds)]
+
+
+# ---------------------------------------------------------------- stage text formats (METHOD 4, 6)
+
+def option_string(q: Question) -> str:
+    """'(A) x (B) y ...' from the structured choices (A13)."""
+    return " ".join(f"({letter}) {text}" for letter, text in zip(LETTERS, q.choices))
+
+
+def with_period(text: str) -> str:
+    """Strip, then append '.' unless the text ends with . " or ' (METHOD 3.4 targets, METHOD 6 generated pieces)."""
+    text = text.strip()
+    return text if text.endswith((".", '"', "'")) else text + "."
+
+
+def _context(q: Question, recall: str | None) -> str:
+    """{QO}, followed by the recall when the stage variant has one."""
+    qo = f"{q.question}\n{option_string(q)}"
+    return qo if recall is None else f"{qo}\nRecall: {recall}"
+
+
+def recall_input(q: Question) -> str:
+    return f"{_context(q, None)}\nRecall:"
+
+
+def analyze_input(q: Question, recall: str | None, letter: str) -> str:
+    """recall=None gives the analyze_summarize variant's input (no recall stage)."""
+    return f"{_context(q, recall)}\nAnalyze: For option {letter},"
+
+
+def summarize_input(q: Question, recall: str | None, analyses: dict[str, str] | None) -> str:
+    """Analyses keyed by letter, joined by spaces in ALPHABETICAL order at training and inference alike (A1).
+
+    recall=None drops the recall part, empty analyses drop the analyze part (the ablation variants of METHOD 4).
+    """
+    text = _context(q, recall)
+    if analyses:
+        text += "\nAnalyze: " + " ".join(f"For option {letter}, {analyses[letter]}" for letter in sorted(analyses))
+    return text + "\nSummarize:"
+
+
+def summary_target(letter: str) -> str:
+    return f"So the answer is option {letter}."
+
+
+def parse_answer(text: str) -> str | None:
+    """The predicted letter of a summary (METHOD 6); None when the sentence is absent (counted wrong)."""
+    match = re.search(r"the answer is option ([A-Z])\.", text)
+    return match.group(1) if match else None
+
+
+STAGES = ("summarize", "recall_summarize", "analyze_summarize", "recall_analyze_summarize")
+
+
+def _check_stages(stages: str):
+    if stages not in STAGES:
+        raise ValueError(f"stage variant {stages!r} is not one of {STAGES}")
+
+
+def record_question(record: dict) -> Question:
+    return Question(record["id"], record["question"], record["choices"], record["answer"])
+
+
+def stage_examples(records: list[dict], stages: str) -> dict[str, list[tuple[str, str]]]:
+    """(input, target) pairs per stage of the variant `stages`, from teacher records (METHOD 4).
+
+    Exact duplicate pairs are dropped, first occurrence kept: this is the dedup by (input, target) of recall,
+    analyze and summarize, and, because the target depends only on the question, also the by-input dedup of the
+    `summarize` variant (one example per question). recall_summarize is deduplicated too, as its notebook intended.
+    """
+    _check_stages(stages)
+    names = [s for s in ("recall", "analyze", "summarize") if s in stages]
+    pairs: dict[str, dict[tuple[str, str], None]] = {s: {} for s in names}
+    for record in records:
+        q, ki = record_question(record), record["key_information"]
+        recall = ki if "recall" in names else None
+        if recall is not None:
+            pairs["recall"][(recall_input(q), ki)] = None
+        analyses = record["explanations"] if "analyze" in names else None
+        for letter in sorted(analyses or {}):
+            pairs["analyze"][(analyze_input(q, recall, letter), analyses[letter])] = None
+        pairs["summarize"][(summarize_input(q, recall, analyses), summary_target(q.answer))] = None
+    return {s: list(p) for s, p in pairs.items()}
+
+
+def first_stage_inputs(q: Question, stages: str) -> list[str]:
+    """Valid/test inputs of a variant: its first stage (one per option for analyze_summarize, METHOD 4)."""
+    _check_stages(stages)
+    if stages == "summarize":
+        return [summarize_input(q, None, None)]
+    if stages == "analyze_summarize":
+        return [analyze_input(q, None, letter) for letter in LETTERS[:len(q.choices)]]
+    return [recall_input(q)]
+
+
+# ---------------------------------------------------------------- batching (METHOD 5.1)
+
+def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length=False) -> list[list[int]]:
+    """The batches of one epoch as index lists: a permutation drawn from (seed, epoch) alone, so a resumed run can
+    rebuild the epoch and skip to batch k. With group_by_length, chunks of 50 batches of the permutation are sorted
+    by length before cutting (less padding), and the batch order is shuffled again so lengths do not trend."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if group_by_length:
+        chunk = 50 * batch_size  # a multiple of batch_size: only the very last batch can be short
+        order = [i for s in range(0, len(order), chunk) for i in sorted(order[s:s + chunk], key=lambda i: -lengths[i])]
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int = 0):
+    """Pad to the longest in the batch: inputs with pad_id (mask 0), labels with -100 (ignored by the loss)."""
+    width_in, width_out = max(len(x) for x, _ in examples), max(len(y) for _, y in examples)
+    input_ids = torch.tensor([x + [pad_id] * (width_in - len(x)) for x, _ in examples])
+    attention_mask = torch.tensor([[1] * len(x) + [0] * (width_in - len(x)) for x, _ in examples])
+    labels = torch.tensor([y + [-100] * (width_out - len(y)) for _, y in examples])
+    return input_ids, attention_mask, labels
+
+
+def batches(examples: list[tuple[list[int], list[int]]], batch_size: int, seed: int, epoch: int = 0, start: int = 0,
+            group_by_length=False):
+    """Yield the padded (input_ids, attention_mask, labels) batches of `epoch` from batch index `start` on;
+    examples are (input ids, label ids) with </s> already appended."""
+    lengths = [len(x) for x, _ in examples]
+    for indices in batch_order(lengths, batch_size, seed, epoch, group_by_length)[start:]:
+        yield collate([examples[i] for i in indices])

@@ -1,0 +1,205 @@
+"""Phase 2 of TinyThinker, self-reflection: DPO + NLL on pairs built from the student's own chains (METHOD 7).
+
+Reads in the order of the math: sequence log-probabilities of a target under the encoder-decoder (7.4), the DPO+NLL
+loss (7.4), then the chosen/rejected pairs built from self-sampled chains (7.2 recall pairs, 7.3 analyze pairs).
+The builders are pure functions: the sampling loop that produces the chains lives in tinythinker.py.
+"""
+from collections import defaultdict
+
+import torch.nn.functional as F
+
+from data import LETTERS, analyze_input, collate, recall_input, summary_target
+from evaluate import Chain
+from t5 import shift_right
+
+MAX_LENGTH = 200  # prompt and each completion are truncated to 200 tokens, </s> included (METHOD 7.4)
+
+# -----------------------------------------------------------------------------
+# log pi(y|x) for an encoder-decoder (METHOD 7.4, T5-NOTES 3.1)
+
+
+def token_logprobs(model, input_ids, attention_mask, labels):
+    """log p(y_t | y_<t, x) = log_softmax(logits)[y_t] for every target position, 0 where labels == -100 (that is
+    -cross_entropy with reduction="none"). Decoder inputs = shift_right(labels). In fp32 whatever the model's dtype:
+    the sums over up to 200 tokens and their differences are what DPO compares."""
+    logits, _ = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=shift_right(labels))
+    return -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view_as(labels)
+
+
+def sequence_logprobs(model, input_ids, attention_mask, labels):
+    """log pi(y|x) = sum over target tokens (</s> included, -100 ignored) of log p(y_t | y_<t, x): Tensor[B]."""
+    return token_logprobs(model, input_ids, attention_mask, labels).sum(-1)
+
+
+def tokenize_pairs(pairs, tokenizer, max_length=MAX_LENGTH):
+    """Pairs {prompt, chosen, rejected} -> (prompt ids, chosen ids, rejected ids), each with </s> and cut to
+    max_length tokens keeping the final </s>, as HF truncation does (METHOD 7.4: encoder input = prompt, labels =
+    completion). Done once per iteration; collate_pairs batches the result."""
+    clip = lambda ids: ids if len(ids) <= max_length else ids[:max_length - 1] + ids[-1:]
+    return [tuple(clip(tokenizer.encode(p[k])) for k in ("prompt", "chosen", "rejected")) for p in pairs]
+
+
+def collate_pairs(batch, device="cpu"):
+    """B tokenized pairs -> ONE batch of 2B rows, chosen rows first and the prompt repeated, so that a single forward
+    scores both halves (as TRL's concatenated_forward does). data.collate pads inputs with 0 and labels with -100,
+    so padding is never scored. Returns (input_ids [2B, Lp], attention_mask [2B, Lp], labels [2B, T])."""
+    rows = [(prompt, chosen) for prompt, chosen, _ in batch] + [(prompt, rejected) for prompt, _, rejected in batch]
+    return tuple(t.to(device) for t in collate(rows))
+
+
+def concatenated_logprobs(model, input_ids, attention_mask, labels):
+    """One forward over a collate_pairs batch -> (log pi(chosen) [B], log pi(rejected) [B], chosen NLL).
+    The NLL is the token mean of -log p over every chosen target token of the batch (one mean per batch, not per
+    sequence), i.e. cross-entropy with ignore_index=-100 on the chosen half (METHOD 7.4)."""
+    logps = token_logprobs(model, input_ids, attention_mask, labels)
+    n = len(logps) // 2
+    chosen_nll = -logps[:n].sum() / (labels[:n] != -100).sum()
+    sequence = logps.sum(-1)
+    return sequence[:n], sequence[n:], chosen_nll
+
+
+# -----------------------------------------------------------------------------
+# DPO + NLL loss (METHOD 7.4: beta 0.5, rpo_alpha 0.5, the "DPO + alpha * NLL" form, see A10)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_nll, beta=0.5, alpha=0.5):
+    """loss = mean_i -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) + alpha * NLL, where pi/ref are the
+    summed sequence log-probs of policy and reference and NLL the token-mean chosen NLL. Metrics use TRL's names;
+    the implicit rewards are beta * (pi - ref)."""
+    chosen_rewards = beta * (policy_chosen - ref_chosen)
+    rejected_rewards = beta * (policy_rejected - ref_rejected)
+    loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean() + alpha * chosen_nll
+    metrics = {
+        "rewards/chosen": chosen_rewards.mean().item(),
+        "rewards/rejected": rejected_rewards.mean().item(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+        "nll": chosen_nll.item(),
+    }
+    return loss, metrics
+
+
+# -----------------------------------------------------------------------------
+# Pairs from self-sampled chains (METHOD 7.1-7.3)
+# Chains are evaluate.Chain objects (id, answer, recall, analyses by letter, summary, prediction) as run_chains
+# returns them; a teacher record stands in as a chain that answers right. The official code resampled with unseeded
+# pandas .sample(); here every draw comes from the caller's seeded random.Random, so the pairs can be rebuilt exactly.
+
+
+def recall_pairs(chains, questions, records, rng):
+    """Recall pairs (METHOD 7.2) from the recall pass (per question, 10 chains: recall sampled, analyze and summarize
+    greedy); `questions` maps id -> data.Question, `records` are the teacher's records. Per question:
+    1. C = correct chains, R = the others (None counts as wrong), each deduplicated by recall text (first kept);
+    2-3. recall texts found in both C and R are removed; skip the question if R is empty (an R empty before the
+       removal stays empty, so one check covers steps 2 and 3);
+    4. if |C| > |R|, R = |C| draws from R with replacement; if |R| > |C|, C is back-filled with |R|-|C| of the
+       teacher's records for the question (Key Information as recall, reasons as analyses), with replacement only if
+       more are needed than exist;
+    5. zip C and R into {prompt: "{QO}\\nRecall:", chosen: C.recall, rejected: R.recall}.
+    Returns (pairs, contexts): contexts[i] is the chosen chain of pairs[i] (step 7). The analyze pass samples under
+    each context's (id, recall), a context listed twice being sampled twice as officially, and analyze_pairs falls back
+    on the contexts' analyses where a recall's own samples are all wrong."""
+    teacher = _teacher_chains(records)
+    pairs, contexts = [], []
+    for group in _group(chains, key=lambda c: c.id).values():
+        qid, answer = group[0].id, group[0].answer
+        chosen = _dedup([c for c in group if c.prediction == answer], key=lambda c: c.recall)
+        rejected = _dedup([c for c in group if c.prediction != answer], key=lambda c: c.recall)
+        chosen, rejected = _drop_common(chosen, rejected, key=lambda c: c.recall)
+        if not rejected:
+            continue
+        if len(chosen) > len(rejected):
+            rejected = rng.choices(rejected, k=len(chosen))
+        elif len(rejected) > len(chosen):
+            pool, k = teacher.get(qid), len(rejected) - len(chosen)
+            if not pool:
+                raise ValueError(f"recall_pairs: no teacher record for question id {qid!r} to back-fill C from")
+            chosen = chosen + (rng.choices(pool, k=k) if k > len(pool) else rng.sample(pool, k))
+        prompt = recall_input(questions[qid])
+        for c, r in zip(chosen, rejected):
+            pairs.append({"prompt": prompt, "chosen": c.recall, "rejected": r.recall})
+            contexts.append(c)
+    return pairs, contexts
+
+
+def analyze_pairs(chains, questions, contexts, rng):
+    """Analyze pairs (METHOD 7.3) from the analyze pass (per context, 10 chains under its recall: analyze sampled,
+    summarize greedy); `contexts` as recall_pairs returns them. Per recall context "{QO}\\nRecall: {r}":
+    1. keep chains whose prediction is a letter A-E; C = correct, R = the others, each deduplicated by the tuple of
+       analyses (first kept);
+    2. sanity filter: within C, and separately within R, keep chains whose predicted letter is an option analysed in
+       that set (officially: occurs as "For option X, " in the set's analyses); drop tuples found in both; skip the
+       context if R is empty;
+    3. if |C| > |R|, R = |C| draws from R with replacement; if |R| > |C|, C is topped up to |R| with draws with
+       replacement from C itself or, when C is empty, from the analyses of the contexts with this recall.
+       A9, fixed deliberately: the official code REPLACED a non-empty C by |R|-|C| draws from C, so zip kept only
+       |R|-|C| pairs and dropped the other rejected chains (|C| = 4, |R| = 5 gave 1 pair, not 5); topping up keeps
+       every distinct chosen and rejected chain, as the recall rule does;
+    4. for each zipped (c, r), TWO pairs with the SFT analyze prompt "{QO}\\nRecall: {r}\\nAnalyze: For option X,":
+       X = the gold option and X = the option r predicted; chosen = c.analyses[X], rejected = r.analyses[X]."""
+    context_key = lambda c: (c.id, c.recall)  # the same question and recall = the same context string
+    backups = _group(contexts, key=context_key)
+    pairs = []
+    for key, group in _group(chains, key=context_key).items():
+        (qid, recall), answer = key, group[0].answer
+        letters = [c for c in group if c.prediction and c.prediction in LETTERS]
+        chosen = _sane(_dedup([c for c in letters if c.prediction == answer], key=_analysis_tuple))
+        rejected = _sane(_dedup([c for c in letters if c.prediction != answer], key=_analysis_tuple))
+        chosen, rejected = _drop_common(chosen, rejected, key=_analysis_tuple)
+        if not rejected:
+            continue
+        if len(chosen) > len(rejected):
+            rejected = rng.choices(rejected, k=len(chosen))
+        elif len(rejected) > len(chosen):
+            pool = chosen or backups.get(key)
+            if not pool:
+                raise ValueError(f"analyze_pairs: no context for question id {qid!r} with recall {recall!r}")
+            chosen = chosen + rng.choices(pool, k=len(rejected) - len(chosen))
+        for c, r in zip(chosen, rejected):
+            for letter in (answer, r.prediction):
+                pairs.append({"prompt": analyze_input(questions[qid], recall, letter),
+                              "chosen": c.analyses[letter], "rejected": r.analyses[letter]})
+    return pairs
+
+
+def _teacher_chains(records):
+    """The back-fill pool of 7.2 step 4 by question id: each teacher record as a chain that answers right. Repeated
+    records count once, as the official pool (summarize.json) was deduplicated."""
+    pool = defaultdict(dict)
+    for r in records:
+        chain = Chain(id=r["id"], answer=r["answer"], recall=r["key_information"], analyses=r["explanations"],
+                      summary=summary_target(r["answer"]), prediction=r["answer"])
+        pool[chain.id].setdefault((chain.recall, _analysis_tuple(chain)), chain)
+    return {qid: list(chains.values()) for qid, chains in pool.items()}
+
+
+def _analysis_tuple(chain):
+    return tuple(sorted(chain.analyses.items()))
+
+
+def _group(chains, key):
+    """Chains grouped by key, groups and members in first-seen order."""
+    groups = defaultdict(list)
+    for c in chains:
+        groups[key(c)].append(c)
+    return groups
+
+
+def _dedup(chains, key):
+    """First chain of every key, in order (pandas drop_duplicates)."""
+    first = {}
+    for c in chains:
+        first.setdefault(key(c), c)
+    return list(first.values())
+
+
+def _drop_common(chosen, rejected, key):
+    """Remove from both sides every key that occurs on both sides."""
+    both = {key(c) for c in chosen} & {key(r) for r in rejected}
+    return [c for c in chosen if key(c) not in both], [r for r in rejected if key(r) not in both]
+
+
+def _sane(chains):
+    """7.3's sanity filter: keep chains whose prediction is among the options analysed anywhere in the set."""
+    analysed = {letter for c in chains for letter in c.analyses}
+    return [c for c in chains if c.prediction in analysed]

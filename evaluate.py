@@ -1,0 +1,159 @@
+"""Three-stage inference, self-consistency voting and reports (METHOD section 6).
+
+    python evaluate.py                                   # the demo runs (runs/world) on the world's held-out questions
+    python evaluate.py runs/csqa --split test            # greedy chains, the validation protocol
+    python evaluate.py runs/csqa --samples 10 --temperature 0.7   # self-consistency: majority vote over 10 sampled chains
+
+A chain answers one question: recall general knowledge, analyze every option given that recall, summarize the
+analyses into "So the answer is option X." Each stage is one batched `generate` over all the questions, so a chain
+costs three rounds of generation however many questions there are.
+"""
+import argparse
+import collections
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+import data
+from t5 import T5, Tokenizer
+
+
+@dataclass
+class Chain:
+    """One recall -> analyze -> summarize pass for one question; stages absent from the variant stay None."""
+    id: str
+    answer: str
+    recall: str | None
+    analyses: dict[str, str] | None
+    summary: str
+    prediction: str | None
+
+
+def generate_texts(model, tokenizer, prompts, temperature=0.0, batch_size=256, max_new_tokens=200, desc=None):
+    """One continuation per prompt: greedy when temperature is 0, else sampling at that temperature with top-k and
+    top-p off (METHOD 6: T=0.7, top_k 0). Prompts are batched in length order so a batch pads little."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    texts = [None] * len(prompts)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=desc is None):
+        rows = order[start:start + batch_size]
+        input_ids, attention_mask = tokenizer([prompts[i] for i in rows])
+        generated = model.generate(input_ids.to(device), attention_mask.to(device), max_new_tokens=max_new_tokens,
+                                   do_sample=temperature > 0, temperature=temperature or 1.0)
+        for i, text in zip(rows, tokenizer.batch_decode(generated.tolist())):
+            texts[i] = text.strip()
+    return texts
+
+
+@torch.no_grad()
+def run_chains(model, tokenizer, questions, stages="recall_analyze_summarize", recalls=None,
+               recall_temperature=0.0, analyze_temperature=0.0, batch_size=256, max_new_tokens=200, desc=None):
+    """Chain every question through the stages of `stages` (a data.STAGES variant). Summarize is always greedy.
+
+    `recalls`, when given, fixes the recall of each question instead of generating it: self-reflection samples
+    analyses under a recall it has already chosen (METHOD 7.1, analyze pass).
+    Option letters come from each question's own choices rather than from the "(X)" patterns of the first input
+    (A15), so questions with different numbers of options can share a batch."""
+    was_training = model.training
+    model.eval()
+    generate = lambda prompts, temperature, stage: generate_texts(
+        model, tokenizer, prompts, temperature, batch_size, max_new_tokens, desc and f"{desc} {stage}")
+    use_recall, use_analyze = "recall" in stages, "analyze" in stages
+    if use_recall and recalls is None:
+        recalls = generate([data.recall_input(q) for q in questions], recall_temperature, "recall")
+        recalls = [data.with_period(r) for r in recalls]
+    if not use_recall:
+        recalls = [None] * len(questions)
+    analyses = [None] * len(questions)
+    if use_analyze:
+        jobs = [(i, letter) for i, q in enumerate(questions) for letter in data.LETTERS[:len(q.choices)]]
+        texts = generate([data.analyze_input(questions[i], recalls[i], letter) for i, letter in jobs],
+                         analyze_temperature, "analyze")
+        analyses = [{} for _ in questions]
+        for (i, letter), text in zip(jobs, texts):
+            analyses[i][letter] = data.with_period(text)
+    summaries = generate([data.summarize_input(q, r, a) for q, r, a in zip(questions, recalls, analyses)],
+                         0.0, "summarize")
+    model.train(was_training)
+    return [Chain(q.id, q.answer, r, a, s, data.parse_answer(s))
+            for q, r, a, s in zip(questions, recalls, analyses, summaries)]
+
+
+def vote(predictions):
+    """Self-consistency (METHOD 6): the most common prediction; an unparseable chain (None) is a vote too, and a tie
+    goes to the answer seen first (Counter keeps first-seen order among equal counts)."""
+    return collections.Counter(predictions).most_common(1)[0][0]
+
+
+def accuracy(model, tokenizer, questions, stages, samples=1, temperature=0.0, **kwargs):
+    """Accuracy (%) of the voted answers, and every chain. With samples > 1, recall and analyze are sampled at
+    `temperature` and summarize stays greedy, as in the official generate.py's "random" mode."""
+    repeated = [q for q in questions for _ in range(samples)]
+    chains = run_chains(model, tokenizer, repeated, stages, recall_temperature=temperature,
+                        analyze_temperature=temperature, **kwargs)
+    votes = [vote([c.prediction for c in chains[i * samples:(i + 1) * samples]]) for i in range(len(questions))]
+    correct = sum(v == q.answer for v, q in zip(votes, questions))
+    return 100.0 * correct / max(len(questions), 1), chains
+
+
+def checkpoints(run_dir):
+    """The models a run directory holds, in training order: acquire's best, then reflect's best if it ran."""
+    found = [("acquire", os.path.join(run_dir, "best"))]
+    if os.path.isdir(os.path.join(run_dir, "reflect", "best")):
+        found.append(("reflect", os.path.join(run_dir, "reflect", "best")))
+    return [(phase, path) for phase, path in found if os.path.isdir(path)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="*", default=["runs/world"], help="run directories made by tinythinker.py")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--samples", type=int, default=1, help="chains per question; > 1 votes (self-consistency)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature when --samples > 1")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--out", default=None, help="report path without extension (default: RUN/report)")
+    args = parser.parse_args()
+
+    import tinythinker  # the run config knows the data set and how to rebuild the world's questions
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for run_dir in args.runs:
+        if not os.path.isfile(os.path.join(run_dir, "config.json")):
+            raise SystemExit(f"{run_dir}: no config.json; pass a run directory made by `python tinythinker.py`")
+        cfg = tinythinker.load_config(run_dir)
+        if cfg.data == "world":
+            print("demo: evaluating on the embedded world's held-out questions; "
+                  "for a real run: python evaluate.py runs/csqa --split test")
+        questions = tinythinker.questions(cfg, args.split)
+        temperature = args.temperature if args.samples > 1 else 0.0
+        decoding = f"vote of {args.samples} at T={temperature}" if args.samples > 1 else "greedy"
+        for phase, path in checkpoints(run_dir):
+            model, tokenizer = T5.from_pretrained(path, device=device), Tokenizer.from_pretrained(path)
+            # Reflect trains recall and analyze inside the full chain, so its model is always evaluated on it.
+            stages = cfg.stages if phase == "acquire" else "recall_analyze_summarize"
+            acc, chains = accuracy(model, tokenizer, questions, stages, args.samples, temperature,
+                                   batch_size=args.batch_size, desc=f"{phase} {args.split}")
+            with open(os.path.join(path, f"predictions_{args.split}.jsonl"), "w") as f:
+                for chain in chains:
+                    f.write(json.dumps(asdict(chain)) + "\n")
+            chance = 100.0 * sum(1 / len(q.choices) for q in questions) / len(questions)
+            rows.append(dict(run=run_dir, phase=phase, data=cfg.data, stages=stages, split=args.split,
+                             decoding=decoding, questions=len(questions), accuracy=round(acc, 2),
+                             chance=round(chance, 2)))
+    header = list(rows[0])
+    table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                      + ["| " + " | ".join(str(r[k]) for k in header) + " |" for r in rows])
+    print(table)
+    out = args.out or os.path.join(args.runs[0], "report")
+    with open(out + ".md", "w") as f:
+        f.write(table + "\n")
+    with open(out + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"wrote {out}.md, {out}.json and predictions_{args.split}.jsonl beside each checkpoint")
+
+
+if __name__ == "__main__":
+    main()

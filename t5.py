@@ -1,0 +1,747 @@
+"""T5 in plain PyTorch: the model, its checkpoints and its tokenizer, in one file.
+
+Numerically the same as Hugging Face transformers' T5ForConditionalGeneration, with the same parameter names, for
+original T5 (ReLU feed-forward, lm_head tied to the embedding) and T5 v1.1 / FLAN-T5 (gated-GELU feed-forward,
+separate lm_head). Reads top to bottom in the order of the math: config, RMSNorm, relative position buckets,
+attention, feed-forward, block, stack, model (forward, loss, generate); then checkpoint files (safetensors read and
+written by hand, Hub download with requests) and the sentencepiece tokenizer.
+
+Precision: fp32 on CPU; on CUDA the forward and generate run under bf16 autocast (RMSNorm statistics, softmax and the
+loss stay fp32). fp16 is allowed but warned about: T5's feed-forward activations overflow it.
+"""
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import mmap
+import os
+import re
+import sys
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import requests
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class T5Config:
+    """Hyper-parameters under their config.json names. The defaults are transformers' T5Config defaults, which is
+    also what older config.json files mean when they omit a key (feed_forward_proj "relu", tie_word_embeddings true,
+    relative_attention_max_distance 128)."""
+
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64  # per head; num_heads * d_kv need not equal d_model (flan-t5-small: 6 * 64 = 384 != 512)
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_decoder_layers: int | None = None  # None: same as num_layers
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout_rate: float = 0.1
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "relu"  # "relu" (T5) or "gated-gelu" (v1.1, FLAN-T5)
+    tie_word_embeddings: bool = True
+    scale_decoder_outputs: bool | None = None  # decoder output * d_model**-0.5; None: same as tie_word_embeddings
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+
+    def __post_init__(self):
+        if self.num_decoder_layers is None:
+            self.num_decoder_layers = self.num_layers
+        # transformers 5 always ties its lm_head and records the Mesh-TF rescale in its own key, so configs it
+        # writes for v1.1 models say tie_word_embeddings true + scale_decoder_outputs false.
+        if self.scale_decoder_outputs is None:
+            self.scale_decoder_outputs = self.tie_word_embeddings
+        if self.feed_forward_proj not in ("relu", "gated-gelu"):
+            raise ValueError(f"feed_forward_proj {self.feed_forward_proj!r} is not supported: "
+                             "T5 uses 'relu', T5 v1.1 and FLAN-T5 use 'gated-gelu'")
+
+    @classmethod
+    def from_dict(cls, d, source="config"):
+        known = {f.name for f in fields(cls)}
+        d = dict(d)
+        # Early FLAN-T5 configs said "gelu" + is_gated_act; the Hub fixed them to "gated-gelu" (the weights were
+        # trained with the tanh GELU).
+        if d.get("feed_forward_proj") == "gelu" and d.get("is_gated_act"):
+            d["feed_forward_proj"] = "gated-gelu"
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, path):
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source=str(path))
+
+    def to_dict(self):
+        return {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "is_encoder_decoder": True,
+                **asdict(self)}
+
+
+class T5LayerNorm(nn.Module):
+    """RMSNorm: y = w * x / sqrt(mean(x^2) + eps). T5 quirk: no mean subtraction and no bias; the mean of squares
+    is taken in fp32 whatever the input dtype."""
+
+    def __init__(self, d_model, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.eps = eps
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(self.weight.dtype)
+
+
+def relative_position_bucket(relative_position, bidirectional, num_buckets, max_distance):
+    """Bucket of key_position - query_position: distances below num_buckets/2 get a bucket each, larger ones share
+    log-spaced buckets up to max_distance, beyond which all share the last. The encoder (bidirectional) spends half
+    of the buckets on each side; the decoder sees only the past and uses all of them. The log is taken in float32
+    and truncated as Mesh-TF does, so distances at bucket boundaries land where transformers puts them."""
+    bucket = 0
+    if bidirectional:
+        num_buckets //= 2
+        bucket = (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)
+    max_exact = num_buckets // 2
+    log_ratio = torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact)
+    large = (max_exact + (log_ratio * (num_buckets - max_exact)).long()).clamp(max=num_buckets - 1)
+    return bucket + torch.where(distance < max_exact, distance, large)
+
+
+def attention(q, k, v, bias, dropout_p, sdpa):
+    """softmax(q k^T + bias) v per head, q/k/v [B, H, T, d_kv]. T5 quirk: no 1/sqrt(d_kv) (it is folded into q's
+    initialisation), so SDPA runs with scale=1.0 and the position bias + mask as its additive float mask. The eager
+    form is the reference: softmax in fp32, then cast back."""
+    if sdpa:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p, scale=1.0)
+    scores = q @ k.transpose(-1, -2) + bias
+    probs = scores.float().softmax(-1).type_as(scores)
+    return F.dropout(probs, dropout_p) @ v
+
+
+class T5Attention(nn.Module):
+    """Multi-head attention with q, k, v: d_model -> num_heads*d_kv and o back. T5 quirk: the relative position
+    bias table lives only in the first block's self-attention; its bias (with the mask added) is computed once per
+    stack and shared by every block. Cross-attention has no position bias."""
+
+    def __init__(self, config, has_relative_attention_bias=False):
+        super().__init__()
+        inner = config.num_heads * config.d_kv
+        self.q = nn.Linear(config.d_model, inner, bias=False)
+        self.k = nn.Linear(config.d_model, inner, bias=False)
+        self.v = nn.Linear(config.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, config.d_model, bias=False)
+        if has_relative_attention_bias:
+            self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+        self.num_heads, self.d_kv, self.dropout = config.num_heads, config.d_kv, config.dropout_rate
+
+    def split_heads(self, x):  # [B, T, H*d_kv] -> [B, H, T, d_kv]
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.d_kv).transpose(1, 2)
+
+    def project_kv(self, x):
+        return self.split_heads(self.k(x)), self.split_heads(self.v(x))
+
+    def forward(self, x, k, v, bias):
+        q = self.split_heads(self.q(x))
+        # SDPA wherever it is valid: not in fp16, where the float32-min mask becomes -inf and a fully masked row NaN;
+        # and not for training on CPU, where the eager form runs its backward ~10% faster (measured, t5-small shape).
+        sdpa = q.dtype != torch.float16 and (q.is_cuda or not torch.is_grad_enabled())
+        out = attention(q, k, v, bias, self.dropout if self.training else 0.0, sdpa)
+        return self.o(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+class T5DenseReluDense(nn.Module):
+    """Feed-forward: wo(relu(wi x)) for T5, wo(gelu(wi_0 x) * wi_1 x) for v1.1/FLAN-T5 ("gated-gelu"). T5 quirks:
+    the gated variant's GELU is the tanh approximation (transformers' gelu_new), and the module keeps the name
+    DenseReluDense for both."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gated = config.feed_forward_proj == "gated-gelu"
+        if self.gated:
+            self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
+            self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        else:
+            self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x):
+        h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x) if self.gated else F.relu(self.wi(x))
+        return self.wo(self.dropout(h))
+
+
+class T5Block(nn.Module):
+    """Pre-norm residual sublayers, h = h + dropout(f(RMSNorm(h))), for f = self-attention, cross-attention
+    (decoder only), feed-forward. layer[i] holds f and its layer_norm under transformers' names."""
+
+    def __init__(self, config, is_decoder, has_relative_attention_bias):
+        super().__init__()
+        norm = lambda: T5LayerNorm(config.d_model, config.layer_norm_epsilon)  # noqa: E731
+        sublayers = [nn.ModuleDict({"SelfAttention": T5Attention(config, has_relative_attention_bias),
+                                    "layer_norm": norm()})]
+        if is_decoder:
+            sublayers.append(nn.ModuleDict({"EncDecAttention": T5Attention(config), "layer_norm": norm()}))
+        sublayers.append(nn.ModuleDict({"DenseReluDense": T5DenseReluDense(config), "layer_norm": norm()}))
+        self.layer = nn.ModuleList(sublayers)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, h, bias, cross_kv=None, cross_mask=None, cache=None, position=None):
+        """cache: this block's static (k, v) buffers [B, H, max_len, d_kv] when decoding the token at `position`."""
+        attn = self.layer[0]
+        x = attn.layer_norm(h)
+        k, v = attn.SelfAttention.project_kv(x)
+        if cache is not None:  # write the new key/value at `position`, attend to positions 0..position
+            cache[0][:, :, position:position + 1] = k
+            cache[1][:, :, position:position + 1] = v
+            k, v = cache[0][:, :, :position + 1], cache[1][:, :, :position + 1]
+        h = h + self.dropout(attn.SelfAttention(x, k, v, bias))
+        if cross_kv is not None:
+            cross = self.layer[1]
+            h = h + self.dropout(cross.EncDecAttention(cross.layer_norm(h), *cross_kv, cross_mask))
+        ff = self.layer[-1]
+        return h + self.dropout(ff.DenseReluDense(ff.layer_norm(h)))
+
+
+class T5Stack(nn.Module):
+    """Encoder or decoder: dropout(embeddings) -> blocks -> final RMSNorm -> dropout. No absolute positions and no
+    sqrt(d_model) embedding scale; position enters only through the relative bias."""
+
+    def __init__(self, config, is_decoder):
+        super().__init__()
+        n = config.num_decoder_layers if is_decoder else config.num_layers
+        self.block = nn.ModuleList(T5Block(config, is_decoder, i == 0) for i in range(n))
+        self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.is_decoder = is_decoder
+        self.num_buckets = config.relative_attention_num_buckets
+        self.max_distance = config.relative_attention_max_distance
+
+    def position_bias(self, length):
+        """[1, H, length, length] bias of query i for key j; the decoder's also masks the future (j > i)."""
+        table = self.block[0].layer[0].SelfAttention.relative_attention_bias
+        position = torch.arange(length, device=table.weight.device)
+        relative = position[None, :] - position[:, None]
+        buckets = relative_position_bucket(relative, not self.is_decoder, self.num_buckets, self.max_distance)
+        bias = table(buckets).permute(2, 0, 1).unsqueeze(0)
+        if self.is_decoder:
+            bias = bias.masked_fill(relative > 0, torch.finfo(bias.dtype).min)
+        return bias
+
+    def cross_kv(self, encoder_states):
+        """Keys and values of every block's cross-attention, computed once from the encoder output."""
+        return [block.layer[1].EncDecAttention.project_kv(encoder_states) for block in self.block]
+
+    def forward(self, h, bias, cross_kv=None, cross_mask=None, cache=None, position=None):
+        h = self.dropout(h)
+        for i, block in enumerate(self.block):
+            h = block(h, bias, cross_kv and cross_kv[i], cross_mask, cache and cache[i], position)
+        return self.dropout(self.final_layer_norm(h))
+
+
+def shift_right(labels, decoder_start_token_id=0, pad_token_id=0):
+    """Teacher-forcing decoder inputs: the start token, then labels[:-1]; ignored labels (-100) become pad."""
+    shifted = labels.new_full(labels.shape, decoder_start_token_id)
+    shifted[:, 1:] = labels[:, :-1]
+    return shifted.masked_fill(shifted == -100, pad_token_id)
+
+
+def additive_mask(attention_mask):
+    """[B, S] 1/0 mask -> [B, 1, 1, S] with 0 to keep and the most negative float32 to drop (finite, as transformers
+    does, so a fully padded row stays finite)."""
+    return (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+
+
+def sample(logits, temperature, top_k, top_p):
+    """One token per row from softmax(logits / temperature), restricted to the top_k most likely tokens and to the
+    smallest set whose probability reaches top_p. Drawn as argmax(p / E) with E ~ Exp(1) (the exponential race,
+    same distribution as multinomial) so no host sync is needed."""
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        beyond = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(beyond, -math.inf))
+    probs = logits.softmax(-1)
+    return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Switch dropout off for a while (generate may be called from a training loop)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class T5(nn.Module):
+    """logits = lm_head(decoder(shared(shift_right(labels)), encoder(shared(input_ids)))). T5 quirk: when lm_head is
+    the embedding (original T5) the decoder output is first multiplied by d_model**-0.5 (Mesh-TF convention)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = T5Stack(config, is_decoder=False)
+        self.decoder = T5Stack(config, is_decoder=True)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.shared.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Mesh-TF initialisation: N(0, 1) embeddings and each projection N(0, fan_in**-0.5), except q, which also
+        takes the missing attention scale: N(0, (d_model * d_kv)**-0.5)."""
+        c = self.config
+        self.shared.weight.normal_(0, 1.0)
+        self.lm_head.weight.normal_(0, 1.0)  # a no-op redraw of `shared` when tied
+        for m in self.modules():
+            if isinstance(m, T5Attention):
+                m.q.weight.normal_(0, (c.d_model * c.d_kv) ** -0.5)
+                m.k.weight.normal_(0, c.d_model ** -0.5)
+                m.v.weight.normal_(0, c.d_model ** -0.5)
+                m.o.weight.normal_(0, (c.num_heads * c.d_kv) ** -0.5)
+                if hasattr(m, "relative_attention_bias"):
+                    m.relative_attention_bias.weight.normal_(0, c.d_model ** -0.5)
+            elif isinstance(m, T5DenseReluDense):
+                for name in ("wi", "wi_0", "wi_1"):
+                    if hasattr(m, name):
+                        getattr(m, name).weight.normal_(0, c.d_model ** -0.5)
+                m.wo.weight.normal_(0, c.d_ff ** -0.5)
+
+    def autocast(self, device):
+        return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    def encode(self, input_ids, attention_mask):
+        """Encoder output [B, S, d_model] and the additive padding mask [B, 1, 1, S] for attending to it."""
+        mask = additive_mask(attention_mask)
+        return self.encoder(self.shared(input_ids), self.encoder.position_bias(input_ids.shape[1]) + mask), mask
+
+    def lm_logits(self, h):
+        if self.config.scale_decoder_outputs:
+            h = h * self.config.d_model ** -0.5
+        return self.lm_head(h)
+
+    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, labels=None):
+        """(logits [B, T, vocab], loss or None); loss = mean cross-entropy over the label tokens that are not -100."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if decoder_input_ids is None:
+            decoder_input_ids = shift_right(labels, self.config.decoder_start_token_id, self.config.pad_token_id)
+        with self.autocast(input_ids.device):
+            encoder_states, mask = self.encode(input_ids, attention_mask)
+            h = self.decoder(self.shared(decoder_input_ids), self.decoder.position_bias(decoder_input_ids.shape[1]),
+                             self.decoder.cross_kv(encoder_states), mask)
+            logits = self.lm_logits(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=200, do_sample=False, temperature=1.0,
+                 top_k=0, top_p=1.0, num_return_sequences=1):
+        """Greedy or sampled decoding -> [B * n, L <= max_new_tokens] new tokens (no start token); the n rows of an
+        input are adjacent; each row ends with its </s> and is padded with 0 after it. Runs in eval mode.
+        Prefill: the encoder runs once and every block's cross-attention keys/values are projected once. Decode: one
+        token per step through static self-attention caches written by index; the decoder position bias is computed
+        once for all positions and step t reads its row t. The loop stops when every row has produced </s>."""
+        c = self.config
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        with self.autocast(input_ids.device), eval_mode(self):
+            encoder_states, mask = self.encode(input_ids, attention_mask)
+            cross_kv = self.decoder.cross_kv(encoder_states.repeat_interleave(num_return_sequences, 0))
+            mask = mask.repeat_interleave(num_return_sequences, 0)
+            rows, dtype = mask.shape[0], cross_kv[0][0].dtype
+            cache = [(torch.empty(rows, c.num_heads, max_new_tokens, c.d_kv, dtype=dtype, device=mask.device),
+                      torch.empty(rows, c.num_heads, max_new_tokens, c.d_kv, dtype=dtype, device=mask.device))
+                     for _ in self.decoder.block]
+            bias = self.decoder.position_bias(max_new_tokens)
+            out = input_ids.new_zeros(rows, max_new_tokens)
+            done = torch.zeros(rows, dtype=torch.bool, device=mask.device)
+            token = out.new_full((rows,), c.decoder_start_token_id)
+            for t in range(max_new_tokens):
+                h = self.decoder(self.shared(token[:, None]), bias[:, :, t:t + 1, :t + 1], cross_kv, mask, cache, t)
+                logits = self.lm_logits(h[:, 0])
+                token = sample(logits, temperature, top_k, top_p) if do_sample else logits.argmax(-1)
+                token = token.masked_fill(done, c.pad_token_id)
+                out[:, t] = token
+                done |= token == c.eos_token_id
+                if done.all():  # the one host sync per step
+                    break
+        return out[:, :t + 1]
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Checkpoints: config.json + model.safetensors (or a sharded index, or pytorch_model.bin), under HF tensor names
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, dtype=None, device=None):
+        """Load a local checkpoint directory or a Hub repository id (e.g. "google/flan-t5-base"); fp32 by default."""
+        directory = resolve_model_directory(name_or_dir)
+        config = T5Config.from_json(directory / "config.json")
+        tensors, origin = read_checkpoint(directory)
+        for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+            if "shared.weight" not in tensors and alias in tensors:  # some files name the embedding only here
+                tensors["shared.weight"], origin["shared.weight"] = tensors[alias], origin[alias]
+        if (config.tie_word_embeddings and "lm_head.weight" in tensors and "shared.weight" in tensors
+                and not torch.equal(tensors["lm_head.weight"], tensors["shared.weight"])):
+            config.tie_word_embeddings = False  # a head that differs from the embedding is kept, as transformers does
+        with torch.device("meta"):
+            model = cls(config)
+        expected = model.state_dict()
+        if config.tie_word_embeddings:
+            del expected["lm_head.weight"]
+        dtype = dtype or torch.float32
+        if dtype == torch.float16:
+            warnings.warn("T5 overflows float16 (feed-forward activations exceed 65504); use bfloat16 or float32",
+                          stacklevel=2)
+        state, skipped = {}, []
+        for name, t in tensors.items():
+            if name not in expected:
+                if name in UNUSED_KEYS or name == "lm_head.weight":
+                    skipped.append(name)
+                    continue
+                raise ValueError(f"{origin[name]}: unexpected tensor {name!r} (not a T5 parameter)")
+            if t.shape != expected[name].shape:
+                raise ValueError(f"{origin[name]}: tensor {name!r} has shape {list(t.shape)}, but "
+                                 f"{directory / 'config.json'} implies {list(expected[name].shape)}")
+            state[name] = t.to(device=device, dtype=dtype, copy=True)
+        missing = sorted(expected.keys() - state.keys())
+        if missing:
+            raise ValueError(f"{directory}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        if skipped:
+            print(f"T5.from_pretrained: ignored {', '.join(sorted(skipped))} (aliases of shared.weight or the "
+                  "unused cross-attention position bias of old checkpoints)", file=sys.stderr)
+        model.load_state_dict(state, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.shared.weight
+        return model
+
+    def save_pretrained(self, directory):
+        """config.json + model.safetensors, loadable by transformers; a tied lm_head is stored once, as shared."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tied = self.lm_head.weight is self.shared.weight
+        config = {**self.config.to_dict(), "tie_word_embeddings": tied}
+        atomic_write(directory / "config.json", json.dumps(config, indent=2).encode())
+        tensors = {k: v for k, v in self.state_dict().items() if not (tied and k == "lm_head.weight")}
+        write_safetensors(directory / "model.safetensors", tensors)
+
+
+UNUSED_KEYS = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+               "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def atomic_write(path, data):
+    tmp = Path(f"{path}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def read_safetensors(path):
+    """{name: tensor} from a .safetensors file: an 8-byte little-endian header length N, N bytes of JSON
+    {name: {dtype, shape, data_offsets: [begin, end)}} (offsets relative to the data after the header), then the
+    data, which the tensors must cover exactly. Tensors are views of a copy-on-write memory map of the file."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise ValueError(f"{path}: truncated ({size} bytes; a safetensors file starts with an 8-byte length)")
+        n = int.from_bytes(f.read(8), "little")
+        if n > min(size - 8, 100_000_000):
+            raise ValueError(f"{path}: header length {n} does not fit in the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: header is not valid JSON ({e})") from None
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writes never reach the file
+    header.pop("__metadata__", None)
+    tensors, covered = {}, []
+    data_size = size - 8 - n
+    for name, info in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict) or {"dtype", "shape", "data_offsets"} - info.keys():
+            raise ValueError(f"{where}: expected fields dtype, shape, data_offsets, got {info!r}")
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{where}: unsupported dtype {info['dtype']!r}")
+        dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+        if not 0 <= begin <= end <= data_size:
+            raise ValueError(f"{where}: data_offsets [{begin}, {end}] point outside the data ({data_size} bytes)")
+        numel = math.prod(shape)
+        if end - begin != numel * dtype.itemsize:
+            raise ValueError(f"{where}: data_offsets span {end - begin} bytes, shape {shape} x {info['dtype']} needs "
+                             f"{numel * dtype.itemsize}")
+        covered.append((begin, end))
+        tensors[name] = (torch.frombuffer(data, dtype=dtype, count=numel, offset=8 + n + begin).reshape(shape)
+                         if numel else torch.empty(shape, dtype=dtype))
+    position = 0  # the tensors must tile the data: no gaps, no overlaps, nothing left over
+    for begin, end in sorted(covered):
+        if begin != position:
+            raise ValueError(f"{path}: data bytes {min(begin, position)}..{max(begin, position)} are not covered "
+                             "exactly once by the tensors")
+        position = end
+    if position != data_size:
+        raise ValueError(f"{path}: {data_size - position} bytes after the last tensor (file larger than its header says)")
+    return tensors
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Inverse of read_safetensors; tensors in name order, header padded with spaces to a multiple of 8 bytes."""
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, offset = {"__metadata__": metadata or {"format": "pt"}}, 0
+    tensors = {name: t.detach().contiguous().cpu() for name, t in sorted(tensors.items())}
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for t in tensors.values():
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    os.replace(tmp, path)
+
+
+def read_checkpoint(directory):
+    """({name: tensor}, {name: file it came from}) from the first of WEIGHT_FILES present in `directory`."""
+    for weights in WEIGHT_FILES:
+        path = directory / weights
+        if not path.exists():
+            continue
+        files = [path]
+        if weights.endswith(".index.json"):
+            try:
+                files = [directory / shard for shard in sorted(set(json.loads(path.read_text())["weight_map"].values()))]
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                raise ValueError(f"{path}: expected JSON with a 'weight_map' of tensor name -> shard file ({e!r})")
+        tensors, origin = {}, {}
+        for file in files:
+            if not file.exists():
+                raise FileNotFoundError(f"{file}: shard listed in {path} is missing")
+            part = read_safetensors(file) if file.suffix == ".safetensors" else \
+                torch.load(file, map_location="cpu", weights_only=True)
+            tensors.update(part)
+            origin.update(dict.fromkeys(part, file))
+        return tensors, origin
+    raise FileNotFoundError(f"{directory}: no checkpoint found (looked for {', '.join(WEIGHT_FILES)})")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Hub download: {HF_ENDPOINT}/{repo}/resolve/main/{file}, cached under $TINYTHINKER_CACHE (default ~/.cache/tinythinker)
+
+def cache_root():
+    return Path(os.environ.get("TINYTHINKER_CACHE") or Path.home() / ".cache" / "tinythinker")
+
+
+def resolve_model_directory(name_or_dir):
+    """A local directory as is; a Hub repository id -> its cached copy (config.json and weights), fetched if needed."""
+    if Path(name_or_dir).is_dir():
+        if not (Path(name_or_dir) / "config.json").exists():
+            raise FileNotFoundError(f"{Path(name_or_dir) / 'config.json'} not found")
+        return Path(name_or_dir)
+    repo = check_repo_id(name_or_dir)
+    local = cache_root() / repo
+    if (local / "config.json").exists() and any((local / w).exists() for w in WEIGHT_FILES):
+        return local
+    if hub_download(repo, "config.json") is None:
+        raise FileNotFoundError(f"{repo}: not a local directory, and the Hub repository has no config.json")
+    for weights in WEIGHT_FILES:
+        path = hub_download(repo, weights)
+        if path is not None:
+            if weights.endswith(".index.json"):
+                for shard in sorted(set(json.loads(path.read_text())["weight_map"].values())):
+                    if hub_download(repo, shard) is None:
+                        raise FileNotFoundError(f"{repo}: shard {shard} listed in {weights} is not on the Hub")
+            return local
+    raise FileNotFoundError(f"{repo}: the Hub repository has none of {', '.join(WEIGHT_FILES)}")
+
+
+def check_repo_id(name):
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(name)):
+        raise FileNotFoundError(f"{name}: neither a local directory nor a Hub repository id like google/flan-t5-base")
+    return str(name)
+
+
+def hub_download(repo, filename):
+    """Path of `filename` from Hub repository `repo`, downloaded once into the cache; None if the repo lacks it.
+    The transfer goes to a .part file; an interrupted one is resumed with a Range request for as long as each try
+    makes progress. The result is checked against the size and hash the Hub announces (X-Linked-Size/-Etag for
+    LFS files, ETag = git blob sha1 otherwise), then renamed into place."""
+    dest = cache_root() / repo / filename
+    if dest.exists():
+        return dest
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    url = f"{endpoint}/{repo}/resolve/main/{requests.utils.quote(filename)}"
+    offline = (f"cannot download {url}: {{}}. If this machine is offline, fetch the model elsewhere and pass its "
+               "local directory (config.json + model.safetensors or pytorch_model.bin; spiece.model for the "
+               "tokenizer) instead of a repository id")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise OSError(offline.format("HF_HUB_OFFLINE=1"))
+    headers = {"Accept-Encoding": "identity"}  # sizes and hashes are of the raw bytes
+    if os.environ.get("HF_TOKEN"):
+        headers["authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
+    part = Path(f"{dest}.part")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        have = part.stat().st_size if part.exists() else 0
+        try:
+            with requests.get(url, headers={**headers, "Range": f"bytes={have}-"} if have else headers,
+                              stream=True, timeout=60) as r:
+                if r.status_code == 404:
+                    return None
+                if r.status_code == 416:  # a stale .part that is already complete or too long: start again
+                    part.unlink()
+                    continue
+                if r.status_code in (401, 403):
+                    raise OSError(f"{url}: HTTP {r.status_code}; for a gated or private repository set HF_TOKEN")
+                r.raise_for_status()
+                size, digest = announced_size_and_hash(r)
+                with open(part, "ab" if r.status_code == 206 else "wb") as f:
+                    for chunk in r.iter_content(1 << 20):
+                        f.write(chunk)
+            break
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            if not part.exists() or part.stat().st_size == have:  # no progress: give up
+                raise OSError(offline.format(e)) from None
+    verify_download(part, url, size, digest)
+    os.replace(part, dest)
+    return dest
+
+
+def announced_size_and_hash(r):
+    """Full size and hash of the file behind a (possibly redirected, possibly partial) response."""
+    for response in (*r.history, r):
+        if "X-Linked-Etag" in response.headers:  # LFS file: the Hub's answer before the redirect to storage
+            return int(response.headers.get("X-Linked-Size", -1)), response.headers["X-Linked-Etag"].strip('"')
+    if r.status_code == 206:
+        size = int(r.headers["Content-Range"].rsplit("/", 1)[1])
+    else:
+        size = int(r.headers.get("Content-Length", -1))
+    return size, r.headers.get("ETag", "").removeprefix("W/").strip('"')
+
+
+def verify_download(part, url, size, digest):
+    data_size = part.stat().st_size
+    problem = None
+    if size >= 0 and data_size != size:
+        problem = f"received {data_size} bytes, the server announced {size}"
+    elif len(digest) in (40, 64):
+        h = hashlib.sha256() if len(digest) == 64 else hashlib.sha1(b"blob %d\0" % data_size)
+        with open(part, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != digest:
+            problem = f"content hash {h.hexdigest()} differs from the announced {digest}"
+    if problem:
+        part.unlink()
+        raise OSError(f"{url}: {problem}; the partial file was removed, try again")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+class Tokenizer:
+    """SentencePiece with T5's conventions: pad 0, </s> 1, <unk> 2 and no BOS inside the spm model, and 100 sentinels
+    <extra_id_n> = vocab_size - 1 - n above it. encode appends </s>. Same ids and text as transformers 5's
+    T5Tokenizer: special-token strings in the text are split out and each chunk between them is encoded on its own
+    (so a chunk after a sentinel gets sentencepiece's leading "▁", the 'legacy' behaviour); decode drops pad, unk and
+    sentinels and joins the pieces with no clean-up of spaces."""
+
+    def __init__(self, spiece_model_path):
+        self.path = Path(spiece_model_path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: sentencepiece model not found")
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        if (self.sp.pad_id(), self.sp.eos_id(), self.sp.unk_id()) != (0, 1, 2):
+            raise ValueError(f"{self.path}: T5 needs pad/eos/unk ids 0/1/2, this model has "
+                             f"{self.sp.pad_id()}/{self.sp.eos_id()}/{self.sp.unk_id()}")
+        self.spm_size = self.sp.get_piece_size()
+        self.vocab_size = self.spm_size + 100
+        self.special = {"<pad>": 0, "</s>": 1, "<unk>": 2,
+                        **{f"<extra_id_{n}>": self.vocab_size - 1 - n for n in range(100)}}
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir):
+        if Path(name_or_dir).is_dir():
+            return cls(Path(name_or_dir) / "spiece.model")
+        path = hub_download(check_repo_id(name_or_dir), "spiece.model")
+        if path is None:
+            raise FileNotFoundError(f"{name_or_dir}: not a local directory, and the Hub repository has no spiece.model")
+        return cls(path)
+
+    @classmethod
+    def train(cls, texts, vocab_size, directory):
+        """Train a unigram spm of `vocab_size` pieces (a soft limit for tiny corpora) with T5's ids on `texts` and
+        save it as directory/spiece.model; the tokenizer's vocab_size adds the 100 sentinels."""
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+                                       model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                       hard_vocab_limit=False, minloglevel=2)
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(directory) / "spiece.model", model.getvalue())
+        return cls(Path(directory) / "spiece.model")
+
+    def save_pretrained(self, directory):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(directory) / "spiece.model", self.sp.serialized_model_proto())
+
+    def encode(self, text):
+        ids = []
+        for i, chunk in enumerate(SPECIAL_TOKEN.split(text)):
+            ids.extend([self.special[chunk]] if i % 2 else self.sp.encode(chunk))
+        return ids + [self.sp.eos_id()]
+
+    def __call__(self, texts):
+        """(input_ids, attention_mask), both [len(texts), longest], padded on the right with 0."""
+        rows = [self.encode(t) for t in texts]
+        longest = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (longest - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in rows])
+        return ids, mask
+
+    def decode(self, ids):
+        """Text of the ids before the first </s>, without pad, unk, sentinels or ids past the spm vocabulary."""
+        pieces = []
+        for i in ids.tolist() if torch.is_tensor(ids) else ids:
+            if i == self.sp.eos_id():
+                break
+            if 2 < i < self.spm_size:
+                pieces.append(self.sp.id_to_piece(i))
+        text = "".join(pieces).replace("\u2581", " ")
+        return text[1:] if text.startswith(" ") else text
+
+    def batch_decode(self, rows):
+        return [self.decode(r) for r in rows]
+
+
+SPECIAL_TOKEN = re.compile(r"(<extra_id_(?:[1-9]?\d)>|</s>|<pad>|<unk>)")

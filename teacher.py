@@ -1,0 +1,392 @@
+"""Teacher rationales from any OpenAI-compatible chat-completions endpoint (METHOD section 3).
+
+    python teacher.py --data csqa --split train [--base-url http://localhost:8000/v1] [--workers 8] [--limit 20]
+    python teacher.py --make-prompts ../shared/datasets     # regenerate prompts.json from the official repo's datasets/
+
+The key is read from the environment variable named by --api-key-env (OPENAI_API_KEY); a local server may need none.
+
+Output, the ONE teacher-records schema (read by `tinythinker.py --phase acquire`): JSONL, one line per accepted
+completion (up to n per question), questions in dataset order, completions in the order they were received:
+    {"id": str, "question": str, "choices": [str], "answer": "B",
+     "key_information": str, "explanations": {"B": str, "A": str, ...}}
+key_information and each explanation are student targets: "." appended, the "X is correct/incorrect." verdict
+dropped, reason text only. The explanations keep the teacher's order (recorded for A1; data.py sorts them).
+Questions that end with no accepted completion are listed in `{out stem}.failed.jsonl` and in the summary.
+
+Decisions:
+* Validity: a completion is accepted only when every option is explained exactly once and exactly the gold option
+  is called correct (METHOD 3.3 plus the gold filter of 3.4). Invalid and truncated ones are re-requested in rounds
+  (n = number of failures, max_tokens doubled after a truncation; 3/3/2 rounds), then counted and reported.
+* A12, no gold override: the dataset label stays. The scaffold states the gold answer, so a teacher that calls
+  another option correct has ignored its instructions; replacing a human label by such votes would hide teacher
+  errors in the training data. Such completions count as invalid (and are re-requested), and the summary counts them.
+* A17: the Levenshtein diversity filter is omitted: with n_augment = n it keeps every consistent completion anyway.
+* Every raw response is appended to a JSONL cache, keyed by sha256 of (round, request incl. model), and fsync'd
+  before use, so a killed run repeats no answered request; the output is rebuilt from the cache and is identical.
+"""
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import requests
+from tqdm import tqdm
+
+import data
+from data import LETTERS, Question, with_period
+
+PROMPTS = Path(__file__).resolve().parent / "prompts.json"
+N = {"csqa": 8, "obqa": 4, "strategyqa": 4}  # completions per question (METHOD 3.2)
+ROUNDS = {"csqa": 3, "obqa": 3, "strategyqa": 2}  # request rounds, the first included (METHOD 3.4)
+
+
+@dataclass
+class TeacherConfig:
+    data: str = ""
+    split: str = "train"
+    data_dir: str | None = None
+    out: str | None = None  # default {data_dir}/{data}/teacher_{split}.jsonl
+    cache: str | None = None  # default {out stem}.cache.jsonl
+    base_url: str = "https://api.openai.com/v1"
+    api_key_env: str = "OPENAI_API_KEY"
+    model: str = "gpt-4o-2024-05-13"
+    temperature: float = 0.8
+    max_tokens: int = 256
+    n: int | None = None  # default N[data]
+    rounds: int | None = None  # default ROUNDS[data]
+    prompt_seed: int = 0  # draws the few-shot order, once per dataset
+    workers: int = 8
+    timeout: float = 120.0  # seconds per HTTP request
+    max_attempts: int = 6  # HTTP tries per request before the question is reported failed
+    backoff: float = 1.0  # first backoff cap in seconds, doubled per attempt
+    max_backoff: float = 60.0
+    price_in: float = 5e-6  # $ per prompt token (gpt-4o-2024-05-13 list price)
+    price_out: float = 15e-6  # $ per completion token
+    limit: int | None = None  # only the first `limit` questions
+
+
+# ---------------------------------------------------------------- prompt (METHOD 3.1)
+
+def make_prompts(datasets_dir, path=PROMPTS):
+    """Write prompts.json (instruction + few-shot exemplars per dataset) from the official repo's datasets/ folder,
+    so that a fresh clone needs no copy of the data."""
+    root = Path(datasets_dir)
+    prompts = {"instruction": json.loads((root / "request.json").read_text())["Key"], "exemplars": {}}
+    for name in N:
+        exemplars = json.loads((root / name / "prompt" / f"{name}_cot.json").read_text())
+        keep = ("Q", "Options", "Key Information", "Explanations")  # "Reference" is not part of the prompt
+        prompts["exemplars"][name] = [{k: e[k] for k in keep} for e in exemplars]
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(prompts, indent=1, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def system_message(instruction: str, exemplars: list[dict], seed: int) -> str:
+    """The instruction, then every exemplar ###-delimited, in an order drawn once per dataset; stripped."""
+    shots = random.Random(seed).sample(exemplars, k=len(exemplars))
+    blocks = "".join(f"\n###\n{e['Q']}\nOptions: {e['Options']}\nKey Information: {e['Key Information']}\n"
+                     f"Explanations: " + "\n".join(e["Explanations"]) + "\n###\n" for e in shots)
+    return (instruction + blocks).strip()
+
+
+def user_message(q: Question) -> str:
+    """The question with the gold answer as a scaffold: the gold option first, then the others in label order.
+    Options use the exemplars' "A. x, B. y" form (the teacher sees what the few-shot examples show)."""
+    letters = LETTERS[:len(q.choices)]
+    options = ", ".join(f"{letter}. {text}" for letter, text in zip(letters, q.choices))
+    verdicts = [f"{q.answer} is correct. Because"] + [f"{o} is incorrect. Because" for o in letters if o != q.answer]
+    return f"{q.question}\nOptions: {options}\nKey Information:\nExplanations: " + "\n".join(verdicts)
+
+
+# ---------------------------------------------------------------- parsing (METHOD 3.3, 3.4)
+
+class InvalidCompletion(ValueError):
+    """A completion that breaks the teacher format; its message is the failure reason counted in the summary."""
+
+
+DELIMITERS = ("Because ", "Because, ", "Although ", "While ")  # the first one present splits verdict from reason
+VERDICT = re.compile(r"([A-E]) is (correct|incorrect)\.")
+
+
+def parse_completion(text: str, q: Question) -> tuple[str, dict[str, str], str]:
+    """(key_information, {letter: reason} in the teacher's order, the letter called correct); METHOD 3.3.
+
+    Line 0 holds "Key Information:"; lines 1..k (k options) are read, those without a verdict or a delimiter
+    skipped; a malformed verdict fails the whole completion. Stricter than the official code: each option must be
+    explained exactly once and exactly one called correct (the official code kept the last "correct")."""
+    text = re.sub(r"\s*Explanations:\s*", "\nExplanations: ", text)  # "Explanations:" always starts a line
+    lines = [line.strip() for line in text.split("\n") if line.strip()]
+    if not lines or "Key Information:" not in lines[0]:
+        raise InvalidCompletion("no Key Information on line 0")
+    key_information = lines[0].split("Key Information:", 1)[1].strip()
+    if not key_information:
+        raise InvalidCompletion("empty Key Information")
+    letters = LETTERS[:len(q.choices)]
+    explanations, correct = {}, []
+    for line in lines[1:len(letters) + 1]:
+        line = line.removeprefix("Explanations: ")
+        delimiter = next((d for d in DELIMITERS if d in line), None)
+        if ("is correct" not in line and "is incorrect" not in line) or delimiter is None:
+            continue
+        verdict, reason = line.split(delimiter, 1)  # at the first occurrence: a second "Because " stays in the reason
+        match = VERDICT.fullmatch(verdict.strip())
+        if not match:
+            raise InvalidCompletion("malformed verdict")
+        letter = match.group(1)
+        if letter not in letters or letter in explanations:
+            raise InvalidCompletion("option not offered or explained twice")
+        explanations[letter] = with_period(reason)
+        if match.group(2) == "correct":
+            correct.append(letter)
+    if len(explanations) != len(letters):
+        raise InvalidCompletion("not every option explained")
+    if len(correct) != 1:
+        raise InvalidCompletion("not exactly one option called correct")
+    return with_period(key_information), explanations, correct[0]
+
+
+def records_from_completions(q: Question, completions: list[str], failures: list[str] | None = None) -> list[dict]:
+    """Teacher records of the valid completions; the reason of each invalid one is appended to `failures` when given
+    (A12: a completion that calls another option correct is invalid; the gold label is never overridden)."""
+    records = []
+    for text in completions:
+        try:
+            key_information, explanations, answer = parse_completion(text, q)
+            if answer != q.answer:
+                raise InvalidCompletion("disagrees with the gold answer")
+        except InvalidCompletion as e:
+            if failures is not None:
+                failures.append(str(e))
+            continue
+        records.append({"id": q.id, "question": q.question, "choices": q.choices, "answer": q.answer,
+                        "key_information": key_information, "explanations": explanations})
+    return records
+
+
+RECORD_FIELDS = {"id": str, "question": str, "choices": list, "answer": str, "key_information": str,
+                 "explanations": dict}
+
+
+def read_records(path) -> list[dict]:
+    """Teacher records from a JSONL file, each checked against the schema (error names file, line and field)."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            for name, kind in RECORD_FIELDS.items():
+                if not isinstance(record.get(name), kind):
+                    raise ValueError(f"{path}:{number}: field {name!r} missing or not a {kind.__name__}")
+            letters = LETTERS[:len(record["choices"])]
+            if record["answer"] not in letters or sorted(record["explanations"]) != list(letters):
+                raise ValueError(f"{path}:{number}: answer/explanations do not match the {len(letters)} choices")
+            records.append(record)
+    return records
+
+
+# ---------------------------------------------------------------- HTTP client, cache, meter
+
+class Meter:
+    """Thread-safe running totals for the bar and the summary."""
+
+    def __init__(self):
+        self.counts, self.lock, self.start = Counter(), threading.Lock(), time.monotonic()
+
+    def add(self, **amounts):
+        with self.lock:
+            self.counts.update(amounts)
+
+
+class TransientError(Exception):
+    """Worth retrying (429, 5xx, connection error, timeout, malformed body); carries the server's Retry-After."""
+
+    def __init__(self, kind, retry_after=None):
+        super().__init__(kind)
+        self.kind, self.retry_after = kind, retry_after
+
+
+class RequestFailed(Exception):
+    """A request still transient-failing after max_attempts: its question is reported, not silently dropped."""
+
+
+class Client:
+    """POST /chat/completions with capped retries: exponential backoff with full jitter, Retry-After honoured."""
+
+    def __init__(self, cfg: TeacherConfig, api_key: str | None, meter: Meter):
+        self.url = cfg.base_url.rstrip("/") + "/chat/completions"
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}  # kept in memory only
+        self.cfg, self.meter = cfg, meter
+
+    def _post(self, payload: dict) -> dict:
+        self.meter.add(sent=1)
+        try:
+            response = requests.post(self.url, json=payload, headers=self.headers, timeout=self.cfg.timeout)
+        except (requests.ConnectionError, requests.Timeout) as e:
+            raise TransientError(type(e).__name__) from None
+        if response.status_code == 429 or response.status_code >= 500:
+            raise TransientError(f"HTTP {response.status_code}", response.headers.get("Retry-After"))
+        if response.status_code != 200:  # 400/401/404: retrying cannot help, stop the run
+            raise RuntimeError(f"{self.url}: HTTP {response.status_code}: {response.text[:300]}")
+        try:
+            body = response.json()
+            [c["message"] for c in body["choices"]]
+        except (ValueError, KeyError, TypeError):
+            raise TransientError("malformed response") from None
+        return body
+
+    def _delay(self, error: TransientError, attempt: int) -> float:
+        try:
+            return max(0.0, float(error.retry_after))
+        except (TypeError, ValueError):  # absent, or an HTTP date: fall back to our own backoff
+            return random.uniform(0, min(self.cfg.max_backoff, self.cfg.backoff * 2 ** attempt))
+
+    def chat(self, payload: dict) -> dict:
+        for attempt in range(1, self.cfg.max_attempts + 1):
+            try:
+                return self._post(payload)
+            except TransientError as e:
+                self.meter.add(**{f"error {e.kind}": 1})
+                if attempt == self.cfg.max_attempts:
+                    raise RequestFailed(f"request failed: {e.kind} after {attempt} attempts") from None
+                time.sleep(self._delay(e, attempt - 1))
+
+
+class Cache:
+    """Append-only JSONL {"model", "key", "response"}; each line is fsync'd before its response is used."""
+
+    def __init__(self, path: Path):
+        self.lock, self.responses = threading.Lock(), {}
+        if path.exists():
+            raw = path.read_bytes()
+            if not raw.endswith(b"\n"):  # a run killed mid-write left a torn last line: drop it
+                raw = raw[:raw.rfind(b"\n") + 1]
+                os.truncate(path, len(raw))
+            for number, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+                try:
+                    entry = json.loads(line)
+                    self.responses[entry["key"]] = entry["response"]
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"{path}:{number}: not a cache entry") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a", encoding="utf-8")
+
+    def put(self, model: str, key: str, response: dict):
+        with self.lock:
+            self.file.write(json.dumps({"model": model, "key": key, "response": response}) + "\n")
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.responses[key] = response
+
+
+# ---------------------------------------------------------------- one question, the whole run
+
+def teach(q: Question, system: str, cfg: TeacherConfig, client: Client, cache: Cache) -> tuple[list[dict], list[str]]:
+    """The request rounds of METHOD 3.4 for one question: records of all rounds pooled, and the failure reasons
+    of the completions still invalid after the last round."""
+    records, n, max_tokens = [], cfg.n, cfg.max_tokens
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user_message(q)}]
+    for round_ in range(cfg.rounds):
+        payload = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature,
+                   "max_tokens": max_tokens, "n": n}
+        # the round is part of the key: a retry may repeat the previous round's payload and needs fresh samples
+        key = hashlib.sha256(json.dumps([round_, payload], sort_keys=True).encode()).hexdigest()
+        response = cache.responses.get(key)
+        if response is None:
+            try:
+                response = client.chat(payload)
+            except RequestFailed as e:
+                return records, [str(e)]
+            cache.put(cfg.model, key, response)
+            usage = response.get("usage") or {}
+            client.meter.add(answered=1, prompt_tokens=usage.get("prompt_tokens", 0),
+                             completion_tokens=usage.get("completion_tokens", 0))
+        else:
+            client.meter.add(cached=1)
+        choices = response["choices"]
+        done = [c for c in choices if c.get("finish_reason") != "length"]
+        failures = []
+        new = records_from_completions(q, [c["message"].get("content") or "" for c in done], failures)
+        # a server that ignores n (some local ones do) returns fewer choices: the missing ones are failures too
+        failures += ["truncated"] * (len(choices) - len(done)) + ["missing choice"] * max(0, n - len(choices))
+        records += new
+        if not failures:
+            break
+        n = len(failures)
+        if len(done) < len(choices):  # truncated: give the retry room to finish
+            max_tokens *= 2
+    return records, failures
+
+
+def _write_jsonl(path: Path, rows: list[dict]):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+def run(cfg: TeacherConfig) -> dict:
+    """Teach every question of the split; write records and failures in question order; return the summary."""
+    if cfg.data not in N:
+        raise ValueError(f"--data must be one of {sorted(N)}")
+    cfg.n, cfg.rounds = cfg.n or N[cfg.data], cfg.rounds or ROUNDS[cfg.data]
+    out = Path(cfg.out or Path(cfg.data_dir or data.DEFAULT_DIR) / cfg.data / f"teacher_{cfg.split}.jsonl")
+    cache = Cache(Path(cfg.cache or out.with_suffix(".cache.jsonl")))
+    prompts = json.loads(PROMPTS.read_text())
+    system = system_message(prompts["instruction"], prompts["exemplars"][cfg.data], cfg.prompt_seed)
+    questions = data.load(cfg.data, cfg.split, cfg.data_dir)[:cfg.limit]
+    meter = Meter()
+    client = Client(cfg, os.environ.get(cfg.api_key_env), meter)
+    results = [None] * len(questions)
+    pool = ThreadPoolExecutor(cfg.workers)
+    try:
+        futures = {pool.submit(teach, q, system, cfg, client, cache): i for i, q in enumerate(questions)}
+        with tqdm(total=len(questions), unit="q", desc=f"teacher {cfg.data}/{cfg.split}") as bar:
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                c = meter.counts
+                cost = c["prompt_tokens"] * cfg.price_in + c["completion_tokens"] * cfg.price_out
+                bar.set_postfix(req_s=f"{c['sent'] / (time.monotonic() - meter.start):.1f}", cost=f"${cost:.2f}")
+                bar.update()
+    finally:
+        pool.shutdown(cancel_futures=True)  # an error stops the run instead of draining the queue
+    records = [r for rs, _ in results for r in rs]
+    failed = [{"id": q.id, "reasons": reasons} for q, (rs, reasons) in zip(questions, results) if not rs]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out, records)
+    _write_jsonl(out.with_suffix(".failed.jsonl"), failed)
+    c = meter.counts
+    summary = {"questions": len(questions), "records": len(records), "failed_questions": len(failed),
+               "invalid_left": dict(Counter(reason for _, reasons in results for reason in reasons)),
+               "requests_sent": c["sent"], "answered": c["answered"], "cached": c["cached"],
+               "errors": {k[6:]: v for k, v in c.items() if k.startswith("error ")},
+               "prompt_tokens": c["prompt_tokens"], "completion_tokens": c["completion_tokens"],
+               "cost_usd": round(c["prompt_tokens"] * cfg.price_in + c["completion_tokens"] * cfg.price_out, 4),
+               "out": str(out)}
+    tqdm.write(json.dumps(summary, indent=1))
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Teacher rationales (METHOD section 3).")
+    parser.add_argument("--make-prompts", metavar="DATASETS_DIR", help="regenerate prompts.json and exit")
+    for f in fields(TeacherConfig):
+        kind = f.type if isinstance(f.type, type) else f.type.__args__[0]  # `int | None` -> int
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
+    args = vars(parser.parse_args(argv))
+    datasets_dir = args.pop("make_prompts")
+    if datasets_dir:
+        return make_prompts(datasets_dir)
+    run(TeacherConfig(**args))
+
+
+if __name__ == "__main__":
+    main()

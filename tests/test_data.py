@@ -1,0 +1,231 @@
+"""data.py: loaders on hand-written records in each official layout, the downloader against a local HTTP server,
+the stage text formats against literal strings, the answer parser, and batching."""
+import functools
+import http.server
+import io
+import json
+import sys
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+from data import Question  # noqa: E402
+
+
+def csqa_line(i, answer="B", labels="ABCDE"):
+    choices = [{"label": letter, "text": f"opt{i}{letter}"} for letter in labels]
+    return json.dumps({"answerKey": answer, "id": f"c{i}",
+                       "question": {"question_concept": "x", "choices": choices, "stem": f"csqa question {i}?"}})
+
+
+def obqa_line(i, answer="D"):
+    choices = [{"text": t, "label": letter} for letter, t in zip("ABCD", ["red", "a, b and c", "blue", "green"])]
+    return json.dumps({"id": f"o{i}", "question": {"stem": f"obqa stem {i}", "choices": choices}, "answerKey": answer})
+
+
+def strategyqa_items(count):
+    return [{"qid": f"s{i}", "term": "t", "description": "d", "question": f"Is {i} even?", "answer": i % 2 == 0,
+             "facts": [], "decomposition": [], "evidence": []} for i in range(count)]
+
+
+def write(folder: Path, name: str, files: dict[str, str]):
+    (folder / name / "original").mkdir(parents=True, exist_ok=True)
+    for f, text in files.items():
+        (folder / name / "original" / f).write_text(text)
+
+
+# ---------------------------------------------------------------- loaders
+
+def test_csqa_splits_are_seeded_and_disjoint(tmp_path):
+    train = "\n".join(csqa_line(i) for i in range(10)) + "\n\n"  # a trailing blank line is not a record
+    write(tmp_path, "csqa", {"train_rand_split.jsonl": train,
+                             "dev_rand_split.jsonl": "\n".join(csqa_line(i, "E") for i in range(10, 13))})
+    tr, va, te = (data.load("csqa", s, tmp_path) for s in ("train", "valid", "test"))
+    assert (len(tr), len(va), len(te)) == (7, 3, 3)
+    assert {q.id for q in tr} | {q.id for q in va} == {f"c{i}" for i in range(10)}
+    assert not {q.id for q in tr} & {q.id for q in va}
+    assert [q.id for q in te] == ["c10", "c11", "c12"] and te[0].answer == "E"
+    assert data.load("csqa", "valid", tmp_path) == va  # same seed, same split
+    assert tr[0].choices == [f"opt{tr[0].id[1:]}{letter}" for letter in "ABCDE"]
+
+
+def test_obqa_splits_and_option_with_comma(tmp_path):
+    write(tmp_path, "obqa", {"train.jsonl": obqa_line(1) + "\n" + obqa_line(2, "A"), "dev.jsonl": obqa_line(3),
+                             "test.jsonl": obqa_line(4)})
+    tr = data.load("obqa", "train", tmp_path)
+    assert [q.id for q in tr] == ["o1", "o2"] and [q.answer for q in tr] == ["D", "A"]
+    assert [q.id for q in data.load("obqa", "valid", tmp_path)] == ["o3"]
+    assert [q.id for q in data.load("obqa", "test", tmp_path)] == ["o4"]
+    # A13: an option containing ", " stays one option
+    assert data.option_string(tr[0]) == "(A) red (B) a, b and c (C) blue (D) green"
+
+
+def test_strategyqa_split_sizes_and_labels(tmp_path):
+    write(tmp_path, "strategyqa", {"strategyqa_train.json": json.dumps(strategyqa_items(20))})
+    splits = {s: data.load("strategyqa", s, tmp_path) for s in ("train", "valid", "test")}
+    assert [len(v) for v in splits.values()] == [16, 2, 2]
+    assert sorted(q.id for v in splits.values() for q in v) == sorted(f"s{i}" for i in range(20))
+    q = splits["train"][0]
+    assert q.choices == ["yes", "no"] and q.answer == ("A" if int(q.id[1:]) % 2 == 0 else "B")
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    ("{not json", r"train.jsonl:2: not valid JSON"),
+    (json.dumps({"id": "x", "answerKey": "A"}), r"train.jsonl:2: not a multiple-choice record"),
+    (obqa_line(9, "E"), r"train.jsonl:2: labels"),
+])
+def test_malformed_line_names_file_and_line(tmp_path, bad_line, message):
+    write(tmp_path, "obqa", {"train.jsonl": obqa_line(1) + "\n" + bad_line + "\n", "dev.jsonl": "",
+                             "test.jsonl": ""})
+    with pytest.raises(ValueError, match=message):
+        data.load("obqa", "train", tmp_path)
+
+
+def test_malformed_strategyqa_item(tmp_path):
+    items = strategyqa_items(3)
+    items[2]["answer"] = "yes"
+    write(tmp_path, "strategyqa", {"strategyqa_train.json": json.dumps(items)})
+    with pytest.raises(ValueError, match=r"strategyqa_train.json: item 2"):
+        data.load("strategyqa", "train", tmp_path)
+
+
+def test_download_from_local_server(tmp_path, monkeypatch):
+    """CSQA as plain files, OBQA and StrategyQA as zips with their official inner paths."""
+    root = tmp_path / "www"
+    (root / "commensenseqa").mkdir(parents=True)
+    (root / "commensenseqa" / "train_rand_split.jsonl").write_text(csqa_line(0) + "\n" + csqa_line(1) + "\n")
+    (root / "commensenseqa" / "dev_rand_split.jsonl").write_text(csqa_line(2) + "\n")
+    with zipfile.ZipFile(root / "obqa.zip", "w") as z:
+        for split in ("train", "dev", "test"):
+            z.writestr(f"OpenBookQA-V1-Sep2018/Data/Main/{split}.jsonl", obqa_line(split) + "\n")
+        z.writestr("OpenBookQA-V1-Sep2018/Data/Additional/train_complete.jsonl", "decoy")
+    with zipfile.ZipFile(root / "sqa.zip", "w") as z:
+        z.writestr("strategyqa_train.json", json.dumps(strategyqa_items(10)))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    monkeypatch.setattr(data, "CSQA_URL", base + "commensenseqa/")
+    monkeypatch.setattr(data, "OBQA_ZIP", base + "obqa.zip")
+    monkeypatch.setattr(data, "STRATEGYQA_ZIP", base + "sqa.zip")
+    try:
+        target = tmp_path / "data"
+        assert [q.id for q in data.load("csqa", "test", target)] == ["c2"]
+        assert [q.id for q in data.load("obqa", "valid", target)] == ["odev"]
+        assert len(data.load("strategyqa", "train", target)) == 8
+        assert (target / "obqa" / "original" / "train.jsonl").read_text() == obqa_line("train") + "\n"
+        assert not list(target.rglob("*.tmp"))
+    finally:
+        server.shutdown()
+
+
+# ---------------------------------------------------------------- stage formats (METHOD 4)
+
+Q = Question("q1", "Where do fish live?", ["desert", "water", "sky"], "B")
+KI = "Fish need water."
+ANALYSES = {"B": "fish breathe in water.", "A": "deserts are dry.", "C": "fish cannot fly."}  # teacher's order
+
+
+def test_stage_inputs_literal():
+    qo = "Where do fish live?\n(A) desert (B) water (C) sky"
+    assert data.recall_input(Q) == qo + "\nRecall:"
+    assert data.analyze_input(Q, KI, "C") == qo + "\nRecall: Fish need water.\nAnalyze: For option C,"
+    assert data.summarize_input(Q, KI, ANALYSES) == (
+        qo + "\nRecall: Fish need water.\nAnalyze: For option A, deserts are dry. For option B, fish breathe in "
+             "water. For option C, fish cannot fly.\nSummarize:")  # alphabetical, not the teacher's order (A1)
+    assert data.summarize_input(Q, None, None) == qo + "\nSummarize:"
+    assert data.summarize_input(Q, KI, None) == qo + "\nRecall: Fish need water.\nSummarize:"
+    assert data.analyze_input(Q, None, "A") == qo + "\nAnalyze: For option A,"
+    assert data.summarize_input(Q, None, ANALYSES).startswith(qo + "\nAnalyze: For option A, deserts")
+    assert data.summary_target("B") == "So the answer is option B."
+
+
+def record(ki=KI, analyses=ANALYSES):
+    return {"id": Q.id, "question": Q.question, "choices": Q.choices, "answer": Q.answer,
+            "key_information": ki, "explanations": analyses}
+
+
+def test_stage_examples_dedup_and_variants():
+    records = [record(), record(), record(ki="Fish swim.")]  # the first two are identical completions
+    full = data.stage_examples(records, "recall_analyze_summarize")
+    assert full["recall"] == [(data.recall_input(Q), KI), (data.recall_input(Q), "Fish swim.")]
+    assert len(full["analyze"]) == 6 and len(full["summarize"]) == 2
+    assert full["analyze"][0] == (data.analyze_input(Q, KI, "A"), "deserts are dry.")
+    assert full["summarize"][1] == (data.summarize_input(Q, "Fish swim.", ANALYSES), "So the answer is option B.")
+    only = data.stage_examples(records, "summarize")
+    assert only == {"summarize": [("Where do fish live?\n(A) desert (B) water (C) sky\nSummarize:",
+                                   "So the answer is option B.")]}  # one per question
+    rs = data.stage_examples(records, "recall_summarize")
+    assert set(rs) == {"recall", "summarize"} and rs["summarize"][0][0].endswith("Fish need water.\nSummarize:")
+    an = data.stage_examples(records, "analyze_summarize")
+    assert set(an) == {"analyze", "summarize"} and len(an["analyze"]) == 3 and len(an["summarize"]) == 1
+    with pytest.raises(ValueError, match="stage variant"):
+        data.stage_examples(records, "recall")
+
+
+def test_first_stage_inputs():
+    assert data.first_stage_inputs(Q, "recall_analyze_summarize") == [data.recall_input(Q)]
+    assert data.first_stage_inputs(Q, "recall_summarize") == [data.recall_input(Q)]
+    assert data.first_stage_inputs(Q, "summarize") == [data.summarize_input(Q, None, None)]
+    assert data.first_stage_inputs(Q, "analyze_summarize") == [data.analyze_input(Q, None, x) for x in "ABC"]
+
+
+@pytest.mark.parametrize("text, letter", [
+    ("So the answer is option B.", "B"),
+    ("so the answer is option E. extra", "E"),
+    ("the answer is option D. So the answer is option A.", "D"),  # the first match wins
+    ("So the answer is option b.", None),
+    ("So the answer is option C", None),  # the period is part of the pattern
+    ("So the answer is option (C).", None),
+    ("So The Answer Is Option C.", None),
+    ("", None),
+])
+def test_parse_answer(text, letter):
+    assert data.parse_answer(text) == letter
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("fish swim", "fish swim."), ("fish swim.", "fish swim."), (' he said "go"', 'he said "go"'),
+    ("the 'x'", "the 'x'"), ("ends with ? ", "ends with ?."), ("", "."),
+])
+def test_with_period(text, expected):
+    assert data.with_period(text) == expected
+
+
+# ---------------------------------------------------------------- batching (METHOD 5.1)
+
+def test_collate_pads_to_longest():
+    input_ids, mask, labels = data.collate([([5, 6, 1], [7, 1]), ([5, 1], [8, 9, 10, 1])])
+    assert input_ids.tolist() == [[5, 6, 1], [5, 1, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert labels.tolist() == [[7, 1, -100, -100], [8, 9, 10, 1]]
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_batch_order_is_a_resumable_permutation(grouped):
+    lengths = [(7 * i) % 23 + 1 for i in range(230)]
+    epoch0 = data.batch_order(lengths, 8, seed=3, epoch=0, group_by_length=grouped)
+    assert sorted(i for b in epoch0 for i in b) == list(range(230))
+    assert len(epoch0) == 29 and sum(len(b) < 8 for b in epoch0) == 1
+    assert epoch0 == data.batch_order(lengths, 8, seed=3, epoch=0, group_by_length=grouped)
+    assert epoch0 != data.batch_order(lengths, 8, seed=3, epoch=1, group_by_length=grouped)
+    examples = [([3] * n, [4, 1]) for n in lengths]
+    all_batches = list(data.batches(examples, 8, seed=3, epoch=0, group_by_length=grouped))
+    resumed = list(data.batches(examples, 8, seed=3, epoch=0, start=5, group_by_length=grouped))
+    assert len(resumed) == 24 and all(torch.equal(a[0], b[0]) for a, b in zip(all_batches[5:], resumed))
+
+
+def test_group_by_length_reduces_padding():
+    lengths = [(13 * i) % 97 + 1 for i in range(800)]
+
+    def padding(order):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in order)
+    grouped = padding(data.batch_order(lengths, 16, seed=0, epoch=0, group_by_length=True))
+    plain = padding(data.batch_order(lengths, 16, seed=0, epoch=0))
+    assert grouped < plain / 4

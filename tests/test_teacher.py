@@ -1,0 +1,320 @@
+"""teacher.py: prompt strings, the parser on edge cases, the client against a scripted HTTP server on 127.0.0.1,
+kill-and-resume through the cache, and the API key never reaching a file."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import teacher  # noqa: E402
+from data import Question  # noqa: E402
+
+KEY = "sk-test-DO-NOT-LEAK-4f2a"
+Q = Question("q1", "Where do fish live?", ["desert", "water", "sky"], "B")
+
+
+def completion(letters="ABCD", gold="A", ki="Key Information: fish need water"):
+    """A teacher-format completion: gold first, as the scaffold asks."""
+    order = [gold] + [x for x in letters if x != gold]
+    lines = [f"{x} is {'correct' if x == gold else 'incorrect'}. Because reason for {x}" for x in order]
+    return f"{ki}\nExplanations: " + "\n".join(lines)
+
+
+# ---------------------------------------------------------------- prompt (METHOD 3.1)
+
+def test_user_message_literal():
+    assert teacher.user_message(Q) == ("Where do fish live?\nOptions: A. desert, B. water, C. sky\nKey Information:\n"
+                                       "Explanations: B is correct. Because\nA is incorrect. Because\n"
+                                       "C is incorrect. Because")
+
+
+def test_system_message_literal():
+    shots = [{"Q": "q1?", "Options": "A. yes, B. no", "Key Information": "k1.", "Explanations": ["A is x", "B is y"]},
+             {"Q": "q2?", "Options": "A. yes, B. no", "Key Information": "k2.", "Explanations": ["A is z", "B is w"]}]
+    assert teacher.system_message("Do this:\n", shots, seed=0) == (
+        "Do this:\n\n###\nq2?\nOptions: A. yes, B. no\nKey Information: k2.\nExplanations: A is z\nB is w\n###\n"
+        "\n###\nq1?\nOptions: A. yes, B. no\nKey Information: k1.\nExplanations: A is x\nB is y\n###")
+
+
+def test_prompts_asset_and_its_regeneration(tmp_path):
+    shipped = json.loads(teacher.PROMPTS.read_text())
+    assert shipped["instruction"].startswith("Reference examples delimited with ###")
+    assert {k: len(v) for k, v in shipped["exemplars"].items()} == {"csqa": 8, "obqa": 7, "strategyqa": 8}
+    (tmp_path / "request.json").write_text(json.dumps({"Key": "Instr.\n"}))
+    for name in teacher.N:
+        (tmp_path / name / "prompt").mkdir(parents=True)
+        ex = {"Q": name, "Options": "A. yes, B. no", "Key Information": "k", "Explanations": ["A", "B"],
+              "Reference": "CoT"}
+        (tmp_path / name / "prompt" / f"{name}_cot.json").write_text(json.dumps([ex]))
+    teacher.make_prompts(tmp_path, tmp_path / "prompts.json")
+    made = json.loads((tmp_path / "prompts.json").read_text())
+    assert made["instruction"] == "Instr.\n"
+    assert made["exemplars"]["obqa"] == [{"Q": "obqa", "Options": "A. yes, B. no", "Key Information": "k",
+                                          "Explanations": ["A", "B"]}]
+
+
+# ---------------------------------------------------------------- parsing (METHOD 3.3, 3.4)
+
+def test_parse_valid_completion_drops_verdicts():
+    text = ("Key Information: fish need water Explanations:\n\nB is correct. Because fish breathe in water\n"
+            "A is incorrect. Because deserts are dry. Because of the sun.\nC is incorrect. Although fish cannot fly\n"
+            "So the answer is B.")  # KI and Explanations on one line; a trailing line beyond k is not read
+    ki, explanations, answer = teacher.parse_completion(text, Q)
+    assert ki == "fish need water." and answer == "B"
+    assert explanations == {"B": "fish breathe in water.", "A": "deserts are dry. Because of the sun.",
+                            "C": "fish cannot fly."}
+    assert list(explanations) == ["B", "A", "C"]  # the teacher's order is kept in the record
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("fish need water\nExplanations: B is correct. Because x", "no Key Information on line 0"),
+    ("Key Information:   \nExplanations: B is correct. Because x", "empty Key Information"),
+    (completion("ABC", "B").replace("A is incorrect.", "Option A is incorrect."), "malformed verdict"),
+    (completion("ABC", "B").replace("C is incorrect", "A is incorrect"), "option not offered or explained twice"),
+    (completion("ABC", "B").replace("C is incorrect", "D is incorrect"), "option not offered or explained twice"),
+    (completion("ABC", "B").replace("C is incorrect. Because", "C is incorrect. Since"), "not every option explained"),
+    (completion("ABC", "B").replace("A is incorrect.", "A is wrong."), "not every option explained"),  # skipped line
+    (completion("AB", "B"), "not every option explained"),
+    (completion("ABC", "B").replace("A is incorrect", "A is correct"), "not exactly one option called correct"),
+    (completion("ABC", "B").replace("B is correct", "B is incorrect"), "not exactly one option called correct"),
+])
+def test_parse_failures(text, reason):
+    with pytest.raises(teacher.InvalidCompletion, match=reason):
+        teacher.parse_completion(text, Q)
+
+
+def test_records_keep_gold_and_report_failures():
+    failures = []
+    records = teacher.records_from_completions(Q, [completion("ABC", "B"), completion("ABC", "A"), "junk"], failures)
+    assert failures == ["disagrees with the gold answer", "no Key Information on line 0"]  # A12: no override
+    assert records == [{"id": "q1", "question": Q.question, "choices": Q.choices, "answer": "B",
+                        "key_information": "fish need water.",
+                        "explanations": {"B": "reason for B.", "A": "reason for A.", "C": "reason for C."}}]
+    assert teacher.records_from_completions(Q, ["junk"]) == []  # the offline teacher's call, without a failure list
+
+
+def test_read_records_checks_the_schema(tmp_path):
+    good = teacher.records_from_completions(Q, [completion("ABC", "B")])[0]
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n")
+    assert teacher.read_records(path) == [good, good]
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "explanations": {"A": "x."}}) + "\n")
+    with pytest.raises(ValueError, match=r"r.jsonl:2: answer/explanations"):
+        teacher.read_records(path)
+    path.write_text(json.dumps({k: v for k, v in good.items() if k != "key_information"}) + "\n")
+    with pytest.raises(ValueError, match=r"r.jsonl:1: field 'key_information'"):
+        teacher.read_records(path)
+    path.write_text("{oops\n")
+    with pytest.raises(ValueError, match=r"r.jsonl:1: not valid JSON"):
+        teacher.read_records(path)
+
+
+# ---------------------------------------------------------------- a scripted OpenAI-compatible server
+
+STEMS = ["q429", "q500", "qslow", "qbadjson", "qinvalid", "qvalid", "qhopeless", "qdown"]
+
+
+def write_obqa(folder: Path, stems):
+    lines = [json.dumps({"id": s, "question": {"stem": s, "choices": [{"text": t, "label": x} for x, t in
+                                                                      zip("ABCD", ["w", "x", "y", "z"])]},
+                         "answerKey": "C"}) for s in stems]
+    (folder / "obqa" / "original").mkdir(parents=True)
+    (folder / "obqa" / "original" / "train.jsonl").write_text("\n".join(lines) + "\n")
+    for split in ("dev", "test"):
+        (folder / "obqa" / "original" / f"{split}.jsonl").write_text("")
+
+
+def body(texts, truncated=()):
+    choices = [{"index": i, "message": {"role": "assistant", "content": t},
+                "finish_reason": "length" if i in truncated else "stop"} for i, t in enumerate(texts)]
+    return json.dumps({"choices": choices, "usage": {"prompt_tokens": 100, "completion_tokens": 10}}).encode()
+
+
+class Server:
+    """Runs `script(stem, count, payload) -> (status, headers, body, delay)` per request and logs every request."""
+
+    def __init__(self, script):
+        self.script, self.log, self.counts, self.lock = script, [], {}, threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                payload = json.loads(raw)
+                stem = payload["messages"][1]["content"].split("\n")[0]
+                with outer.lock:
+                    count = outer.counts.get(stem, 0)
+                    outer.counts[stem] = count + 1
+                    outer.log.append({"stem": stem, "n": payload["n"], "max_tokens": payload["max_tokens"],
+                                      "auth": self.headers.get("Authorization"),
+                                      "hash": hashlib.sha256(raw).hexdigest()})
+                status, headers, content, delay = outer.script(stem, count, payload)
+                threading.Event().wait(delay)
+                if status is None:  # the hook killed the client: answer nothing
+                    return
+                try:
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(content)))
+                    self.end_headers()
+                    self.wfile.write(content)
+                except OSError:  # the client gave up (timeout) before the slow answer
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self):
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def requests_for(self, stem):
+        return [e for e in self.log if e["stem"] == stem]
+
+
+def scripted(stem, count, payload):
+    n, ok = payload["n"], (200, {}, body([completion(gold="C")] * payload["n"]), 0)
+    first = count == 0
+    if stem == "q429" and first:
+        return 429, {"Retry-After": "7"}, b'{"error": "rate"}', 0
+    if stem == "q500" and first:
+        return 500, {}, b"oops", 0
+    if stem == "qslow" and first:
+        return (*ok[:3], 2.5)  # slower than the client's timeout
+    if stem == "qbadjson" and first:
+        return 200, {}, b'{"choices": [', 0
+    if stem == "qinvalid" and first:  # valid, disagreeing with gold, truncated
+        return 200, {}, body([completion(gold="C"), completion(gold="A"), completion(gold="C")], truncated={2}), 0
+    if stem == "qhopeless":
+        return 200, {}, body(["no format here"] * n), 0
+    if stem == "qdown":
+        return 503, {}, b"down", 0
+    return ok
+
+
+def test_client_against_scripted_server(tmp_path, monkeypatch):
+    write_obqa(tmp_path, STEMS)
+    sleeps = []
+    monkeypatch.setattr(teacher.time, "sleep", sleeps.append)  # record backoffs instead of waiting
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    with Server(scripted) as server:
+        cfg = teacher.TeacherConfig(data="obqa", data_dir=str(tmp_path), out=str(tmp_path / "t.jsonl"),
+                                    base_url=server.url, n=3, rounds=3, max_tokens=64, workers=4, timeout=1.0,
+                                    max_attempts=3, backoff=0.001)
+        summary = teacher.run(cfg)
+    counts = {s: len(server.requests_for(s)) for s in STEMS}
+    assert counts == {"q429": 2, "q500": 2, "qslow": 2, "qbadjson": 2, "qinvalid": 2, "qvalid": 1,
+                      "qhopeless": 3, "qdown": 3}
+    assert 7.0 in sleeps  # Retry-After honoured
+    assert all(s < 0.01 for s in sleeps if s != 7.0)  # the other waits are the (tiny) jittered backoff
+    retry = server.requests_for("qinvalid")[1]
+    assert (retry["n"], retry["max_tokens"]) == (2, 128)  # n = failures, max_tokens doubled after a truncation
+    assert [e["n"] for e in server.requests_for("qhopeless")] == [3, 3, 3]
+    records = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    per_question = {s: sum(r["id"] == s for r in records) for s in STEMS}
+    assert per_question == {"q429": 3, "q500": 3, "qslow": 3, "qbadjson": 3, "qinvalid": 3, "qvalid": 3,
+                            "qhopeless": 0, "qdown": 0}
+    assert [r["id"] for r in records] == sorted((r["id"] for r in records), key=STEMS.index)  # question order
+    failed = [json.loads(line) for line in (tmp_path / "t.failed.jsonl").read_text().splitlines()]
+    assert failed == [{"id": "qhopeless", "reasons": ["no Key Information on line 0"] * 3},
+                      {"id": "qdown", "reasons": ["request failed: HTTP 503 after 3 attempts"]}]
+    assert summary["failed_questions"] == 2 and summary["records"] == 18 and summary["requests_sent"] == 17
+    assert summary["errors"] == {"HTTP 429": 1, "HTTP 500": 1, "ReadTimeout": 1, "malformed response": 1,
+                                 "HTTP 503": 3}
+    assert summary["answered"] == 10 and summary["cost_usd"] == pytest.approx(10 * (100 * 5e-6 + 10 * 15e-6))
+
+
+def test_api_key_sent_but_never_written(tmp_path, monkeypatch, capsys):
+    write_obqa(tmp_path, ["qvalid", "qhopeless"])
+    monkeypatch.setenv("MY_KEY", KEY)
+    with Server(scripted) as server:
+        teacher.main(["--data", "obqa", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o" / "t.jsonl"),
+                      "--base-url", server.url, "--api-key-env", "MY_KEY", "--n", "2", "--rounds", "2"])
+    assert {e["auth"] for e in server.log} == {f"Bearer {KEY}"}
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) >= 3 and not any(KEY.encode() in p.read_bytes() for p in written)
+    out, err = capsys.readouterr()
+    assert KEY not in out + err and '"records": 2' in out + err
+
+
+# ---------------------------------------------------------------- kill and resume
+
+def deterministic(stem, count, payload):
+    """The answer depends only on the request, so an interrupted and an uninterrupted run see the same data.
+    Odd questions get one invalid completion at n=2, which forces a second round."""
+    texts = [completion(gold="C", ki=f"Key Information: {stem} fact {i} at n={payload['n']}") for i in
+             range(payload["n"])]
+    if payload["n"] == 2 and int(stem[1:]) % 2:
+        texts[1] = "garbled"
+    return 200, {}, body(texts), 0
+
+
+def test_kill_and_resume_gives_identical_output(tmp_path):
+    stems = [f"s{i}" for i in range(6)]  # 9 requests in all: 6 first rounds + 3 retries
+    write_obqa(tmp_path, stems)
+    env = {**os.environ, "OPENAI_API_KEY": KEY}
+
+    def command(out, url):
+        return [sys.executable, str(ROOT / "teacher.py"), "--data", "obqa", "--data-dir", str(tmp_path),
+                "--out", str(out), "--base-url", url, "--n", "2", "--rounds", "2", "--workers", "1"]
+
+    victim = {}
+
+    def killing(stem, count, payload):
+        if len(server.log) == 5:  # the 5th request: kill the client before it gets an answer
+            os.kill(victim["pid"], signal.SIGKILL)
+            return None, {}, b"", 0
+        return deterministic(stem, count, payload)
+
+    with Server(killing) as server:
+        proc = subprocess.Popen(command(tmp_path / "run" / "t.jsonl", server.url), env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        victim["pid"] = proc.pid
+        first_output = proc.communicate(timeout=60)[0]
+        assert proc.returncode == -signal.SIGKILL and not (tmp_path / "run" / "t.jsonl").exists()
+        answered = {e["hash"] for e in server.log[:4]}
+        del server.log[:]
+        server.script = deterministic
+        second = subprocess.run(command(tmp_path / "run" / "t.jsonl", server.url), env=env, capture_output=True,
+                                timeout=60)
+        assert second.returncode == 0, second.stderr.decode()
+        resumed = {e["hash"] for e in server.log}
+        assert len(server.log) == 5 and not answered & resumed  # no answered request is sent again
+        server.log.clear()
+        teacher.run(teacher.TeacherConfig(data="obqa", data_dir=str(tmp_path), out=str(tmp_path / "ref" / "t.jsonl"),
+                                          base_url=server.url, n=2, rounds=2, workers=3))
+        assert len(server.log) == 9
+    resumed_file = (tmp_path / "run" / "t.jsonl").read_bytes()
+    assert resumed_file == (tmp_path / "ref" / "t.jsonl").read_bytes() and resumed_file.count(b"\n") == 12
+    for p in tmp_path.rglob("*"):
+        assert not p.is_file() or KEY.encode() not in p.read_bytes()
+    assert KEY.encode() not in first_output + second.stdout + second.stderr
+
+
+def test_cache_drops_torn_last_line_and_rejects_corrupt_ones(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"model": "m", "key": "k1", "response": {"choices": []}}) + "\n" + '{"model": "m", "ke')
+    cache = teacher.Cache(path)
+    assert list(cache.responses) == ["k1"] and path.read_text().count("\n") == 1
+    cache.put("m", "k2", {"choices": []})
+    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["k1", "k2"]
+    path.write_text("garbage\n" + json.dumps({"model": "m", "key": "k1", "response": {}}) + "\n")
+    with pytest.raises(ValueError, match=r"c.jsonl:1: not a cache entry"):
+        teacher.Cache(path)
