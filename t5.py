@@ -55,6 +55,10 @@ class T5Config:
     decoder_start_token_id: int = 0
 
     def __post_init__(self):
+        for f in fields(self):  # "d_model": "512" fails here, by name, rather than deep inside nn.Linear
+            value, allowed = getattr(self, f.name), (int, float) if f.type is float else f.type
+            if f.type in (int, float, str, bool) and not isinstance(value, allowed):
+                raise ValueError(f"field {f.name} should be {f.type.__name__}, got {value!r}")
         if self.num_decoder_layers is None:
             self.num_decoder_layers = self.num_layers
         # transformers 5 always ties its lm_head and records the Mesh-TF rescale in its own key, so configs it
@@ -130,7 +134,7 @@ def attention(q, k, v, bias, dropout_p, sdpa):
     if sdpa:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p, scale=1.0)
     scores = q @ k.transpose(-1, -2) + bias
-    probs = scores.float().softmax(-1).type_as(scores)
+    probs = scores.float().softmax(-1).to(v.dtype)
     return F.dropout(probs, dropout_p) @ v
 
 
@@ -349,6 +353,8 @@ class T5(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("T5.forward needs decoder_input_ids or labels (shifted right to make them)")
             decoder_input_ids = shift_right(labels, self.config.decoder_start_token_id, self.config.pad_token_id)
         with self.autocast(input_ids.device):
             encoder_states, mask = self.encode(input_ids, attention_mask)
@@ -401,7 +407,8 @@ class T5(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir, dtype=None, device=None):
-        """Load a local checkpoint directory or a Hub repository id (e.g. "google/flan-t5-base"); fp32 by default."""
+        """Load a local checkpoint directory or a Hub repository id (e.g. "google/flan-t5-base"), in float32 unless
+        `dtype` says otherwise, in eval mode."""
         directory = resolve_model_directory(name_or_dir)
         config = T5Config.from_json(directory / "config.json")
         tensors, origin = read_checkpoint(directory)
@@ -440,7 +447,7 @@ class T5(nn.Module):
         model.load_state_dict(state, strict=False, assign=True)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.shared.weight
-        return model
+        return model.eval()  # as transformers does; call .train() to fine-tune
 
     def save_pretrained(self, directory):
         """config.json + model.safetensors, loadable by transformers; a tied lm_head is stored once, as shared."""
@@ -483,6 +490,8 @@ def read_safetensors(path):
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: header is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: header is not a JSON object")
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writes never reach the file
     header.pop("__metadata__", None)
     tensors, covered = {}, []
@@ -493,8 +502,11 @@ def read_safetensors(path):
             raise ValueError(f"{where}: expected fields dtype, shape, data_offsets, got {info!r}")
         if info["dtype"] not in SAFETENSORS_DTYPES:
             raise ValueError(f"{where}: unsupported dtype {info['dtype']!r}")
-        dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-        if not 0 <= begin <= end <= data_size:
+        dtype, shape, offsets = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+        if not all(isinstance(i, int) and i >= 0 for i in [*shape, *offsets]) or len(offsets) != 2:
+            raise ValueError(f"{where}: shape {shape} and data_offsets {offsets} must be non-negative integers")
+        begin, end = offsets
+        if not begin <= end <= data_size:
             raise ValueError(f"{where}: data_offsets [{begin}, {end}] point outside the data ({data_size} bytes)")
         numel = math.prod(shape)
         if end - begin != numel * dtype.itemsize:
@@ -539,12 +551,7 @@ def read_checkpoint(directory):
         path = directory / weights
         if not path.exists():
             continue
-        files = [path]
-        if weights.endswith(".index.json"):
-            try:
-                files = [directory / shard for shard in sorted(set(json.loads(path.read_text())["weight_map"].values()))]
-            except (json.JSONDecodeError, KeyError, AttributeError) as e:
-                raise ValueError(f"{path}: expected JSON with a 'weight_map' of tensor name -> shard file ({e!r})")
+        files = [directory / shard for shard in shards(path)] if weights.endswith(".index.json") else [path]
         tensors, origin = {}, {}
         for file in files:
             if not file.exists():
@@ -555,6 +562,14 @@ def read_checkpoint(directory):
             origin.update(dict.fromkeys(part, file))
         return tensors, origin
     raise FileNotFoundError(f"{directory}: no checkpoint found (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def shards(index_path):
+    """Shard file names of a sharded checkpoint, from its index's weight_map {tensor name: shard file}."""
+    try:
+        return sorted(set(json.loads(Path(index_path).read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+        raise ValueError(f"{index_path}: expected JSON with a weight_map of tensor name -> shard file ({e!r})") from None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -580,7 +595,7 @@ def resolve_model_directory(name_or_dir):
         path = hub_download(repo, weights)
         if path is not None:
             if weights.endswith(".index.json"):
-                for shard in sorted(set(json.loads(path.read_text())["weight_map"].values())):
+                for shard in shards(path):
                     if hub_download(repo, shard) is None:
                         raise FileNotFoundError(f"{repo}: shard {shard} listed in {weights} is not on the Hub")
             return local
@@ -628,7 +643,7 @@ def hub_download(repo, filename):
                 r.raise_for_status()
                 size, digest = announced_size_and_hash(r)
                 with open(part, "ab" if r.status_code == 206 else "wb") as f:
-                    for chunk in r.iter_content(1 << 20):
+                    for chunk in r.iter_content(1 << 14):  # small: a broken connection loses the chunk in flight
                         f.write(chunk)
             break
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:

@@ -86,7 +86,7 @@ def parse_config(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in dataclasses.fields(Config):
         flags = ["--" + field.name.replace("_", "-")]
-        if field.type == "bool":
+        if isinstance(field.default, bool):
             parser.add_argument(*flags, action="store_true", default=None)
         else:
             parser.add_argument(*flags, type=type(field.default), default=None, help=f"default {field.default!r}")

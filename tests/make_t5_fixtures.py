@@ -23,17 +23,26 @@ OLD_STYLE_DROPPED = ("feed_forward_proj", "tie_word_embeddings", "relative_atten
                      "scale_decoder_outputs", "dense_act_fn", "is_gated_act")
 
 
-def tiny_config(gated):
-    return T5Config(vocab_size=64, d_model=16, d_kv=12, d_ff=32, num_layers=2, num_heads=2, dropout_rate=0.0,
-                    feed_forward_proj="gated-gelu" if gated else "relu", tie_word_embeddings=not gated,
-                    decoder_start_token_id=0, attn_implementation="eager")
+def tiny_hf_model(gated, seed, separate_head=True, **config):
+    """A random transformers T5 (eager attention) small enough for a test. The v1.1 variant gets its own lm_head
+    unless separate_head=False (transformers 5 ties it to the embedding even when asked not to). RMSNorm weights
+    are drawn N(0, 1) instead of ones, so that greedy decoding of a random model does not just repeat one token."""
+    torch.manual_seed(seed)
+    config = dict(vocab_size=64, d_model=16, d_kv=12, d_ff=32, num_layers=2, num_heads=2, dropout_rate=0.0,
+                  feed_forward_proj="gated-gelu" if gated else "relu", tie_word_embeddings=not gated,
+                  decoder_start_token_id=0) | config
+    model = T5ForConditionalGeneration(T5Config(**config, attn_implementation="eager")).eval()
+    with torch.no_grad():
+        if gated and separate_head:
+            model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.normal_(0, 1)
+    return model
 
 
 def make(name, gated, seed):
-    torch.manual_seed(seed)
-    model = T5ForConditionalGeneration(tiny_config(gated))
-    if gated:  # transformers 5 ties lm_head to the embedding even for v1.1; give it its own weights as FLAN-T5 has
-        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    model = tiny_hf_model(gated, seed)
     directory = FIXTURES / f"t5_{name}"
     model.save_pretrained(directory)
     (directory / "generation_config.json").unlink(missing_ok=True)
@@ -62,8 +71,8 @@ def make(name, gated, seed):
 
 
 if __name__ == "__main__":
-    make("relu", gated=False, seed=0)
-    make("gated", gated=True, seed=1)
+    make("relu", gated=False, seed=21)
+    make("gated", gated=True, seed=15)
     for path in sorted(FIXTURES.glob("t5_*")):
         size = sum(p.stat().st_size for p in path.rglob("*")) if path.is_dir() else path.stat().st_size
         print(f"{path.relative_to(FIXTURES.parent.parent)}: {size / 1024:.0f} KiB")
