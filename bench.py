@@ -136,43 +136,40 @@ def train_flops(size, batch, src, tgt, vocab=32128, d_kv=64):
     return 3 * batch * (2 * (src * per_encoder_token + tgt * per_decoder_token) + attention)
 
 
-def peak_flops(device):
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+def peak_flops(gpu_name):
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in (gpu_name or "")), None)
 
 
-def peak_memory_child(impl, directory, args):
-    """Run in a fresh process: load one implementation, then the peak memory (MiB) of one training step and of one
-    generate call. CPU: the peak RSS (VmHWM), reset through /proc/self/clear_refs after loading; CUDA: max allocated."""
+def peak_memory_child(impl, bench, directory, args):
+    """Run in a fresh process: load one implementation and print the peak memory (MiB) of one training step or one
+    generate call. CPU: peak RSS (VmHWM), reset through /proc/self/clear_refs once the model is loaded; CUDA: max
+    allocated. One process per (implementation, benchmark), so no high-water mark or allocator cache is shared."""
     device = torch.device(args.device)
     model = load(impl, directory, device)
-    def reset():
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            Path("/proc/self/clear_refs").write_text("5")
-    def peak():
-        if device.type == "cuda":
-            return torch.cuda.max_memory_allocated() / 2**20
-        return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
-    batch = make_batch(args.batch, args.src, args.tgt, device)
-    reset()
-    train_step(model, batch, device)()
-    result = {"train": peak()}
-    model.zero_grad(set_to_none=True)
-    gen = make_batch(args.gen_batch, args.src, 1, device, seed=1)
-    reset()
-    generate_call(model, impl, gen["input_ids"], gen["attention_mask"], args.new_tokens)()
-    result["generate"] = peak()
-    print(json.dumps(result))
+    if bench == "train":
+        batch = make_batch(args.batch, args.src, args.tgt, device)
+        call = train_step(model, batch, device)
+    else:
+        gen = make_batch(args.gen_batch, args.src, 1, device, seed=1)
+        call = generate_call(model, impl, gen["input_ids"], gen["attention_mask"], args.new_tokens)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        call()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+        call()
+        peak = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+    print(json.dumps(peak))
 
 
-def peak_memory(directory, args):
+def peak_memory(directory, bench, args):
+    """{impl: peak MiB} of `bench` ("train" or "generate"), each measured by peak_memory_child in its own process."""
     command = [sys.executable, __file__, "--memory-child", directory, "--device", args.device,
                *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
                  ("batch", "src", "tgt", "gen_batch", "new_tokens", "threads")]]
-    return {impl: json.loads(subprocess.run(command + [f"--impl={impl}"], check=True, capture_output=True,
-                                            text=True).stdout.strip().splitlines()[-1])
+    return {impl: json.loads(subprocess.run(command + [f"--impl={impl}", f"--only={bench}"], check=True,
+                                            capture_output=True, text=True).stdout.strip().splitlines()[-1])
             for impl in ("ours", "theirs")}
 
 
@@ -199,12 +196,12 @@ def bench_size(size, args, device, variants):
             outputs = {impl: call() for impl, call in calls.items()}
             assert all(o.shape == (args.gen_batch, args.new_tokens) for o in outputs.values())
             same = (outputs["ours"] == outputs["theirs"]).float().mean().item()
-            seconds, _ = race(calls, device, args.warmup, args.repeats)
+            seconds, times = race(calls, device, args.warmup, args.repeats)
             new_tokens = args.gen_batch * args.new_tokens
             rows.append(dict(size=size, bench="generate", variant="eager", unit="new tokens/s",
                              shape=f"{args.gen_batch} x {args.new_tokens} new (input {args.src})",
                              ours=new_tokens / seconds["ours"], theirs=new_tokens / seconds["theirs"],
-                             same_tokens=same))
+                             same_tokens=same, seconds=times))
             if args.profile:
                 profile(calls, device)
         if "train" in args.only:
@@ -213,27 +210,26 @@ def bench_size(size, args, device, variants):
             for variant in variants:
                 compiled = {k: torch.compile(m) if variant == "compile" else m for k, m in models.items()}
                 calls = {impl: train_step(m, batch, device) for impl, m in compiled.items()}
-                seconds, _ = race(calls, device, args.warmup, args.repeats)
+                seconds, times = race(calls, device, args.warmup, args.repeats)
                 tokens = args.batch * (args.src + args.tgt)
                 rows.append(dict(size=size, bench="train", variant=variant, unit="tokens/s",
                                  shape=f"{args.batch} x ({args.src} + {args.tgt})",
                                  ours=tokens / seconds["ours"], theirs=tokens / seconds["theirs"],
                                  ours_tflops=flops / seconds["ours"] / 1e12,
-                                 theirs_tflops=flops / seconds["theirs"] / 1e12))
+                                 theirs_tflops=flops / seconds["theirs"] / 1e12, seconds=times))
                 if args.profile and variant == "eager":
                     profile(calls, device)
         if "memory" in args.only:
-            del ours, theirs, models
-            peaks = peak_memory(directory, args)
             for bench in ("train", "generate"):
+                peaks = peak_memory(directory, bench, args)
                 shape = (f"{args.batch} x ({args.src} + {args.tgt})" if bench == "train" else
                          f"{args.gen_batch} x {args.new_tokens} new (input {args.src})")
                 rows.append(dict(size=size, bench="memory", variant=bench, unit="peak MiB", shape=shape,
-                                 ours=peaks["ours"][bench], theirs=peaks["theirs"][bench]))
+                                 ours=peaks["ours"], theirs=peaks["theirs"]))
     return rows
 
 
-def machine(device, args):
+def machine(device):
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     return {"device": device.type, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -261,14 +257,18 @@ def render(runs):
         for r in run["rows"]:
             goal = GOALS[r["bench"]]
             goal = goal[m["device"]] if isinstance(goal, dict) else goal
-            notes = ""
-            if "ours_tflops" in r:
-                peak = peak_flops(torch.device(m["device"])) if m["gpu"] else None
-                notes = f"{r['ours_tflops']:.2f} vs {r['theirs_tflops']:.2f} TFLOP/s" + (
-                    f", MFU {r['ours_tflops'] * 1e12 / peak:.0%} vs {r['theirs_tflops'] * 1e12 / peak:.0%}"
-                    if peak else "")
+            notes = []
             if "same_tokens" in r:
-                notes = f"{r['same_tokens']:.1%} of tokens identical"
+                notes.append(f"{r['same_tokens']:.1%} of tokens identical")
+            if "ours_tflops" in r:
+                peak = peak_flops(m["gpu"])
+                notes.append(f"{r['ours_tflops']:.3g} vs {r['theirs_tflops']:.3g} TFLOP/s" + (
+                    f", MFU {r['ours_tflops'] * 1e12 / peak:.0%} vs {r['theirs_tflops'] * 1e12 / peak:.0%}"
+                    if peak else ""))
+            if "seconds" in r:  # the spread of the repeats says how far to trust the ratio
+                notes.append("s per call " + " vs ".join(
+                    f"{statistics.median(t):.2f} ({min(t):.2f}-{max(t):.2f})" for t in r["seconds"].values()))
+            notes = "; ".join(notes)
             bench = f"{r['bench']} ({r['variant']})"
             out.append(f"| {r['size']} | {bench} | {r['shape']} | {r['ours']:,.0f} {r['unit']} | "
                        f"{r['theirs']:,.0f} | {r['ours'] / r['theirs']:.2f}x | {goal} | {notes} |")
@@ -276,12 +276,15 @@ def render(runs):
 
 
 def save(run, out, markdown):
-    """Merge this run into the JSON at `out` (rows it re-measures leave older runs) and rewrite the results section."""
-    key = lambda r: (r["size"], r["bench"], r["variant"])  # noqa: E731
+    """Merge this run into the JSON at `out` (a row measured again on the same machine, threads and shape replaces the
+    older one) and rewrite BENCHMARKS.md's results section from it."""
+    def key(run, row):
+        m = run["machine"]
+        return m["gpu"] or m["cpu"], m["threads"], row["size"], row["bench"], row["variant"], row["shape"]
     runs = json.loads(Path(out).read_text())["runs"] if Path(out).exists() else []
+    measured = {key(run, r) for r in run["rows"]}
     for old in runs:
-        if old["machine"]["device"] == run["machine"]["device"]:
-            old["rows"] = [r for r in old["rows"] if key(r) not in {key(r) for r in run["rows"]}]
+        old["rows"] = [r for r in old["rows"] if key(old, r) not in measured]
     runs = [r for r in runs if r["rows"]] + [run]
     Path(f"{out}.tmp").write_text(json.dumps({"runs": runs}, indent=1))
     os.replace(f"{out}.tmp", out)
@@ -316,11 +319,11 @@ def main():
     args.only = args.only.split(",")
     torch.set_num_threads(args.threads)
     if args.memory_child:
-        return peak_memory_child(args.impl, args.memory_child, args)
+        return peak_memory_child(args.impl, args.only[0], args.memory_child, args)
     device = torch.device(args.device)
     variants = ["eager"] if device.type == "cpu" or args.no_compile else ["eager", "compile"]
     run = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
-           "machine": machine(device, args), "rows": []}
+           "machine": machine(device), "rows": []}
     start = time.perf_counter()
     for size in args.sizes.split(","):
         run["rows"] += bench_size(size, args, device, variants)

@@ -336,7 +336,10 @@ class T5(nn.Module):
                 m.wo.weight.normal_(0, c.d_ff ** -0.5)
 
     def autocast(self, device):
-        return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+        """bf16 autocast on CUDA, unless the caller already opened an autocast of its own (fp16 training)."""
+        if device.type != "cuda" or torch.is_autocast_enabled("cuda"):
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", torch.bfloat16)
 
     def encode(self, input_ids, attention_mask):
         """Encoder output [B, S, d_model] and the additive padding mask [B, 1, 1, S] for attending to it."""

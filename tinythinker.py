@@ -52,7 +52,7 @@ class Config:
     interval: int = 100                 # recall batches per cycle of the staged schedule (METHOD 5.2)
     grad_clip: float = 1.0
     group_by_length: bool = False       # batches of similar lengths pad less; off = the official random batches
-    precision: str = "auto"             # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    fp16: bool = False                  # CUDA only: fp16 autocast with a GradScaler instead of bf16 (T5 may overflow)
     eval_batch_size: int = 256
     max_new_tokens: int = 200           # every stage, as the official max_length 200
     # self-reflection (METHOD 7)
@@ -111,26 +111,26 @@ def load_config(run_dir):
 def questions(cfg, split):
     if cfg.data == "world":
         import world
-        return world.make_world().split(split)
+        return getattr(world.make_world(), split)
     return data.load(cfg.data, split, cfg.data_dir)
 
 
 def teacher_records(cfg):
     """The teacher's rationales for the training questions (teacher.py's records). The world's teacher is built in
-    and answers through the same parser as an LLM would."""
+    and goes through the same parser as an LLM's completions."""
     if cfg.data == "world":
         import world
         made = world.make_world()
-        return [r for q in made.split("train") for r in teacher.records_from_completions(q, made.completions(q))]
+        return [r for q in made.train for r in teacher.records_from_completions(q, [world.teacher_completion(made, q)])]
     path = os.path.join(cfg.data_dir, cfg.data, "teacher_train.jsonl")
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no teacher records; make them with: python teacher.py --data {cfg.data} --split train")
     return teacher.read_records(path)
 
 
-def student(cfg, run_dir):
-    """The model and tokenizer to train: a public checkpoint, or for the world a new T5 and a tokenizer trained on
-    the world's text (kept in the run directory so a resumed run reuses it)."""
+def student(cfg, run_dir, texts):
+    """The model and tokenizer to train: a public checkpoint, or ("scratch") a new T5 sized by world.MODEL and a
+    tokenizer trained on `texts`, kept in the run directory so that a resumed run reuses it."""
     if cfg.model != "scratch":
         return T5.from_pretrained(cfg.model), Tokenizer.from_pretrained(cfg.model)
     import world
@@ -138,7 +138,7 @@ def student(cfg, run_dir):
     if os.path.isfile(os.path.join(tokenizer_dir, "spiece.model")):
         tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
     else:
-        tokenizer = Tokenizer.train(world.make_world().texts(), world.VOCAB_SIZE, tokenizer_dir)
+        tokenizer = Tokenizer.train(texts, world.VOCAB_SIZE, tokenizer_dir)
     torch.manual_seed(cfg.seed)
     return T5(T5Config(vocab_size=tokenizer.vocab_size, **world.MODEL)), tokenizer
 
@@ -203,10 +203,12 @@ def setup_device(cfg):
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    if precision == "fp16":
-        print("warning: T5 overflows in fp16 (T5-NOTES 1.10); bf16 or fp32 are the safe choices", file=sys.stderr)
-    return device, precision, rank, world_size
+    # Precision lives in the model: bf16 autocast on CUDA, fp32 on CPU. --fp16 swaps in fp16 with loss scaling.
+    fp16 = cfg.fp16 and device.type == "cuda"
+    if fp16:
+        print("warning: T5's feed-forward activations overflow fp16 (transformers#9295); bf16 is the safe choice",
+              file=sys.stderr)
+    return device, fp16, rank, world_size
 
 
 def learning_rate(cfg, step, total):
@@ -235,14 +237,14 @@ def save_atomic(obj, path):
     os.replace(path + ".tmp", path)
 
 
-def fit(cfg, run_dir, model, tokenizer, plan, train_step, validate, device, precision, rank, world_size, desc,
+def fit(cfg, run_dir, model, tokenizer, plan, train_step, validate, device, fp16, rank, world_size, desc,
         dropout=True):
     """AdamW over `plan`, one `train_step(stage, indices)` per optimizer step, with warm-up + cosine learning rate,
     gradient clipping, and a validation every plan.cycle steps (and at the end) that keeps the best model in
     {run_dir}/best and writes the resumable state {run_dir}/state.pt atomically. Returns the best accuracy.
     Validation and generation put the model back in the mode they found it in, so train(dropout) holds throughout."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    scaler = torch.amp.GradScaler(enabled=precision == "fp16")
+    scaler = torch.amp.GradScaler(enabled=fp16)
     state_path, log_path = os.path.join(run_dir, "state.pt"), os.path.join(run_dir, "log.jsonl")
     start, best = 0, -1.0
     if cfg.resume and os.path.isfile(state_path):
@@ -267,8 +269,7 @@ def fit(cfg, run_dir, model, tokenizer, plan, train_step, validate, device, prec
         lr = learning_rate(cfg, step, len(plan))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
-                            enabled=precision in ("bf16", "fp16")):
+        with torch.autocast("cuda", torch.float16) if fp16 else contextlib.nullcontext():
             metrics = train_step(trained, scaler, *plan[step])
         scaler.unscale_(optimizer)
         metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
@@ -312,7 +313,7 @@ def write_run_config(cfg, run_dir, world_size, **extra):
 # Phase 1: reasoning acquisition (METHOD 5)
 
 def acquire(cfg):
-    device, precision, rank, world_size = setup_device(cfg)
+    device, fp16, rank, world_size = setup_device(cfg)
     run_dir = cfg.out
     os.makedirs(run_dir, exist_ok=True)
     if cfg.data == "world" and rank == 0:
@@ -320,10 +321,10 @@ def acquire(cfg):
               "python teacher.py --data csqa --split train && python tinythinker.py --phase acquire --data csqa")
     records = teacher_records(cfg)
     valid = questions(cfg, "valid")
-    model, tokenizer = student(cfg, run_dir)
+    texts = {stage: pairs for stage, pairs in data.stage_examples(records, cfg.stages).items() if pairs}
+    model, tokenizer = student(cfg, run_dir, [x + " " + y for pairs in texts.values() for x, y in pairs])
     model.to(device)
-    examples = {stage: [(tokenizer.encode(x), tokenizer.encode(y)) for x, y in pairs]
-                for stage, pairs in data.stage_examples(records, cfg.stages).items() if pairs}
+    examples = {stage: [(tokenizer.encode(x), tokenizer.encode(y)) for x, y in pairs] for stage, pairs in texts.items()}
     n_options = max(len(r["explanations"]) for r in records)
     quotas = dict(recall=cfg.interval, analyze=cfg.interval * n_options, summarize=cfg.interval)
     effective = cfg.batch_size * cfg.grad_accum * world_size
@@ -359,7 +360,7 @@ def acquire(cfg):
 
     validate = lambda m: evaluate.accuracy(m, tokenizer, valid, cfg.stages, batch_size=cfg.eval_batch_size,
                                            max_new_tokens=cfg.max_new_tokens)[0]
-    best = fit(cfg, run_dir, model, tokenizer, plan, train_step, validate, device, precision, rank, world_size,
+    best = fit(cfg, run_dir, model, tokenizer, plan, train_step, validate, device, fp16, rank, world_size,
                "acquire")
     if rank == 0:
         print(f"acquire: best validation accuracy {best:.2f}%, model in {os.path.join(run_dir, 'best')}")
@@ -412,7 +413,7 @@ def self_pairs(cfg, model, tokenizer, train, records, iteration_dir, iteration):
 
 
 def reflect(cfg):
-    device, precision, rank, world_size = setup_device(cfg)
+    device, fp16, rank, world_size = setup_device(cfg)
     if world_size > 1:
         raise SystemExit("reflect runs on one device: its sampling dominates and the pairs are small")
     acquired = load_config(cfg.out)
@@ -464,7 +465,7 @@ def reflect(cfg):
         validate = lambda m: evaluate.accuracy(m, tokenizer, valid, "recall_analyze_summarize",
                                                batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens)[0]
         results[iteration] = fit(cfg, iteration_dir, model, tokenizer, plan, train_step, validate, device,
-                                 precision, rank, world_size, f"reflect {iteration}", dropout=False)
+                                 fp16, rank, world_size, f"reflect {iteration}", dropout=False)
         write_jsonl([dict(best=results[iteration])], done_path)
         previous = os.path.join(iteration_dir, "best")
     if results:
