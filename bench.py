@@ -40,13 +40,12 @@ GOALS = {"train": {"cpu": ">= 1.2", "cuda": ">= 1.5"}, "generate": ">= 3", "memo
 MARK_BEGIN, MARK_END = "<!-- results: written by bench.py from bench.json -->", "<!-- end of results -->"
 
 
-def build(size, device, directory):
-    """transformers' model, randomly initialised and saved to `directory`, and ours loaded from those files."""
+def save_reference(size, directory):
+    """transformers' model with its own random initialisation, saved to `directory`; both sides load these files."""
     config = transformers.T5Config(vocab_size=32128, d_kv=64, feed_forward_proj="relu", tie_word_embeddings=True,
                                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **SIZES[size])
     torch.manual_seed(0)
     T5ForConditionalGeneration(config).save_pretrained(directory)
-    return load("ours", directory, device), load("theirs", directory, device)
 
 
 def load(impl, directory, device):
@@ -141,9 +140,11 @@ def peak_flops(gpu_name):
 
 
 def peak_memory_child(impl, bench, directory, args):
-    """Run in a fresh process: load one implementation and print the peak memory (MiB) of one training step or one
-    generate call. CPU: peak RSS (VmHWM), reset through /proc/self/clear_refs once the model is loaded; CUDA: max
-    allocated. One process per (implementation, benchmark), so no high-water mark or allocator cache is shared."""
+    """Run in a fresh process: load one implementation and print the peak memory (MiB) of a training step or a
+    generate call in the steady state (after one warm-up call, which also creates AdamW's state). CPU: peak RSS
+    (VmHWM, reset through /proc/self/clear_refs); CUDA: max allocated. One process per (implementation, benchmark), so
+    no high-water mark or allocator cache is shared. Both sides' weights count: transformers maps the checkpoint file
+    and its pages enter the RSS as they are read; ours copies it when loading."""
     device = torch.device(args.device)
     model = load(impl, directory, device)
     if bench == "train":
@@ -152,6 +153,7 @@ def peak_memory_child(impl, bench, directory, args):
     else:
         gen = make_batch(args.gen_batch, args.src, 1, device, seed=1)
         call = generate_call(model, impl, gen["input_ids"], gen["attention_mask"], args.new_tokens)
+    call()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         call()
@@ -187,8 +189,15 @@ def bench_size(size, args, device, variants):
     """Rows {size, bench, variant, shape, ours, theirs, unit, ...} for one model shape."""
     rows = []
     with tempfile.TemporaryDirectory() as directory:
-        ours, theirs = build(size, device, directory)
-        models = {"ours": ours, "theirs": theirs}
+        save_reference(size, directory)
+        if "memory" in args.only:  # first, while this process holds no model
+            for bench in ("train", "generate"):
+                peaks = peak_memory(directory, bench, args)
+                shape = (f"{args.batch} x ({args.src} + {args.tgt})" if bench == "train" else
+                         f"{args.gen_batch} x {args.new_tokens} new (input {args.src})")
+                rows.append(dict(size=size, bench="memory", variant=bench, unit="peak MiB", shape=shape,
+                                 ours=peaks["ours"], theirs=peaks["theirs"]))
+        models = {impl: load(impl, directory, device) for impl in ("ours", "theirs")}
         if "generate" in args.only:  # before training, which moves the two models' weights apart
             gen = make_batch(args.gen_batch, args.src, 1, device, seed=1)
             calls = {impl: generate_call(m, impl, gen["input_ids"], gen["attention_mask"], args.new_tokens)
@@ -219,13 +228,6 @@ def bench_size(size, args, device, variants):
                                  theirs_tflops=flops / seconds["theirs"] / 1e12, seconds=times))
                 if args.profile and variant == "eager":
                     profile(calls, device)
-        if "memory" in args.only:
-            for bench in ("train", "generate"):
-                peaks = peak_memory(directory, bench, args)
-                shape = (f"{args.batch} x ({args.src} + {args.tgt})" if bench == "train" else
-                         f"{args.gen_batch} x {args.new_tokens} new (input {args.src})")
-                rows.append(dict(size=size, bench="memory", variant=bench, unit="peak MiB", shape=shape,
-                                 ours=peaks["ours"], theirs=peaks["theirs"]))
     return rows
 
 

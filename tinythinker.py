@@ -65,9 +65,9 @@ class Config:
 
 
 REFLECT = dict(stages="recall_analyze", batch_size=32, lr=5e-6)  # run_dpo.sh
-WORLD = {  # the embedded demo: small enough to acquire, reflect and evaluate in minutes on 2 CPU cores
-    "acquire": dict(model="scratch", batch_size=32, lr=2e-3, epochs=12, interval=4),
-    "reflect": dict(batch_size=32, lr=2e-4, epochs=2, iterations=2, samples=4),
+WORLD = {  # the embedded demo, sized so that acquire, reflect and evaluate together fit in 10 minutes on 2 CPU cores
+    "acquire": dict(model="scratch", batch_size=32, lr=2e-3, epochs=4, interval=10, max_new_tokens=48),
+    "reflect": dict(batch_size=32, lr=2e-4, epochs=1, iterations=1, samples=4, max_new_tokens=48),
 }
 # The method's open questions (METHOD 9) that move accuracy, recorded in every run's config (METHOD 10.15).
 DECISIONS = {
