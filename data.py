@@ -237,16 +237,6 @@ def stage_examples(records: list[dict], stages: str) -> dict[str, list[tuple[str
     return {s: list(p) for s, p in pairs.items()}
 
 
-def first_stage_inputs(q: Question, stages: str) -> list[str]:
-    """Valid/test inputs of a variant: its first stage (one per option for analyze_summarize, METHOD 4)."""
-    _check_stages(stages)
-    if stages == "summarize":
-        return [summarize_input(q, None, None)]
-    if stages == "analyze_summarize":
-        return [analyze_input(q, None, letter) for letter in LETTERS[:len(q.choices)]]
-    return [recall_input(q)]
-
-
 # ---------------------------------------------------------------- batching (METHOD 5.1)
 
 def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length=False) -> list[list[int]]:
@@ -271,12 +261,3 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int = 0):
     attention_mask = torch.tensor([[1] * len(x) + [0] * (width_in - len(x)) for x, _ in examples])
     labels = torch.tensor([y + [-100] * (width_out - len(y)) for _, y in examples])
     return input_ids, attention_mask, labels
-
-
-def batches(examples: list[tuple[list[int], list[int]]], batch_size: int, seed: int, epoch: int = 0, start: int = 0,
-            group_by_length=False):
-    """Yield the padded (input_ids, attention_mask, labels) batches of `epoch` from batch index `start` on;
-    examples are (input ids, label ids) with </s> already appended."""
-    lengths = [len(x) for x, _ in examples]
-    for indices in batch_order(lengths, batch_size, seed, epoch, group_by_length)[start:]:
-        yield collate([examples[i] for i in indices])

@@ -98,7 +98,6 @@ def teacher_completion(world, q):
     lines = [f"Key Information: the {a} has a home and a size."]
     order = [q.answer] + [x for x in LETTERS[:len(q.choices)] if x != q.answer]
     for i, x in enumerate(order):
-        o = q.choices[LETTERS.index(x)]
         if kind == "where":
             reason = f"the {a} lives in the {h} (option {q.answer})" + ("." if x == q.answer else f", so not {x}.")
         else:
