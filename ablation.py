@@ -1,7 +1,7 @@
 """The paper's stage ablation, rerun on the embedded world: held-out accuracy of each stage variant after acquire,
 and of the full variant after reflect, over several seeds, written into BENCHMARKS.md.
 
-    python ablation.py                      # 4 variants + reflect, seeds 1 2 3 (about 1 hour on 2 CPU cores)
+    python ablation.py                      # 4 variants + reflect, seeds 1 2 3 (about 40 minutes on 2 CPU cores)
     python ablation.py --seeds 1 --variants summarize recall_analyze_summarize
 
 Each run is the same command a user types (tinythinker.py, then evaluate.py), in its own process, under runs/ablation.
@@ -52,10 +52,11 @@ def main():
                 results.setdefault("+ reflect", []).append(held_out_accuracy(out, "reflect")["accuracy"])
     lines = [BEGIN, f"`python ablation.py --seeds {' '.join(map(str, args.seeds))}` "
              f"(held-out test questions of the world; chance {chance:.1f}%)", "",
-             "| stages | held-out accuracy, mean ± std (%) | per seed |", "|---|---|---|"]
+             "| stages | held-out accuracy, mean ± std (%) | per seed | chance (%) |", "|---|---|---|---|"]
     for name, accs in results.items():
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        lines.append(f"| {name} | {statistics.mean(accs):.1f} ± {spread:.1f} | {', '.join(f'{a:.1f}' for a in accs)} |")
+        lines.append(f"| {name} | {statistics.mean(accs):.1f} ± {spread:.1f} | {', '.join(f'{a:.1f}' for a in accs)} "
+                     f"| {chance:.1f} |")
     lines.append(END)
     table = "\n".join(lines)
     print(table)

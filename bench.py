@@ -8,8 +8,8 @@ same device and precision, in one process.
 
 Method: transformers builds the model (its own random initialisation) and saves it; ours loads those files. Each
 measurement runs a warm-up, then alternates ours / theirs (the order flipped every repeat, so load from other processes
-hits both alike) and keeps the median. Peak memory is measured in a fresh subprocess per implementation. Precision:
-fp32 on CPU; on CUDA fp32 weights under bf16 autocast on both sides, eager and torch.compile'd (training only).
+hits both alike) and keeps the median. Peak memory is measured in a fresh process per implementation and benchmark.
+Precision: fp32 on CPU; on CUDA fp32 weights under bf16 autocast on both sides, training eager and torch.compile'd.
 Batches are padded like the method's: row lengths drawn between half and the full length; token counts include the
 padding, since both sides compute it. Results are merged into bench.json (--out) and BENCHMARKS.md's results section
 is rewritten from it, each table under the command that produced it. Timings never go into tests.
@@ -319,6 +319,8 @@ def main():
     p.add_argument("--impl", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.only = args.only.split(",")
+    if set(args.only) - {"train", "generate", "memory"} or set(args.sizes.split(",")) - SIZES.keys():
+        p.error(f"--only {','.join(args.only)} / --sizes {args.sizes}: expected train, generate, memory / small, base")
     torch.set_num_threads(args.threads)
     if args.memory_child:
         return peak_memory_child(args.impl, args.only[0], args.memory_child, args)

@@ -95,10 +95,14 @@ def recall_pairs(chains, questions, records, rng):
     4. if |C| > |R|, R = |C| draws from R with replacement; if |R| > |C|, C is back-filled with |R|-|C| of the
        teacher's records for the question (Key Information as recall, reasons as analyses), with replacement only if
        more are needed than exist;
-    5. zip C and R into {prompt: "{QO}\\nRecall:", chosen: C.recall, rejected: R.recall}.
-    Returns (pairs, contexts): contexts[i] is the chosen chain of pairs[i] (step 7). The analyze pass samples under
-    each context's (id, recall), a context listed twice being sampled twice as officially, and analyze_pairs falls back
-    on the contexts' analyses where a recall's own samples are all wrong."""
+    5. zip C and R into {prompt: "{QO}\\nRecall:", chosen: C.recall, rejected: R.recall}, except that a pair whose two
+       recalls are the same text is left out (A18, below).
+    Returns (pairs, contexts): contexts holds the chosen chain of every zipped (c, r), identical texts included (step
+    7). The analyze pass samples under each context's (id, recall), a context listed twice being sampled twice as
+    officially, and analyze_pairs falls back on the contexts' analyses where a recall's own samples are all wrong.
+    A18, decided here: a back-filled teacher recall can be the very text a wrong chain used (the recall was right and
+    a later stage failed). Such a pair has zero DPO gradient, and its NLL term only repeats SFT, so it is dropped; its
+    context stays, since the analyze pass is where that chain's error can be corrected."""
     teacher = _teacher_chains(records)
     pairs, contexts = [], []
     for group in _group(chains, key=lambda c: c.id).values():
@@ -117,7 +121,8 @@ def recall_pairs(chains, questions, records, rng):
             chosen = chosen + (rng.choices(pool, k=k) if k > len(pool) else rng.sample(pool, k))
         prompt = recall_input(questions[qid])
         for c, r in zip(chosen, rejected):
-            pairs.append({"prompt": prompt, "chosen": c.recall, "rejected": r.recall})
+            if c.recall != r.recall:
+                pairs.append({"prompt": prompt, "chosen": c.recall, "rejected": r.recall})
             contexts.append(c)
     return pairs, contexts
 
@@ -136,7 +141,8 @@ def analyze_pairs(chains, questions, contexts, rng):
        |R|-|C| pairs and dropped the other rejected chains (|C| = 4, |R| = 5 gave 1 pair, not 5); topping up keeps
        every distinct chosen and rejected chain, as the recall rule does;
     4. for each zipped (c, r), TWO pairs with the SFT analyze prompt "{QO}\\nRecall: {r}\\nAnalyze: For option X,":
-       X = the gold option and X = the option r predicted; chosen = c.analyses[X], rejected = r.analyses[X]."""
+       X = the gold option and X = the option r predicted; chosen = c.analyses[X], rejected = r.analyses[X]; a pair
+       whose two analyses are the same text is left out (A18, as in recall_pairs): the chains differ elsewhere."""
     context_key = lambda c: (c.id, c.recall)  # the same question and recall = the same context string
     backups = _group(contexts, key=context_key)
     pairs = []
@@ -157,8 +163,9 @@ def analyze_pairs(chains, questions, contexts, rng):
             chosen = chosen + rng.choices(pool, k=len(rejected) - len(chosen))
         for c, r in zip(chosen, rejected):
             for letter in (answer, r.prediction):
-                pairs.append({"prompt": analyze_input(questions[qid], recall, letter),
-                              "chosen": c.analyses[letter], "rejected": r.analyses[letter]})
+                if c.analyses[letter] != r.analyses[letter]:
+                    pairs.append({"prompt": analyze_input(questions[qid], recall, letter),
+                                  "chosen": c.analyses[letter], "rejected": r.analyses[letter]})
     return pairs
 
 

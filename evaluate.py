@@ -135,7 +135,8 @@ def main():
             # Reflect trains recall and analyze inside the full chain, so its model is always evaluated on it.
             stages = cfg.stages if phase == "acquire" else "recall_analyze_summarize"
             acc, chains = accuracy(model, tokenizer, questions, stages, args.samples, temperature,
-                                   batch_size=args.batch_size, desc=f"{phase} {args.split}")
+                                   batch_size=args.batch_size, max_new_tokens=cfg.max_new_tokens,
+                                   desc=f"{phase} {args.split}")
             with open(os.path.join(path, f"predictions_{args.split}.jsonl"), "w") as f:
                 for chain in chains:
                     f.write(json.dumps(asdict(chain)) + "\n")

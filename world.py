@@ -1,19 +1,35 @@
 """The embedded offline world: multiple-choice questions about made-up animals, and a built-in teacher.
 
-Every animal has a habitat and a size; what it eats follows from both by one rule (food_of). Questions ask where an
-animal lives or what it eats, with the four habitats or the four foods as options (each wording rotates them, so no
-answer keeps one letter). The teacher answers in the LLM teacher's exact format (METHOD 3.3), and its reasons state
-the animal's habitat ("the X lives in the H ...") whatever the question.
+Every animal has a habitat and a size. What it eats follows from both by one general rule (food_of). Questions ask
+where an animal lives (options: the four habitats) or what it eats (options: the four foods); chance is 25%. The
+teacher writes in the LLM teacher's exact format (METHOD 3.3). Its reasons state the animal's habitat whatever the
+question: "the gonu lives in the cave (A)." or "the gonu lives in the cave and is big, so it eats fish (C)."
 
-Held-out knowledge: the test (and validation) questions ask where *held-out* animals live. Training never asks
-that, so their habitat is never a gold answer; it appears only inside the rationales of their "what does it eat"
-questions, where the gold answer is a food, and sizes are balanced within each habitat so that the food says
-nothing about the habitat. Only a student that internalised the rationales (recall and analyze targets) can answer.
-Options are fixed lists rather than entities, so no stage has to copy a name from "(B)" by position (the lesson
-of the toy world that did not learn, TOY-WORLD-NOTES).
+Held-out knowledge. The test and validation questions ask where *held-out* animals live. Training never asks that,
+so their habitat is never a gold answer. It appears only inside the rationales of the one "what does it eat"
+question each of them gets in training, whose gold answer is a food. Sizes are balanced within each habitat, so
+the food says nothing about the habitat (summarize-only stays at chance). Only a student that internalised
+"the gonu lives in the" -> "cave" from those rationales can answer: it is the exact prefix a test-time analysis
+needs, and it cannot be copied from an "eat" prompt, which names no habitat.
 
-Status: the pipeline runs on it end to end; whether a from-scratch T5 learns it within the demo's CPU budget has
-not been shown yet (issue 6 is open).
+Why a T5 trained from scratch learns it in minutes on a CPU. Each point below answers a way an earlier world failed
+during development (TOY-WORLD-NOTES records the first):
+* No letter -> option lookup by position. The animal is named once, in the question, and the options are a fixed
+  small list; a model that had to copy "the text after (B)" was still at chance after hundreds of analyze steps.
+* The fact is keyed by the token just before it: the decoder writes the animal's name, then its habitat.
+* Summarize copies a letter. Every analysis names the gold option as "(A)", so the gold letter appears five times
+  in the summarize input. The cue is "(A)", not "option A": the analyze stage (4x the steps) would learn to predict
+  the letter after "option" from its own context, which fights the summarize target "... option A.".
+* Each wording rotates the options. With one fixed order, summarize memorises animal -> letter and carries a
+  held-out animal's food letter over to its habitat question; with rotations it must read the analyses.
+* One Key Information template for both kinds of question, so copying the animal is a single skill that held-out
+  animals also practise (with two templates, recall tended to name a known animal for held-out ones).
+Options in a fixed order per wording and analyses that name the gold letter make this far easier than real data,
+on purpose: a world a tiny model cannot learn in minutes is the wrong world.
+
+Tokenizer: the corpus repeats a few template words in a rigid order. On it a unigram sentencepiece stops far below
+VOCAB_SIZE and splits even "the" into characters, about doubling sequence lengths; BPE (t5.Tokenizer.train) keeps
+every word and name one piece.
 """
 import random
 from dataclasses import dataclass, field
@@ -23,6 +39,12 @@ from data import LETTERS, Question
 HABITATS = ["cave", "desert", "forest", "lake"]
 FOODS = ["fish", "insects", "nuts", "seeds"]
 SIZES = ["tiny", "small", "big", "huge"]
+WHERE = ["Where does the {} live?", "What is the home of the {}?", "Where can you find the {}?"]
+EAT = ["What does the {} eat?", "What is the food of the {}?", "What does the {} feed on?"]
+
+# The student that learns this world: a small T5 from scratch and a (BPE) sentencepiece vocabulary of this size.
+MODEL = dict(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4, dropout_rate=0.0)
+VOCAB_SIZE = 400
 
 
 def food_of(habitat, size):
@@ -30,93 +52,86 @@ def food_of(habitat, size):
     return FOODS[(HABITATS.index(habitat) + SIZES.index(size) + 1) % 4]
 
 
-WHERE = ["Where does the {} live?", "What is the home of the {}?", "Where can you find the {}?"]
-EAT = ["What does the {} eat?", "What is the food of the {}?", "What does the {} feed on?"]
-
-
-def animal_names(count, rng):
-    names = set()
-    while len(names) < count:
-        names.add(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") + rng.choice("bdgklmnprstvz") + rng.choice("aeiou"))
-    return sorted(names)
-
-
 @dataclass
 class World:
-    habitat: dict
-    size: dict = field(default_factory=dict)
-    animal: dict = field(default_factory=dict)  # question id -> (animal, kind)
+    habitat: dict                                 # animal -> habitat
+    size: dict                                    # animal -> size
+    animal: dict = field(default_factory=dict)    # question id -> (animal, "where" | "eat")
     train: list = field(default_factory=list)
     valid: list = field(default_factory=list)
     test: list = field(default_factory=list)
 
 
+def animal_names(count, rng):
+    """Distinct four-letter consonant-vowel names (one BPE piece each)."""
+    names = set()
+    while len(names) < count:
+        consonant, vowel, end = rng.choice("bdfgklmnprstvz"), rng.choice("aeiou"), rng.choice("bdgklmnprstvz")
+        names.add(consonant + vowel + end + rng.choice("aeiou"))
+    return sorted(names)
+
+
 def make_world(seed=0, per_habitat=24, known=12, valid=4):
+    """Per habitat: `known` animals are asked both questions in every wording in training; `valid` held-out animals
+    are asked where they live in validation, the rest in the test; each held-out animal gets one "eat" question in
+    training, the only place its habitat appears."""
     rng = random.Random(seed)
     names = animal_names(per_habitat * len(HABITATS), rng)
     rng.shuffle(names)
-    habitat = {a: HABITATS[i % len(HABITATS)] for i, a in enumerate(names)}
-    world = World(habitat)
-    for h in HABITATS:   # sizes balanced within each habitat, so an animal's food says nothing about its habitat
-        mine = [a for a in names if habitat[a] == h]
-        for j, a in enumerate(mine):
-            world.size[a] = SIZES[j % 4]
+    world = World(habitat={}, size={})
     groups = {"known": [], "valid": [], "test": []}
-    for h in HABITATS:
-        mine = [a for a in names if habitat[a] == h]
+    for h, habitat in enumerate(HABITATS):
+        mine = names[h * per_habitat:(h + 1) * per_habitat]
+        for j, a in enumerate(mine):
+            world.habitat[a], world.size[a] = habitat, SIZES[j % len(SIZES)]   # balanced: food says nothing of habitat
         groups["known"] += mine[:known]
         groups["valid"] += mine[known:known + valid]
         groups["test"] += mine[known + valid:]
 
-    def ask(split, animal, kind, template, out):
-        template, text = template
-        base = HABITATS if kind == "where" else FOODS
-        choices = base[template:] + base[:template]   # each wording has its own order, so no animal keeps one letter
-        gold = habitat[animal] if kind == "where" else food_of(habitat[animal], world.size[animal])
-        q = Question(f"{split}-{len(out)}", text.format(animal), list(choices), LETTERS[choices.index(gold)])
-        world.animal[q.id] = (animal, kind)
-        out.append(q)
+    def ask(split, a, kind, wording):
+        options, texts = (HABITATS, WHERE) if kind == "where" else (FOODS, EAT)
+        choices = options[wording:] + options[:wording]    # each wording rotates the options: no animal keeps a letter
+        gold = world.habitat[a] if kind == "where" else food_of(world.habitat[a], world.size[a])
+        questions = getattr(world, split)
+        q = Question(f"world-{split}-{len(questions)}", texts[wording].format(a), choices, LETTERS[choices.index(gold)])
+        world.animal[q.id] = (a, kind)
+        questions.append(q)
 
-    for a in names:
-        for t in range(3):
-            if a in groups["known"]:
-                ask("train", a, "where", (t, WHERE[t]), world.train)
-            ask("train", a, "eat", (t, EAT[t]), world.train)
+    for a in groups["known"]:
+        for wording in range(len(WHERE)):
+            ask("train", a, "where", wording)
+            ask("train", a, "eat", wording)
+    for a in groups["valid"] + groups["test"]:
+        ask("train", a, "eat", rng.randrange(len(EAT)))
     rng.shuffle(world.train)
-    for a in groups["valid"]:
-        for t in enumerate(WHERE):
-            ask("valid", a, "where", t, world.valid)
-    for a in groups["test"]:
-        for t in enumerate(WHERE):
-            ask("test", a, "where", t, world.test)
+    for split in ("valid", "test"):
+        for a in groups[split]:
+            for wording in range(len(WHERE)):
+                ask(split, a, "where", wording)
     return world
 
 
 def teacher_completion(world, q):
+    """The completion an LLM teacher would return for `q` (METHOD 3.3): Key Information, then the gold option's
+    explanation first and the others in letter order, as the user scaffold lays them out (METHOD 3.1)."""
     a, kind = world.animal[q.id]
-    h = world.habitat[a]
+    habitat, size = world.habitat[a], world.size[a]
+    because = f"the {a} lives in the {habitat}"
+    if kind == "eat":
+        because += f" and is {size}, so it eats {food_of(habitat, size)}"
+    because += f" ({q.answer})"
     lines = [f"Key Information: the {a} has a home and a size."]
-    order = [q.answer] + [x for x in LETTERS[:len(q.choices)] if x != q.answer]
-    for i, x in enumerate(order):
-        if kind == "where":
-            reason = f"the {a} lives in the {h} (option {q.answer})" + ("." if x == q.answer else f", so not {x}.")
+    for letter in [q.answer] + [x for x in LETTERS[:len(q.choices)] if x != q.answer]:
+        if letter == q.answer:
+            lines.append(f"{letter} is correct. Because {because}.")
         else:
-            f = food_of(h, world.size[a])
-            reason = f"the {a} lives in the {h} and is {world.size[a]}, so it eats {f} (option {q.answer})" + ("." if x == q.answer else f", so not {x}.")
-        verdict = "correct" if x == q.answer else "incorrect"
-        lines.append(("Explanations: " if i == 0 else "") + f"{x} is {verdict}. Because {reason}")
+            lines.append(f"{letter} is incorrect. Because {because}, not this one.")
+    lines[1] = "Explanations: " + lines[1]
     return "\n".join(lines)
-
-
-# The student that learns this world: a small T5 from scratch and a sentencepiece vocabulary of about this size.
-MODEL = dict(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_heads=4, dropout_rate=0.0)
-VOCAB_SIZE = 400
 
 
 if __name__ == "__main__":
     w = make_world()
-    print(len(w.train), len(w.valid), len(w.test))
-    for q in w.train[:2] + w.test[:1]:
-        print(q)
-        print(teacher_completion(w, q))
-        print()
+    print(f"{len(w.train)} train, {len(w.valid)} valid, {len(w.test)} test questions")
+    for q in [w.train[0], next(q for q in w.train if w.animal[q.id][1] == "where"), w.test[0]]:
+        print(f"\n{q}\n{teacher_completion(w, q)}")

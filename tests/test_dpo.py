@@ -185,6 +185,14 @@ def test_recall_pairs_remove_shared_texts_and_backfill_from_teacher():
     assert contexts[1].recall == pairs[1]["chosen"] and contexts[1].analyses == {x: f"{x} by {tag}." for x in "ABC"}
 
 
+def test_recall_pairs_leave_out_a_backfill_equal_to_the_rejected_recall_but_keep_its_context():
+    """A18: the recall was right and a later stage went wrong; the teacher's back-fill is the same text."""
+    chains = [chain(FISH, "t1.", "B"), chain(FISH, "w.", "C")]
+    pairs, contexts = recall_pairs(chains, QUESTIONS, [record(FISH, "t1.", "t1")] * 2, random.Random(0))
+    assert pairs == [{"prompt": FISH_RECALL, "chosen": "t1.", "rejected": "w."}]
+    assert [c.recall for c in contexts] == ["t1.", "t1."]  # both comparisons still send "t1." to the analyze pass
+
+
 def test_recall_pairs_all_wrong_backfill_without_then_with_replacement():
     wrong = [chain(FISH, f"w{i}.", "B") for i in range(3)]
     three = [record(FISH, f"t{i}.", f"t{i}") for i in range(3)]
@@ -243,6 +251,13 @@ def test_analyze_pairs_drop_non_letters_unanalysed_options_duplicates_and_shared
         ("A", "A says c1", "A says r1"), ("B", "B says c1", "B says r1")]
     assert analyze_pairs(group[:6], QUESTIONS, [], random.Random(0)) == []  # only unusable rejected chains
     assert analyze_pairs([analyzed("c1", "A"), analyzed("c2", "A")], QUESTIONS, [], random.Random(0)) == []
+
+
+def test_analyze_pairs_leave_out_options_both_chains_analysed_alike():
+    """A18: the chains differ in option B only; the gold option's analysis is the same text on both sides."""
+    good, bad = analyzed("x", "A"), analyzed("x", "B")
+    bad.analyses = {**good.analyses, "B": "B says bad"}
+    assert summary(analyze_pairs([good, bad], QUESTIONS, [], random.Random(0))) == [("B", "B says x", "B says bad")]
 
 
 def test_analyze_pairs_resample_rejected_when_chosen_outnumber():

@@ -541,7 +541,19 @@ SPECIAL_STRINGS = ["<extra_id_0>. Hello", "Where <extra_id_0> is <extra_id_12>?"
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return t5.Tokenizer.train(questions(150), 300, tmp_path_factory.mktemp("spm"))
+    """A unigram spm with T5's ids, the kind every public T5 checkpoint ships."""
+    import sentencepiece as spm
+    directory = tmp_path_factory.mktemp("spm")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(questions(150)), model_prefix=str(directory / "spiece"),
+                                   vocab_size=300, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   hard_vocab_limit=False, minloglevel=2)
+    return t5.Tokenizer(directory / "spiece.model")
+
+
+@pytest.fixture(scope="module")
+def trained_tokenizer(tmp_path_factory):
+    """The BPE spm that Tokenizer.train makes for a model trained from scratch."""
+    return t5.Tokenizer.train(questions(150), 300, tmp_path_factory.mktemp("bpe"))
 
 
 def transformers_t5_tokenizer(directory):
@@ -607,7 +619,9 @@ def test_tokenizer_matches_transformers(hf, tokenizer):
     assert ties <= 6
 
 
-def test_tokenizer_conventions(tokenizer, tmp_path):
+@pytest.mark.parametrize("kind", ["tokenizer", "trained_tokenizer"])
+def test_tokenizer_conventions(kind, request, tmp_path):
+    tokenizer = request.getfixturevalue(kind)
     sp_size = tokenizer.sp.get_piece_size()
     assert (tokenizer.sp.id_to_piece(0), tokenizer.sp.id_to_piece(1), tokenizer.sp.id_to_piece(2)) == \
         ("<pad>", "</s>", "<unk>")

@@ -1,15 +1,20 @@
 """The embedded world: deterministic, answered by its teacher in the LLM teacher's format, and built so that the
 held-out questions' knowledge is in training only inside rationales."""
 import collections
+import functools
+import json
+import sys
 
+import evaluate
 import teacher
+import tinythinker
 import world
 
 
 def test_the_world_is_made_the_same_every_time():
     first, second = world.make_world(), world.make_world()
     assert (first.train, first.valid, first.test) == (second.train, second.valid, second.test)
-    assert len(first.train) == 432 and len(first.valid) == 48 and len(first.test) == 96
+    assert len(first.train) == 336 and len(first.valid) == 48 and len(first.test) == 96
 
 
 def test_every_teacher_completion_goes_through_the_llm_parser():
@@ -34,3 +39,25 @@ def test_held_out_habitats_appear_in_training_only_inside_rationales():
         assert kind == "where" and animal not in asked_where
         assert habitat not in golds[animal]  # never a gold answer for this animal ...
         assert f"the {animal} lives in the {habitat}" in rationales  # ... but stated in its rationales
+
+
+def test_a_shrunken_demo_learns_the_held_out_habitats(tmp_path, monkeypatch):
+    """The README's first command end to end (acquire, reflect, evaluate) on a smaller world, 8 animals per habitat
+    (4 known, 1 for validation, 3 held out: 36 test questions), with a smaller student (d_model 64), 440 steps.
+    Margin: at chance each of the 36 answers is right with p = 1/4. Even counting the 12 held-out animals as the only
+    independent units (all three wordings right or all wrong), P(>= 8 of 12 right) = 0.003, so 60% is far outside
+    what an untrained or stage-blind student reaches. This run gave 86% after acquire and after reflect, in 33 s."""
+    monkeypatch.setattr(world, "make_world", functools.partial(world.make_world, per_habitat=8, known=4, valid=1))
+    monkeypatch.setattr(world, "MODEL", dict(world.MODEL, d_model=64, d_kv=16, d_ff=256))
+    run = tmp_path / "run"
+    tinythinker.acquire(tinythinker.parse_config(["--phase", "acquire", "--out", str(run), "--epochs", "20",
+                                                  "--batch-size", "32", "--lr", "3e-3", "--eval-every", "220"]))
+    tinythinker.reflect(tinythinker.parse_config(["--phase", "reflect", "--from", str(run), "--samples", "2",
+                                                  "--iterations", "1", "--epochs", "1"]))
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", str(run)])
+    evaluate.main()
+    report = {row["phase"]: row for row in json.loads((run / "report.json").read_text())}
+    assert report["acquire"]["questions"] == 36 and report["acquire"]["chance"] == 25.0
+    assert report["acquire"]["accuracy"] >= 60.0
+    assert report["reflect"]["accuracy"] >= 60.0  # DPO on its own samples has not undone what acquire learned
+    assert (run / "reflect" / "iter_1" / "recall_pairs.jsonl").is_file()
