@@ -25,10 +25,11 @@ def run(*args):
     subprocess.run([sys.executable, *args], check=True)
 
 
-def held_out_accuracy(run_dir, phase):
+def held_out_rows(run_dir):
+    """evaluate.py's report rows on the test questions, by phase: acquire, and reflect where the run has one."""
     run("evaluate.py", run_dir, "--split", "test")
     with open(os.path.join(run_dir, "report.json")) as f:
-        return next(r for r in json.load(f) if r["phase"] == phase)
+        return {row["phase"]: row for row in json.load(f)}
 
 
 def main():
@@ -43,13 +44,14 @@ def main():
             out = os.path.join(RUNS, f"{variant}-seed{seed}")
             if not os.path.isfile(os.path.join(out, "best", "model.safetensors")):
                 run("tinythinker.py", "--phase", "acquire", "--stages", variant, "--seed", str(seed), "--out", out)
-            row = held_out_accuracy(out, "acquire")
-            results.setdefault(variant, []).append(row["accuracy"])
-            chance = row["chance"]
-            if variant == "recall_analyze_summarize" and not args.no_reflect:
-                if not os.path.isdir(os.path.join(out, "reflect", "best")):
-                    run("tinythinker.py", "--phase", "reflect", "--from", out, "--seed", str(seed))
-                results.setdefault("+ reflect", []).append(held_out_accuracy(out, "reflect")["accuracy"])
+            reflects = variant == "recall_analyze_summarize" and not args.no_reflect
+            if reflects and not os.path.isdir(os.path.join(out, "reflect", "best")):
+                run("tinythinker.py", "--phase", "reflect", "--from", out, "--seed", str(seed))
+            rows = held_out_rows(out)  # one evaluate.py call scores both checkpoints
+            results.setdefault(variant, []).append(rows["acquire"]["accuracy"])
+            chance = rows["acquire"]["chance"]
+            if reflects:
+                results.setdefault("+ reflect", []).append(rows["reflect"]["accuracy"])
     lines = [BEGIN, f"`python ablation.py --seeds {' '.join(map(str, args.seeds))}` "
              f"(held-out test questions of the world; chance {chance:.1f}%)", "",
              "| stages | held-out accuracy, mean ± std (%) | per seed | chance (%) |", "|---|---|---|---|"]

@@ -332,10 +332,11 @@ def acquire(cfg):
               "python teacher.py --data csqa --split train && python tinythinker.py --phase acquire --data csqa")
     records = teacher_records(cfg)
     valid = questions(cfg, "valid")
-    texts = {stage: pairs for stage, pairs in data.stage_examples(records, cfg.stages).items() if pairs}
-    model, tokenizer = student(cfg, run_dir, [x + " " + y for pairs in texts.values() for x, y in pairs])
+    stage_texts = {stage: pairs for stage, pairs in data.stage_examples(records, cfg.stages).items() if pairs}
+    model, tokenizer = student(cfg, run_dir, [x + " " + y for pairs in stage_texts.values() for x, y in pairs])
     model.to(device)
-    examples = {stage: [(tokenizer.encode(x), tokenizer.encode(y)) for x, y in pairs] for stage, pairs in texts.items()}
+    examples = {stage: [(tokenizer.encode(x), tokenizer.encode(y)) for x, y in pairs]
+                for stage, pairs in stage_texts.items()}
     n_options = max(len(r["explanations"]) for r in records)
     quotas = dict(recall=cfg.interval, analyze=cfg.interval * n_options, summarize=cfg.interval)
     effective = cfg.batch_size * cfg.grad_accum * world_size
