@@ -49,6 +49,17 @@ class Question:
     answer: str  # gold letter
 
 
+@dataclass
+class Chain:
+    """One recall -> analyze -> summarize pass for one question; stages absent from the variant stay None."""
+    id: str
+    answer: str
+    recall: str | None
+    analyses: dict[str, str] | None
+    summary: str
+    prediction: str | None
+
+
 # ---------------------------------------------------------------- download and load (METHOD 2)
 
 def _get(url: str) -> bytes:

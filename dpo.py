@@ -8,8 +8,7 @@ from collections import defaultdict
 
 import torch.nn.functional as F
 
-from data import LETTERS, analyze_input, collate, recall_input, summary_target
-from evaluate import Chain
+from data import LETTERS, Chain, analyze_input, collate, recall_input, summary_target
 from t5 import shift_right
 
 MAX_LENGTH = 200  # prompt and each completion are truncated to 200 tokens, </s> included (METHOD 7.4)
@@ -81,7 +80,7 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_nl
 
 # -----------------------------------------------------------------------------
 # Pairs from self-sampled chains (METHOD 7.1-7.3)
-# Chains are evaluate.Chain objects (id, answer, recall, analyses by letter, summary, prediction) as run_chains
+# Chains are data.Chain objects (id, answer, recall, analyses by letter, summary, prediction) as run_chains
 # returns them; a teacher record stands in as a chain that answers right. The official code resampled with unseeded
 # pandas .sample(); here every draw comes from the caller's seeded random.Random, so the pairs can be rebuilt exactly.
 

@@ -12,24 +12,28 @@ import argparse
 import collections
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
 
 import data
+import world
+from data import Chain
 from t5 import T5, Tokenizer
 
 
-@dataclass
-class Chain:
-    """One recall -> analyze -> summarize pass for one question; stages absent from the variant stay None."""
-    id: str
-    answer: str
-    recall: str | None
-    analyses: dict[str, str] | None
-    summary: str
-    prediction: str | None
+def questions(name, split, data_dir=None):
+    """The questions of one split: the embedded world's, or an official data set's (data.load)."""
+    if name == "world":
+        return getattr(world.make_world(), split)
+    return data.load(name, split, data_dir)
+
+
+def read_run_config(run_dir):
+    """The settings a run directory was trained with (tinythinker.py writes config.json)."""
+    with open(os.path.join(run_dir, "config.json")) as f:
+        return json.load(f)
 
 
 def generate_texts(model, tokenizer, prompts, temperature=0.0, batch_size=256, max_new_tokens=200, desc=None):
@@ -117,32 +121,31 @@ def main():
     parser.add_argument("--out", default=None, help="report path without extension (default: RUN/report)")
     args = parser.parse_args()
 
-    import tinythinker  # the run config knows the data set and how to rebuild the world's questions
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     for run_dir in args.runs:
         if not os.path.isfile(os.path.join(run_dir, "config.json")):
             raise SystemExit(f"{run_dir}: no config.json; pass a run directory made by `python tinythinker.py`")
-        cfg = tinythinker.load_config(run_dir)
-        if cfg.data == "world":
+        cfg = read_run_config(run_dir)
+        if cfg["data"] == "world":
             print("demo: evaluating on the embedded world's held-out questions; "
                   "for a real run: python evaluate.py runs/csqa --split test")
-        questions = tinythinker.questions(cfg, args.split)
+        split_questions = questions(cfg["data"], args.split, cfg["data_dir"])
         temperature = args.temperature if args.samples > 1 else 0.0
         decoding = f"vote of {args.samples} at T={temperature}" if args.samples > 1 else "greedy"
         for phase, path in checkpoints(run_dir):
             model, tokenizer = T5.from_pretrained(path, device=device), Tokenizer.from_pretrained(path)
             # Reflect trains recall and analyze inside the full chain, so its model is always evaluated on it.
-            stages = cfg.stages if phase == "acquire" else "recall_analyze_summarize"
-            acc, chains = accuracy(model, tokenizer, questions, stages, args.samples, temperature,
-                                   batch_size=args.batch_size, max_new_tokens=cfg.max_new_tokens,
+            stages = cfg["stages"] if phase == "acquire" else "recall_analyze_summarize"
+            acc, chains = accuracy(model, tokenizer, split_questions, stages, args.samples, temperature,
+                                   batch_size=args.batch_size, max_new_tokens=cfg["max_new_tokens"],
                                    desc=f"{phase} {args.split}")
             with open(os.path.join(path, f"predictions_{args.split}.jsonl"), "w") as f:
                 for chain in chains:
                     f.write(json.dumps(asdict(chain)) + "\n")
-            chance = 100.0 * sum(1 / len(q.choices) for q in questions) / len(questions)
-            rows.append(dict(run=run_dir, phase=phase, data=cfg.data, stages=stages, split=args.split,
-                             decoding=decoding, questions=len(questions), accuracy=round(acc, 2),
+            chance = 100.0 * sum(1 / len(q.choices) for q in split_questions) / len(split_questions)
+            rows.append(dict(run=run_dir, phase=phase, data=cfg["data"], stages=stages, split=args.split,
+                             decoding=decoding, questions=len(split_questions), accuracy=round(acc, 2),
                              chance=round(chance, 2)))
     header = list(rows[0])
     table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -30,6 +30,7 @@ import data
 import dpo
 import evaluate
 import teacher
+import world
 from t5 import T5, T5Config, Tokenizer
 
 
@@ -118,18 +119,10 @@ def load_config(run_dir):
 # ----------------------------------------------------------------------------------------------------------------
 # Data: questions, teacher records, tokenized stage examples
 
-def questions(cfg, split):
-    if cfg.data == "world":
-        import world
-        return getattr(world.make_world(), split)
-    return data.load(cfg.data, split, cfg.data_dir)
-
-
 def teacher_records(cfg):
     """The teacher's rationales for the training questions (teacher.py's records). The world's teacher is built in
     and goes through the same parser as an LLM's completions."""
     if cfg.data == "world":
-        import world
         made = world.make_world()
         return [r for q in made.train for r in teacher.records_from_completions(q, [world.teacher_completion(made, q)])]
     path = os.path.join(cfg.data_dir, cfg.data, "teacher_train.jsonl")
@@ -143,7 +136,6 @@ def student(cfg, run_dir, texts):
     tokenizer trained on `texts`, kept in the run directory so that a resumed run reuses it."""
     if cfg.model != "scratch":
         return T5.from_pretrained(cfg.model), Tokenizer.from_pretrained(cfg.model)
-    import world
     tokenizer_dir = os.path.join(run_dir, "tokenizer")
     if os.path.isfile(os.path.join(tokenizer_dir, "spiece.model")):
         tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
@@ -331,7 +323,7 @@ def acquire(cfg):
         print("demo: acquiring on the embedded world with a T5 from scratch; a real run: "
               "python teacher.py --data csqa --split train && python tinythinker.py --phase acquire --data csqa")
     records = teacher_records(cfg)
-    valid = questions(cfg, "valid")
+    valid = evaluate.questions(cfg.data, "valid", cfg.data_dir)
     stage_texts = {stage: pairs for stage, pairs in data.stage_examples(records, cfg.stages).items() if pairs}
     model, tokenizer = student(cfg, run_dir, [x + " " + y for pairs in stage_texts.values() for x, y in pairs])
     model.to(device)
@@ -437,7 +429,7 @@ def reflect(cfg):
     if cfg.data == "world":
         print("demo: self-reflection on the embedded world; a real run: python tinythinker.py --phase reflect "
               "--from runs/csqa")
-    train, valid = questions(cfg, "train"), questions(cfg, "valid")
+    train, valid = (evaluate.questions(cfg.data, split, cfg.data_dir) for split in ("train", "valid"))
     records = teacher_records(cfg)
     previous, results = os.path.join(cfg.out, "best"), {}
     for iteration in range(1, cfg.iterations + 1):

@@ -6,10 +6,9 @@ import random
 import pytest
 import torch
 
-from data import Question, collate
+from data import Chain, Question, collate
 from dpo import (analyze_pairs, collate_pairs, concatenated_logprobs, dpo_loss, recall_pairs, sequence_logprobs,
                  tokenize_pairs)
-from evaluate import Chain
 from t5 import T5, T5Config
 
 

@@ -181,7 +181,7 @@ def test_accuracy_votes_over_sampled_chains(monkeypatch):
     def crafted(model, tokenizer, repeated, stages, **kwargs):
         assert [q.id for q in repeated] == ["q0"] * 3 + ["q1"] * 3
         assert kwargs["recall_temperature"] == kwargs["analyze_temperature"] == 0.7
-        return [evaluate.Chain(q.id, q.answer, None, None, "", next(predictions)) for q in repeated]
+        return [data.Chain(q.id, q.answer, None, None, "", next(predictions)) for q in repeated]
 
     monkeypatch.setattr(evaluate, "run_chains", crafted)
     acc, chains = evaluate.accuracy(None, None, questions, "summarize", samples=3, temperature=0.7)
