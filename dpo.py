@@ -14,7 +14,7 @@ from t5 import shift_right
 MAX_LENGTH = 200  # prompt and each completion are truncated to 200 tokens, </s> included (METHOD 7.4)
 
 # -----------------------------------------------------------------------------
-# log pi(y|x) for an encoder-decoder (METHOD 7.4, T5-NOTES 3.1)
+# log pi(y|x) for an encoder-decoder (METHOD 7.4)
 
 
 def token_logprobs(model, input_ids, attention_mask, labels):

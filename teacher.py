@@ -1,7 +1,7 @@
 """Teacher rationales from any OpenAI-compatible chat-completions endpoint (METHOD section 3).
 
     python teacher.py --data csqa --split train [--base-url http://localhost:8000/v1] [--workers 8] [--limit 20]
-    python teacher.py --make-prompts ../shared/datasets     # regenerate prompts.json from the official repo's datasets/
+    python teacher.py --make-prompts TinyThinker/datasets   # regenerate prompts.json from the official repo's datasets/
 
 The key is read from the environment variable named by --api-key-env (OPENAI_API_KEY); a local server may need none.
 

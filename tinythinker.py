@@ -79,7 +79,7 @@ WORLD = {
     "acquire": dict(model="scratch", batch_size=64, lr=2e-3, epochs=20, interval=1, eval_every=66, max_new_tokens=48),
     "reflect": dict(batch_size=32, lr=5e-5, epochs=2, iterations=2, samples=4, temperature=1.2, max_new_tokens=48),
 }
-# The method's open questions (METHOD 9) that move accuracy, recorded in every run's config (METHOD 10.15).
+# The method's open questions that move accuracy (METHOD 9), recorded in every run's config.
 DECISIONS = {
     "A1 analysis order in summarize inputs": "alphabetical in training and inference (no gold-first shortcut)",
     "A2 beta": "0.5, the official argparse value",
