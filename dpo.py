@@ -86,22 +86,10 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_nl
 
 
 def recall_pairs(chains, questions, records, rng):
-    """Recall pairs (METHOD 7.2) from the recall pass (per question, 10 chains: recall sampled, analyze and summarize
-    greedy); `questions` maps id -> data.Question, `records` are the teacher's records. Per question:
-    1. C = correct chains, R = the others (None counts as wrong), each deduplicated by recall text (first kept);
-    2-3. recall texts found in both C and R are removed; skip the question if R is empty (an R empty before the
-       removal stays empty, so one check covers steps 2 and 3);
-    4. if |C| > |R|, R = |C| draws from R with replacement; if |R| > |C|, C is back-filled with |R|-|C| of the
-       teacher's records for the question (Key Information as recall, reasons as analyses), with replacement only if
-       more are needed than exist;
-    5. zip C and R into {prompt: "{QO}\\nRecall:", chosen: C.recall, rejected: R.recall}, except that a pair whose two
-       recalls are the same text is left out (A18, below).
-    Returns (pairs, contexts): contexts holds the chosen chain of every zipped (c, r), identical texts included (step
-    7). The analyze pass samples under each context's (id, recall), a context listed twice being sampled twice as
-    officially, and analyze_pairs falls back on the contexts' analyses where a recall's own samples are all wrong.
-    A18, decided here: a back-filled teacher recall can be the very text a wrong chain used (the recall was right and
-    a later stage failed). Such a pair has zero DPO gradient, and its NLL term only repeats SFT, so it is dropped; its
-    context stays, since the analyze pass is where that chain's error can be corrected."""
+    """Recall pairs (METHOD 7.2) from the recall pass (per question: recall sampled, analyze and summarize greedy).
+    `questions` maps id -> data.Question; `records` are the teacher's records, the back-fill pool of chosen recalls.
+    Returns (pairs, contexts): contexts holds the chosen chain of every zipped pair, identical texts included (A18
+    drops the pair, not the context), for the analyze pass to sample under."""
     teacher = _teacher_chains(records)
     pairs, contexts = [], []
     for group in _group(chains, key=lambda c: c.id).values():
@@ -127,21 +115,9 @@ def recall_pairs(chains, questions, records, rng):
 
 
 def analyze_pairs(chains, questions, contexts, rng):
-    """Analyze pairs (METHOD 7.3) from the analyze pass (per context, 10 chains under its recall: analyze sampled,
-    summarize greedy); `contexts` as recall_pairs returns them. Per recall context "{QO}\\nRecall: {r}":
-    1. keep chains whose prediction is a letter A-E; C = correct, R = the others, each deduplicated by the tuple of
-       analyses (first kept);
-    2. sanity filter: within C, and separately within R, keep chains whose predicted letter is an option analysed in
-       that set (officially: occurs as "For option X, " in the set's analyses); drop tuples found in both; skip the
-       context if R is empty;
-    3. if |C| > |R|, R = |C| draws from R with replacement; if |R| > |C|, C is topped up to |R| with draws with
-       replacement from C itself or, when C is empty, from the analyses of the contexts with this recall.
-       A9, fixed deliberately: the official code REPLACED a non-empty C by |R|-|C| draws from C, so zip kept only
-       |R|-|C| pairs and dropped the other rejected chains (|C| = 4, |R| = 5 gave 1 pair, not 5); topping up keeps
-       every distinct chosen and rejected chain, as the recall rule does;
-    4. for each zipped (c, r), TWO pairs with the SFT analyze prompt "{QO}\\nRecall: {r}\\nAnalyze: For option X,":
-       X = the gold option and X = the option r predicted; chosen = c.analyses[X], rejected = r.analyses[X]; a pair
-       whose two analyses are the same text is left out (A18, as in recall_pairs): the chains differ elsewhere."""
+    """Analyze pairs (METHOD 7.3) from the analyze pass (per context: analyze sampled, summarize greedy), two per
+    zipped (chosen, rejected) chain: one for the gold option, one for the option the rejected chain picked. A chosen
+    set smaller than the rejected one is topped up to its size (A9, a deliberate fix of the official code)."""
     context_key = lambda c: (c.id, c.recall)  # the same question and recall = the same context string
     backups = _group(contexts, key=context_key)
     pairs = []
