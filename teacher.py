@@ -299,12 +299,15 @@ def read_body(response: requests.Response, deadline: float) -> bytes:
     length = response.headers.get("Content-Length", "")
     if length.isdigit() and int(length) > MAX_RESPONSE_BYTES:
         raise TransientError("response too large")
-    sock = response.raw.connection.sock if response.raw.connection else None
+    try:  # our own handle on the connection's socket, for the watchdog (the response may close its own)
+        sock = socket.socket(fileno=os.dup(response.raw.fileno()))
+    except OSError:  # no body left to read
+        sock = None
 
     def cut():
         try:
             sock.shutdown(socket.SHUT_RDWR)
-        except (AttributeError, OSError):  # no socket, or already closed
+        except (AttributeError, OSError):  # no socket, or closed already
             pass
     watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), cut)
     watchdog.start()
@@ -320,6 +323,8 @@ def read_body(response: requests.Response, deadline: float) -> bytes:
         raise
     finally:
         watchdog.cancel()
+        if sock:
+            sock.close()
     if time.monotonic() >= deadline:  # a body cut off by the watchdog may still look complete
         raise TransientError("deadline exceeded")
     return bytes(body)
@@ -353,10 +358,13 @@ class Client:
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
                 requests.exceptions.ContentDecodingError) as e:  # dropped mid-body: ChunkedEncodingError
             raise TransientError(type(e).__name__) from None
+        except requests.RequestException as e:  # an invalid URL or the like: no request can succeed
+            raise Fatal(f"{self.url}: {e}") from None
         status = response.status_code
         if status in (408, 429) or status >= 500:
             raise TransientError(f"HTTP {status}", response.headers.get("Retry-After"))
         if status in FATAL_STATUS:  # the key, the permissions, the URL or the model: no request can succeed
+            self.meter.stop.set()  # the other workers send nothing more
             raise Fatal(f"{self.url}: HTTP {status}: {error_message(raw)}")
         if status != 200:  # about this request alone (context length, content filter): its question fails
             self.meter.add(**{f"error HTTP {status}": 1})
@@ -380,6 +388,8 @@ class Client:
 
     def chat(self, payload: dict) -> dict:
         for attempt in range(1, self.cfg.max_attempts + 1):
+            if self.meter.stop.is_set():
+                raise RequestFailed("stopped")
             try:
                 return self._post(payload)
             except TransientError as e:
@@ -387,8 +397,6 @@ class Client:
                 if attempt == self.cfg.max_attempts:
                     raise RequestFailed(f"request failed: {e.kind} after {attempt} attempts") from None
                 self.meter.pause(self._delay(e, attempt - 1))
-                if self.meter.stop.is_set():
-                    raise RequestFailed("interrupted") from None
 
 
 class Cache:
@@ -471,10 +479,11 @@ def teach(q: Question, system: str, cfg: TeacherConfig, client: Client, cache: C
         else:
             client.meter.add(cached=1)
         choices = response["choices"]
-        # cut off by max_tokens, or (a reasoning model) while still thinking
-        done = [c for c in choices if c["finish_reason"] != "length" and visible(c["message"]["content"] or "") is not None]
+        texts = [c["message"].get("content") or "" for c in choices]
+        # truncated: cut off by max_tokens, or (a reasoning model) while still thinking
+        done = [t for c, t in zip(choices, texts) if c.get("finish_reason") != "length" and visible(t) is not None]
         failures = []
-        new = records_from_completions(q, [c["message"]["content"] or "" for c in done], failures)
+        new = records_from_completions(q, done, failures)
         # a server that ignores n (some local ones do) returns fewer choices: the missing ones are failures too
         failures += ["truncated"] * (len(choices) - len(done)) + ["missing choice"] * max(0, n - len(choices))
         records += new

@@ -104,7 +104,7 @@ def parse_config(argv=None):
     parser.add_argument("--from", dest="out", help="reflect: the acquire run directory (same as --out)")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     phase, name = given.get("phase", Config.phase), given.get("data", Config.data)
-    settings = {**(REFLECT if phase == "reflect" else {}), **(WORLD[phase] if name == "world" else {}), **given}
+    settings = {**(REFLECT if phase == "reflect" else {}), **(WORLD.get(phase, {}) if name == "world" else {}), **given}
     cfg = Config(**settings)
     cfg.out = cfg.out or os.path.join("runs", cfg.data)
     return cfg
@@ -131,10 +131,10 @@ def check(cfg):
         raise SystemExit("--lr, --temperature, --beta and --grad-clip must be above 0, --warmup in [0, 1), "
                          "--eval-every and --alpha at least 0")
     if cfg.phase == "reflect":  # reflect starts from an acquired model and reads the acquire run's settings
-        evaluate.read_run_config(cfg.out)
         if not os.path.isdir(os.path.join(cfg.out, "best")):
             raise SystemExit(f"{cfg.out}: no acquired model ({os.path.join(cfg.out, 'best')}); "
                              f"run python tinythinker.py --phase acquire first (--from names its --out)")
+        evaluate.read_run_config(cfg.out)
 
 
 # Settings a resumed run may change: they move no step of the schedule.
@@ -549,8 +549,8 @@ def reference_logprobs(model, pairs, batch_size, device):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    check(cfg)
     try:
+        check(cfg)
         acquire(cfg) if cfg.phase == "acquire" else reflect(cfg)
     except data.DataError as e:  # a data set, teacher or run file that cannot be read: it is named in the message
         raise SystemExit(str(e)) from None
