@@ -32,7 +32,7 @@ def questions(name, split, data_dir=None):
 
 
 def read_run_config(run_dir):
-    """The settings a run directory was trained with (tinythinker.py writes config.json); data.DataError if unreadable."""
+    """The settings a run directory was trained with (tinythinker.py writes config.json); DataError if unreadable."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         raise data.DataError(f"{run_dir}: no config.json; pass a run directory made by `python tinythinker.py`")
@@ -174,8 +174,9 @@ def check(args):
     """One clear line for an argument that cannot work, before any model is loaded."""
     if args.split not in ("train", "valid", "test"):
         raise SystemExit(f"--split must be train, valid or test, not {args.split!r}")
-    if args.samples < 1 or args.batch_size < 1:
-        raise SystemExit("--samples and --batch-size must be at least 1")
+    for name in ("samples", "batch_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
     if args.samples > 1 and not args.temperature > 0:
         raise SystemExit(f"--temperature must be above 0 to sample {args.samples} chains, not {args.temperature}")
     for run_dir in args.runs:

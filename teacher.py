@@ -415,7 +415,8 @@ class Cache:
             self.holder.close()
             raise Fatal(f"{path} is in use by {who}; wait for that run to end, or pass another --out") from None
         self.holder.truncate(0)
-        self.holder.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.holder.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
         self.holder.flush()
         try:
             self._load(path)

@@ -138,7 +138,8 @@ STEMS = [*FIRST_TRY, "q400", "qthink", "qreasoning"]
 def misbehaving(stem, count, payload):
     n = payload["n"]
     if stem == "q400":  # about this request alone, every time
-        return 400, {}, json.dumps({"error": {"message": "This model's maximum context length is 8192 tokens."}}).encode()
+        refusal = {"error": {"message": "This model's maximum context length is 8192 tokens."}}
+        return 400, {}, json.dumps(refusal).encode()
     if stem == "qthink":  # a reasoning model thinking in content, with markdown emphasis
         text = "<think>\nThe scaffold says C.\nA is correct. Because no\n</think>\n\n" + markdown(completion(gold="C"))
         return answer_with([choice(text)] * n)
@@ -361,8 +362,9 @@ def mutate_json(value, rng):
     return value
 
 
-PIECES = ["<think>", "</think>", "**", "*", "__", "\n", "\n\n", "Because ", "Although ", " is correct.", " is incorrect.",
-          "Key Information:", "Explanations:", "A", "E", "F", ".", "C is correct. Because ", "\x00", "é", " "]
+PIECES = ["<think>", "</think>", "**", "*", "__", "\n", "\n\n", "Because ", "Although ", " is correct.",
+          " is incorrect.", "Key Information:", "Explanations:", "A", "E", "F", ".", "C is correct. Because ", "\x00",
+          "é", " "]
 
 
 def test_parse_completion_returns_or_raises_invalid_completion_on_mutations():
@@ -388,7 +390,7 @@ def test_parse_completion_returns_or_raises_invalid_completion_on_mutations():
 def test_parse_answer_returns_a_letter_or_none_on_mutations():
     rng = random.Random(1)
     for _ in range(3000):
-        text = mutate_text("Analysis done. So the answer is option B.", rng, ["option ", "C", ".", "the answer is", "\n"])
+        text = mutate_text("So the answer is option B.", rng, ["option ", "C", ".", "the answer is", "\n", "b"])
         letter = data.parse_answer(text)
         assert letter is None or (len(letter) == 1 and letter.isupper())
 
@@ -416,28 +418,26 @@ def test_loaders_return_questions_or_raise_data_error_on_mutations(tmp_path):
     sqa.mkdir(parents=True)
     records = tmp_path / "records.jsonl"
     good = teacher.records_from_completions(Question("q", "?", ["a", "b", "c"], "B"), [completion("ABC", "B")])[0]
-    text_pieces = ['"', "{", "}", "[", "]", ",", ":", "null", "0", "\n", '"answerKey"', '"label": "A"', "\\u00e9"]
+    pieces = ['"', "{", "}", "[", "]", ",", ":", "null", "0", "\n", '"answerKey"', '"label": "A"', "\\u00e9"]
+    files = [  # (file, its loader, valid items, one JSON line per item or one JSON list)
+        (obqa / "train.jsonl", lambda: data.load("obqa", "train", tmp_path), [obqa_line(i) for i in range(4)], True),
+        (sqa / "strategyqa_train.json", lambda: data.load("strategyqa", "train", tmp_path),
+         [{"qid": f"s{i}", "question": "Is it?", "answer": i % 2 == 0} for i in range(4)], False),
+        (records, lambda: teacher.read_records(records), [good] * 3, True),
+    ]
     outcomes = {"loaded": 0, "error": 0}
     for trial in range(1000):
-        kind = trial % 4
-        lines = [obqa_line(i) for i in range(4)] if kind < 2 else None
-        if kind < 2:  # obqa (or csqa: the same record layout) line by line
-            k = rng.randrange(len(lines))
-            lines[k] = mutate_json(lines[k], rng)
-            text = "\n".join(json.dumps(line) for line in lines)
-            raw = mutate_text(text, rng, text_pieces).encode("utf-8", "surrogatepass") if kind == 1 else text.encode(
-                "utf-8", "surrogatepass")
-            path, load = obqa / "train.jsonl", lambda: data.load("obqa", "train", tmp_path)
-        elif kind == 2:
-            items = mutate_json([{"qid": f"s{i}", "question": "Is it?", "answer": i % 2 == 0} for i in range(4)], rng)
-            raw = json.dumps(items).encode("utf-8", "surrogatepass")
-            if rng.random() < 0.5:
-                raw = raw[:rng.randrange(len(raw))] + rng.choice([b"\xff", b"]", b"", b"\n"]) + raw[rng.randrange(len(raw)):]
-            path, load = sqa / "strategyqa_train.json", lambda: data.load("strategyqa", "train", tmp_path)
-        else:
-            raw = "\n".join(json.dumps(mutate_json(good, rng) if i == 1 else good) for i in range(3)).encode(
-                "utf-8", "surrogatepass")
-            path, load = records, lambda: teacher.read_records(records)
+        path, load, items, per_line = files[trial % 3]
+        items = list(items)
+        k = rng.randrange(len(items))
+        items[k] = mutate_json(items[k], rng)
+        text = "\n".join(map(json.dumps, items)) if per_line else json.dumps(items, indent=1)
+        if rng.random() < 0.5:
+            text = mutate_text(text, rng, pieces)
+        raw = text.encode()
+        if rng.random() < 0.3:  # a stray byte, not always UTF-8, in place of a span
+            i, j = sorted(rng.randrange(len(raw) + 1) for _ in range(2))
+            raw = raw[:i] + rng.choice([b"\xff", b"\xc3", b"]", b"\n"]) + raw[j:]
         path.write_bytes(raw)
         try:
             result = load()
@@ -446,9 +446,9 @@ def test_loaders_return_questions_or_raise_data_error_on_mutations(tmp_path):
             outcomes["error"] += 1
             continue
         outcomes["loaded"] += 1
-        if kind < 3:
+        if path != records:
             check_loaded(result)
-    assert min(outcomes.values()) > 100, outcomes
+    assert min(outcomes.values()) > 50, outcomes
 
 
 # ---------------------------------------------------------------- the command line
@@ -497,7 +497,7 @@ def test_command_line_mistakes_get_one_line(tmp_path):
          "teacher_train.jsonl: no teacher records in the file"),
         ((ev, runs["nobest"]), f"{runs['nobest']}: no trained model"),
         ((ev, runs["garbage"]), "garbage/config.json: not a run config"),
-        ((ev, runs["good"], "--samples", "0"), "--samples and --batch-size must be at least 1"),
+        ((ev, runs["good"], "--samples", "0"), "--samples must be at least 1, not 0"),
         ((ev, runs["good"], "--split", "habitat"), "--split must be train, valid or test, not 'habitat'"),
         ((ev, runs["good"], "--samples", "3", "--temperature", "-1"), "--temperature must be above 0 to sample 3"),
         ((ev, runs["empty"], "--split", "valid"), "the valid split of strategyqa has no questions"),
