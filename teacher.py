@@ -506,6 +506,8 @@ def run(cfg: TeacherConfig) -> dict:
     """Teach every question of the split; write records and failures in question order; return the summary."""
     if cfg.data not in N:
         raise Fatal(f"--data must be one of {sorted(N)}, not {cfg.data!r}")
+    if cfg.split not in ("train", "valid", "test") or min(cfg.workers, cfg.max_attempts) < 1 or not cfg.timeout > 0:
+        raise Fatal("--split must be train, valid or test, --workers and --max-attempts at least 1, --timeout above 0")
     api_key = os.environ.get(cfg.api_key_env)
     if not api_key and urlparse(cfg.base_url).hostname == "api.openai.com":  # say so before any request goes out
         raise Fatal(f"{cfg.api_key_env} is not set: {cfg.base_url} needs an API key (export {cfg.api_key_env}=..., "

@@ -120,9 +120,8 @@ def check(cfg):
         raise SystemExit(f"--phase must be acquire or reflect, not {cfg.phase!r}")
     if cfg.data not in ("world", *data.FILES):
         raise SystemExit(f"--data must be world or one of {', '.join(data.FILES)}, not {cfg.data!r}")
-    stages = data.STAGES if cfg.phase == "acquire" else ("recall", "analyze", "recall_analyze")
-    if cfg.stages not in stages:
-        raise SystemExit(f"--stages must be one of {', '.join(stages)} for {cfg.phase}, not {cfg.stages!r}")
+    if cfg.phase == "acquire" and cfg.stages not in data.STAGES:
+        raise SystemExit(f"--stages must be one of {', '.join(data.STAGES)}, not {cfg.stages!r}")
     for name in POSITIVE:
         if getattr(cfg, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")

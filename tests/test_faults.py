@@ -234,6 +234,15 @@ def test_a_second_run_on_the_same_cache_is_refused_naming_the_holder(tmp_path):
     teacher.Cache(tmp_path / "t.cache.jsonl").close()  # free again once the holder is gone
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--data", "foo"], "--data must be one of"), (["--split", "habitat"], "--split must be train, valid or test"),
+    (["--workers", "0"], "--workers and --max-attempts at least 1"), (["--timeout", "0"], "--timeout above 0"),
+])
+def test_teacher_argument_mistakes_get_one_line(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        teacher.main(["--data", "obqa", "--data-dir", str(tmp_path), "--base-url", "http://127.0.0.1:9/v1", *flags])
+
+
 def interruptible(command, **kwargs):
     """A child that gets KeyboardInterrupt on SIGINT even where this process ignores SIGINT (a background job)."""
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
