@@ -530,8 +530,8 @@ def run(cfg: TeacherConfig) -> dict:
                 done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
                 for future in done:
                     results[futures[future]] = future.result()
-                bar.set_postfix(meter.postfix(cfg), refresh=False)
                 bar.update(len(done))
+                bar.set_postfix(meter.postfix(cfg))  # redraws even when nothing was done (update(0) may not)
     except BaseException as e:
         meter.stop.set()  # waiting workers give up; queued questions are dropped: an error stops the run
         # Ctrl-C returns at once (main exits, every answer is on disk); an error lets the requests in flight end

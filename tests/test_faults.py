@@ -182,7 +182,7 @@ def test_teacher_survives_misbehaving_endpoints_and_a_rerun_is_identical(tmp_pat
     assert (tmp_path / "t.cache.jsonl").stat().st_size < 64 << 10  # the 1 MB answer was never stored
 
 
-def test_a_cut_off_thinking_is_retried_with_room_to_finish(tmp_path, monkeypatch):
+def test_a_cut_off_thinking_is_retried_with_room_to_finish(tmp_path):
     write_obqa(tmp_path, ["qthink_cut"])
     with Server(misbehaving) as server:
         summary = teacher.run(teacher.TeacherConfig(data="obqa", data_dir=str(tmp_path), out=str(tmp_path / "t.jsonl"),
