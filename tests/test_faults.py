@@ -299,7 +299,7 @@ ONE_OPTION = json.dumps({"answerKey": "A", "id": "c9", "question": {"stem": "?",
     ("", r"train_rand_split.jsonl: no questions"),
     ("\n\n", r"train_rand_split.jsonl: no questions"),
     (csqa_line(1) + "\n", r"csqa/original: train_rand_split.jsonl needs more questions than dev_rand_split.jsonl"),
-])
+], ids=["duplicate-ids", "not-utf8", "answerkey-null", "answerkey-int", "one-option", "empty", "blank", "small-train"])
 def test_bad_data_file_names_file_and_line(tmp_path, train, message):
     write_csqa(tmp_path, train)
     with pytest.raises(data.DataError, match=message):
@@ -312,7 +312,7 @@ def test_bad_data_file_names_file_and_line(tmp_path, train, message):
     (json.dumps([{"qid": "s1", "question": "?", "answer": True}] * 2).encode(),
      r"strategyqa_train.json: duplicate question ids: s1 \(item 0, item 1\)"),
     (b"[]", r"strategyqa_train.json: no questions"),
-])
+], ids=["empty", "not-utf8", "duplicate-ids", "no-items"])
 def test_bad_strategyqa_file_names_file(tmp_path, content, message):
     (tmp_path / "strategyqa" / "original").mkdir(parents=True)
     (tmp_path / "strategyqa" / "original" / "strategyqa_train.json").write_bytes(content)
