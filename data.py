@@ -95,47 +95,87 @@ def download(name: str, data_dir=None) -> Path:
     return folder
 
 
-def _multiple_choice(obj: dict, where: str) -> Question:
+class DataError(ValueError):
+    """A data set or teacher file that cannot be read as one; the message names the file and the line."""
+
+
+def text_lines(path: Path):
+    """(line number, text) of a UTF-8 text file; a byte that is not UTF-8 is named with its line."""
+    for number, raw in enumerate(Path(path).read_bytes().split(b"\n"), 1):
+        try:
+            yield number, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{number}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+
+
+def _multiple_choice(obj, where: str) -> Question:
     """CSQA / OBQA record: {"id", "question": {"stem", "choices": [{"label", "text"}]}, "answerKey"}."""
     try:
-        choices = sorted(obj["question"]["choices"], key=lambda c: c["label"])
-        labels = "".join(c["label"] for c in choices)
-        question = Question(str(obj["id"]), obj["question"]["stem"], [c["text"] for c in choices], obj["answerKey"])
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{where}: not a multiple-choice record (missing {e})") from None
-    if labels != LETTERS[:len(labels)] or question.answer not in labels:
-        raise ValueError(f"{where}: labels {labels!r} / answerKey {question.answer!r} are not A.. in order")
-    return question
+        qid, stem, key, choices = obj["id"], obj["question"]["stem"], obj["answerKey"], obj["question"]["choices"]
+        labels, texts = tuple(c["label"] for c in choices), tuple(c["text"] for c in choices)
+    except KeyError as e:
+        raise DataError(f"{where}: not a multiple-choice record (no {e})") from None
+    except TypeError:
+        raise DataError(f"{where}: not a multiple-choice record (a field of the wrong type)") from None
+    if not (isinstance(qid, (str, int)) and isinstance(stem, str) and all(isinstance(x, str) for x in labels + texts)):
+        raise DataError(f"{where}: id, stem and choice labels and texts must be strings")
+    if len(labels) < 2:
+        raise DataError(f"{where}: {len(labels)} option(s); a question needs at least two")
+    if "".join(sorted(labels)) != LETTERS[:len(labels)]:
+        raise DataError(f"{where}: choice labels {''.join(labels)!r} are not A.. without gaps")
+    if not isinstance(key, str) or key not in labels:
+        raise DataError(f"{where}: answerKey {key!r} is not one of the labels {''.join(sorted(labels))}")
+    order = sorted(range(len(labels)), key=labels.__getitem__)
+    return Question(str(qid), stem, [texts[i] for i in order], key)
+
+
+def _unique(questions: list[Question], where: list[str], path: Path) -> list[Question]:
+    """The questions of one file, checked to be some and to have distinct ids: reflect pairs chains by id, so a
+    repeated id would pair one question's chain with the other's prompt."""
+    if not questions:
+        raise DataError(f"{path}: no questions")
+    seen = {}
+    for q, w in zip(questions, where):
+        seen.setdefault(q.id, []).append(w)
+    repeated = [f"{qid} ({', '.join(ws)})" for qid, ws in seen.items() if len(ws) > 1]
+    if repeated:
+        raise DataError(f"{path}: duplicate question ids: {'; '.join(repeated[:5])}"
+                        + (f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""))
+    return questions
 
 
 def _read_jsonl(path: Path) -> list[Question]:
-    questions = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            questions.append(_multiple_choice(obj, f"{path}:{number}"))
-    return questions
+    questions, lines = [], []
+    for number, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        questions.append(_multiple_choice(obj, f"{path}:{number}"))
+        lines.append(f"line {number}")
+    return _unique(questions, lines, path)
 
 
 def _read_strategyqa(path: Path) -> list[Question]:
     """A JSON list of {qid, question, answer: bool, ...}; options are "yes" (A, answer true) and "no" (B)."""
+    text = "\n".join(line for _, line in text_lines(path))
+    if not text.strip():
+        raise DataError(f"{path}: empty file")
     try:
-        items = json.loads(path.read_text(encoding="utf-8"))
+        items = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(items, list):
-        raise ValueError(f"{path}: expected a JSON list of questions")
+        raise DataError(f"{path}: expected a JSON list of questions")
     questions = []
     for i, item in enumerate(items):
-        if not (isinstance(item, dict) and {"qid", "question"} <= item.keys() and isinstance(item.get("answer"), bool)):
-            raise ValueError(f"{path}: item {i}: needs qid, question and a boolean answer")
+        if not (isinstance(item, dict) and isinstance(item.get("qid"), str) and isinstance(item.get("question"), str)
+                and isinstance(item.get("answer"), bool)):
+            raise DataError(f"{path}: item {i}: needs a string qid and question and a boolean answer")
         questions.append(Question(item["qid"], item["question"], ["yes", "no"], "A" if item["answer"] else "B"))
-    return questions
+    return _unique(questions, [f"item {i}" for i in range(len(items))], path)
 
 
 def load(name: str, split: str, data_dir=None) -> list[Question]:
@@ -152,6 +192,8 @@ def load(name: str, split: str, data_dir=None) -> list[Question]:
     rng = random.Random(SPLIT_SEED)
     if name == "csqa":
         train, dev = _read_jsonl(folder / "train_rand_split.jsonl"), _read_jsonl(folder / "dev_rand_split.jsonl")
+        if len(dev) >= len(train):  # valid is drawn from train, the size of dev, and train keeps the rest
+            raise DataError(f"{folder}: train_rand_split.jsonl needs more questions than dev_rand_split.jsonl")
         if split == "test":
             return dev
         valid = set(rng.sample(range(len(train)), k=len(dev)))

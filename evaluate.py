@@ -12,6 +12,7 @@ import argparse
 import collections
 import json
 import os
+import sys
 from dataclasses import asdict
 
 import torch
@@ -31,9 +32,18 @@ def questions(name, split, data_dir=None):
 
 
 def read_run_config(run_dir):
-    """The settings a run directory was trained with (tinythinker.py writes config.json)."""
-    with open(os.path.join(run_dir, "config.json")) as f:
-        return json.load(f)
+    """The settings a run directory was trained with (tinythinker.py writes config.json); DataError if unreadable."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise data.DataError(f"{run_dir}: no config.json; pass a run directory made by `python tinythinker.py`")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise data.DataError(f"{path}: not a run config ({e})") from None
+    if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k), str) for k in ("data", "stages")):
+        raise data.DataError(f"{path}: not a run config (no data or stages)")
+    return cfg
 
 
 def generate_texts(model, tokenizer, prompts, temperature=0.0, batch_size=256, max_new_tokens=200, desc=None):
@@ -120,17 +130,18 @@ def main():
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--out", default=None, help="report path without extension (default: RUN/report)")
     args = parser.parse_args()
+    check(args)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     for run_dir in args.runs:
-        if not os.path.isfile(os.path.join(run_dir, "config.json")):
-            raise SystemExit(f"{run_dir}: no config.json; pass a run directory made by `python tinythinker.py`")
         cfg = read_run_config(run_dir)
         if cfg["data"] == "world":
             print("demo: evaluating on the embedded world's held-out questions; "
                   "for a real run: python evaluate.py runs/csqa --split test")
         split_questions = questions(cfg["data"], args.split, cfg["data_dir"])
+        if not split_questions:
+            raise SystemExit(f"{run_dir}: the {args.split} split of {cfg['data']} has no questions")
         temperature = args.temperature if args.samples > 1 else 0.0
         decoding = f"vote of {args.samples} at T={temperature}" if args.samples > 1 else "greedy"
         for phase, path in checkpoints(run_dir):
@@ -159,5 +170,27 @@ def main():
     print(f"wrote {out}.md, {out}.json and predictions_{args.split}.jsonl beside each checkpoint")
 
 
+def check(args):
+    """One clear line for an argument that cannot work, before any model is loaded."""
+    if args.split not in ("train", "valid", "test"):
+        raise SystemExit(f"--split must be train, valid or test, not {args.split!r}")
+    for name in ("samples", "batch_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    if args.samples > 1 and not args.temperature > 0:
+        raise SystemExit(f"--temperature must be above 0 to sample {args.samples} chains, not {args.temperature}")
+    for run_dir in args.runs:
+        read_run_config(run_dir)
+        if not checkpoints(run_dir):
+            raise SystemExit(f"{run_dir}: no trained model ({os.path.join(run_dir, 'best')}); train one first: "
+                             f"python tinythinker.py --phase acquire --out {run_dir}")
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except data.DataError as e:
+        raise SystemExit(str(e)) from None
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

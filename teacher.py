@@ -23,25 +23,33 @@ Decisions:
 * A17: the Levenshtein diversity filter is omitted: with n_augment = n it keeps every consistent completion anyway.
 * Every raw response is appended to a JSONL cache, keyed by sha256 of (round, request incl. model), and fsync'd
   before use, so a killed run repeats no answered request; the output is rebuilt from the cache and is identical.
+  Only a response of the expected shape is cached (a bad one is retried), and one run at a time holds the cache.
+* Faults: a dropped connection, a timeout, 408/429/5xx and a malformed or oversized body are retried (Retry-After
+  capped at --max-backoff); another 4xx fails that question alone, with its reason; 401/403/404 stop the run.
 """
 import argparse
+import fcntl
 import hashlib
 import json
+import math
 import os
 import random
 import re
+import socket
+import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, fields
 from pathlib import Path
+from urllib.parse import urlparse
 
 import requests
 from tqdm import tqdm
 
 import data
-from data import LETTERS, Question, with_period
+from data import LETTERS, DataError, Question, with_period
 
 PROMPTS = Path(__file__).resolve().parent / "prompts.json"
 N = {"csqa": 8, "obqa": 4, "strategyqa": 4}  # completions per question (METHOD 3.2)
@@ -64,7 +72,7 @@ class TeacherConfig:
     rounds: int | None = None  # default ROUNDS[data]
     prompt_seed: int = 0  # draws the few-shot order, once per dataset
     workers: int = 8
-    timeout: float = 120.0  # seconds per HTTP request
+    timeout: float = 120.0  # seconds per HTTP request, all of it (connecting, waiting, reading)
     max_attempts: int = 6  # HTTP tries per request before the question is reported failed
     backoff: float = 1.0  # first backoff cap in seconds, doubled per attempt
     max_backoff: float = 60.0
@@ -114,6 +122,17 @@ class InvalidCompletion(ValueError):
 
 DELIMITERS = ("Because ", "Because, ", "Although ", "While ")  # the first one present splits verdict from reason
 VERDICT = re.compile(r"([A-E]) is (correct|incorrect)\.")
+ITALIC = re.compile(r"(?<![\w*])\*(\S(?:[^*\n]*\S)?)\*(?![\w*])")  # *x*, but not the * of "2 * 3"
+
+
+def visible(text: str) -> str | None:
+    """The answer a chat model shows: a reasoning model's <think> block and markdown emphasis removed; None for a
+    completion cut off inside its thinking. Only the closing tag is certain to be there (a chat template may open
+    the block in the prompt), so everything up to the last </think> is thinking."""
+    text = text.rsplit("</think>", 1)[-1]
+    if "<think>" in text:
+        return None
+    return ITALIC.sub(r"\1", text.replace("**", "").replace("__", ""))
 
 
 def parse_completion(text: str, q: Question) -> tuple[str, dict[str, str], str]:
@@ -121,7 +140,11 @@ def parse_completion(text: str, q: Question) -> tuple[str, dict[str, str], str]:
 
     Line 0 holds "Key Information:"; lines 1..k (k options) are read, those without a verdict or a delimiter
     skipped; a malformed verdict fails the whole completion. Stricter than the official code: each option must be
-    explained exactly once and exactly one called correct (the official code kept the last "correct")."""
+    explained exactly once and exactly one called correct (the official code kept the last "correct"). A reasoning
+    block and markdown emphasis are dropped first (visible); what is validated stays the same."""
+    text = visible(text)
+    if text is None:
+        raise InvalidCompletion("truncated")
     text = re.sub(r"\s*Explanations:\s*", "\nExplanations: ", text)  # "Explanations:" always starts a line
     lines = [line.strip() for line in text.split("\n") if line.strip()]
     if not lines or "Key Information:" not in lines[0]:
@@ -176,39 +199,61 @@ RECORD_FIELDS = {"id": str, "question": str, "choices": list, "answer": str, "ke
 
 
 def read_records(path) -> list[dict]:
-    """Teacher records from a JSONL file, each checked against the schema (error names file, line and field)."""
+    """Teacher records from a JSONL file, each checked against the schema (data.DataError names file, line, field)."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            for name, kind in RECORD_FIELDS.items():
-                if not isinstance(record.get(name), kind):
-                    raise ValueError(f"{path}:{number}: field {name!r} missing or not a {kind.__name__}")
-            letters = LETTERS[:len(record["choices"])]
-            if record["answer"] not in letters or sorted(record["explanations"]) != list(letters):
-                raise ValueError(f"{path}:{number}: answer/explanations do not match the {len(letters)} choices")
-            records.append(record)
+    for number, line in data.text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: not a JSON object")
+        for name, kind in RECORD_FIELDS.items():
+            if not isinstance(record.get(name), kind):
+                raise DataError(f"{path}:{number}: field {name!r} missing or not a {kind.__name__}")
+        letters = LETTERS[:len(record["choices"])]
+        if record["answer"] not in letters or sorted(record["explanations"]) != list(letters):
+            raise DataError(f"{path}:{number}: answer/explanations do not match the {len(letters)} choices")
+        records.append(record)
     return records
 
 
 # ---------------------------------------------------------------- HTTP client, cache, meter
 
 class Meter:
-    """Thread-safe running totals for the bar and the summary."""
+    """Thread-safe running totals and retry waits for the bar and the summary; `stop` cuts every wait short."""
 
     def __init__(self):
         self.counts, self.lock, self.start = Counter(), threading.Lock(), time.monotonic()
+        self.waits, self.stop = {}, threading.Event()
 
     def add(self, **amounts):
         with self.lock:
             self.counts.update(amounts)
 
+    def pause(self, seconds: float):
+        """Sleep before a retry, shown on the bar (a capped Retry-After can still be a minute)."""
+        me = threading.get_ident()
+        with self.lock:
+            self.waits[me] = time.monotonic() + seconds
+        self.stop.wait(seconds)
+        with self.lock:
+            del self.waits[me]
+
+    def postfix(self, cfg: TeacherConfig) -> dict:
+        c, now = self.counts, time.monotonic()
+        cost = c["prompt_tokens"] * cfg.price_in + c["completion_tokens"] * cfg.price_out
+        shown = dict(req_s=f"{c['sent'] / (now - self.start):.1f}", cost=f"${cost:.2f}")
+        with self.lock:
+            if self.waits:
+                shown["wait"] = f"{max(self.waits.values()) - now:.0f}s"
+        return shown
+
 
 class TransientError(Exception):
-    """Worth retrying (429, 5xx, connection error, timeout, malformed body); carries the server's Retry-After."""
+    """Worth retrying (408, 429, 5xx, connection error, timeout, malformed or oversized body); carries Retry-After."""
 
     def __init__(self, kind, retry_after=None):
         super().__init__(kind)
@@ -216,11 +261,87 @@ class TransientError(Exception):
 
 
 class RequestFailed(Exception):
-    """A request still transient-failing after max_attempts: its question is reported, not silently dropped."""
+    """A question's request that did not succeed: still transient-failing after max_attempts, or refused for this
+    request alone (HTTP 400: context length, content filter). Its question is reported, not cached: a rerun asks."""
+
+
+class Fatal(Exception):
+    """A fault that concerns every request (key, permission, URL, model, a busy cache): the run stops at once."""
+
+
+MAX_RESPONSE_BYTES = 8 << 20  # a full answer (8 completions of a few thousand tokens) is well under 1 MB
+FATAL_STATUS = (401, 403, 404)
+
+
+def usable(body) -> bool:
+    """Whether a response has the shape teach() reads: checked before it is cached and when the cache is read, so a
+    malformed answer is retried, never stored or trusted."""
+    if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
+        return False
+    optional_str = (str, type(None))
+    for choice in body["choices"]:
+        if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
+            return False
+        message = choice["message"]  # reasoning_content: the thinking of a reasoning model, when served apart
+        if not all(isinstance(message.get(k), optional_str) for k in ("content", "reasoning_content")):
+            return False
+        if not isinstance(choice.get("finish_reason"), optional_str):
+            return False
+    usage = body.get("usage")
+    return usage is None or isinstance(usage, dict) and all(
+        isinstance(usage.get(k, 0), int) for k in ("prompt_tokens", "completion_tokens"))
+
+
+def read_body(response: requests.Response, deadline: float) -> bytes:
+    """The body of a streamed response, at most MAX_RESPONSE_BYTES, read before the deadline. --timeout alone bounds
+    each socket read, which a server trickling a byte at a time never trips: a watchdog shuts the socket at the
+    deadline, which ends the blocked read."""
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > MAX_RESPONSE_BYTES:
+        raise TransientError("response too large")
+    try:  # our own handle on the connection's socket, for the watchdog (the response may close its own)
+        sock = socket.socket(fileno=os.dup(response.raw.fileno()))
+    except OSError:  # no body left to read
+        sock = None
+
+    def cut():
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except (AttributeError, OSError):  # no socket, or closed already
+            pass
+    watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), cut)
+    watchdog.start()
+    try:
+        body = bytearray()
+        for chunk in response.iter_content(1 << 16):
+            body += chunk
+            if len(body) > MAX_RESPONSE_BYTES:
+                raise TransientError("response too large")
+    except requests.RequestException:
+        if time.monotonic() >= deadline:
+            raise TransientError("deadline exceeded") from None
+        raise
+    finally:
+        watchdog.cancel()
+        if sock:
+            sock.close()
+    if time.monotonic() >= deadline:  # a body cut off by the watchdog may still look complete
+        raise TransientError("deadline exceeded")
+    return bytes(body)
+
+
+def error_message(raw: bytes) -> str:
+    """The reason an endpoint gives for refusing a request (OpenAI's {"error": {"message"}}, else the text)."""
+    try:
+        message = json.loads(raw)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = raw.decode("utf-8", "replace")
+    return " ".join(str(message).split())[:200]
 
 
 class Client:
-    """POST /chat/completions with capped retries: exponential backoff with full jitter, Retry-After honoured."""
+    """POST /chat/completions with capped retries: exponential backoff with full jitter, Retry-After honoured up to
+    max_backoff."""
 
     def __init__(self, cfg: TeacherConfig, api_key: str | None, meter: Meter):
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
@@ -229,56 +350,97 @@ class Client:
 
     def _post(self, payload: dict) -> dict:
         self.meter.add(sent=1)
+        deadline = time.monotonic() + self.cfg.timeout
         try:
-            response = requests.post(self.url, json=payload, headers=self.headers, timeout=self.cfg.timeout)
-        except (requests.ConnectionError, requests.Timeout) as e:
+            with requests.post(self.url, json=payload, headers=self.headers, timeout=self.cfg.timeout,
+                               stream=True) as response:
+                raw = read_body(response, deadline)
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.ContentDecodingError) as e:  # dropped mid-body: ChunkedEncodingError
             raise TransientError(type(e).__name__) from None
-        if response.status_code == 429 or response.status_code >= 500:
-            raise TransientError(f"HTTP {response.status_code}", response.headers.get("Retry-After"))
-        if response.status_code != 200:  # 400/401/404: retrying cannot help, stop the run
-            raise RuntimeError(f"{self.url}: HTTP {response.status_code}: {response.text[:300]}")
+        except requests.RequestException as e:  # an invalid URL or the like: no request can succeed
+            raise Fatal(f"{self.url}: {e}") from None
+        status = response.status_code
+        if status in (408, 429) or status >= 500:
+            raise TransientError(f"HTTP {status}", response.headers.get("Retry-After"))
+        if status in FATAL_STATUS:  # the key, the permissions, the URL or the model: no request can succeed
+            self.meter.stop.set()  # the other workers send nothing more
+            raise Fatal(f"{self.url}: HTTP {status}: {error_message(raw)}")
+        if status != 200:  # about this request alone (context length, content filter): its question fails
+            self.meter.add(**{f"error HTTP {status}": 1})
+            raise RequestFailed(f"HTTP {status}: {error_message(raw)}")
         try:
-            body = response.json()
-            [c["message"] for c in body["choices"]]
-        except (ValueError, KeyError, TypeError):
+            body = json.loads(raw)
+        except ValueError:
             raise TransientError("malformed response") from None
+        if not usable(body):
+            raise TransientError("malformed response")
         return body
 
     def _delay(self, error: TransientError, attempt: int) -> float:
         try:
-            return max(0.0, float(error.retry_after))
+            delay = float(error.retry_after)
+            if math.isnan(delay):
+                raise ValueError
         except (TypeError, ValueError):  # absent, or an HTTP date: fall back to our own backoff
-            return random.uniform(0, min(self.cfg.max_backoff, self.cfg.backoff * 2 ** attempt))
+            delay = random.uniform(0, self.cfg.backoff * 2 ** attempt)
+        return min(max(delay, 0.0), self.cfg.max_backoff)  # "Retry-After: 3600" (or inf) waits max_backoff
 
     def chat(self, payload: dict) -> dict:
         for attempt in range(1, self.cfg.max_attempts + 1):
+            if self.meter.stop.is_set():
+                raise RequestFailed("stopped")
             try:
                 return self._post(payload)
             except TransientError as e:
                 self.meter.add(**{f"error {e.kind}": 1})
                 if attempt == self.cfg.max_attempts:
                     raise RequestFailed(f"request failed: {e.kind} after {attempt} attempts") from None
-                time.sleep(self._delay(e, attempt - 1))
+                self.meter.pause(self._delay(e, attempt - 1))
 
 
 class Cache:
-    """Append-only JSONL {"model", "key", "response"}; each line is fsync'd before its response is used."""
+    """Append-only JSONL {"model", "key", "response"}; each line is fsync'd before its response is used. A run holds
+    `{cache}.lock` (flock, released when the process ends, however it ends) and writes its pid there."""
 
     def __init__(self, path: Path):
         self.lock, self.responses = threading.Lock(), {}
-        if path.exists():
-            raw = path.read_bytes()
-            if not raw.endswith(b"\n"):  # a run killed mid-write left a torn last line: drop it
-                raw = raw[:raw.rfind(b"\n") + 1]
-                os.truncate(path, len(raw))
-            for number, line in enumerate(raw.decode("utf-8").splitlines(), 1):
-                try:
-                    entry = json.loads(line)
-                    self.responses[entry["key"]] = entry["response"]
-                except (ValueError, KeyError, TypeError):
-                    raise ValueError(f"{path}:{number}: not a cache entry") from None
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.holder = open(path.with_name(path.name + ".lock"), "a+")
+        try:
+            fcntl.flock(self.holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.holder.seek(0)
+            who = self.holder.read().strip() or "another process"
+            self.holder.close()
+            raise Fatal(f"{path} is in use by {who}; wait for that run to end, or pass another --out") from None
+        self.holder.truncate(0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.holder.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
+        self.holder.flush()
+        try:
+            self._load(path)
+        except BaseException:
+            self.holder.close()
+            raise
         self.file = open(path, "a", encoding="utf-8")
+
+    def _load(self, path: Path):
+        if not path.exists():
+            return
+        raw = path.read_bytes()
+        if not raw.endswith(b"\n"):  # a run killed mid-write left a torn last line: drop it
+            raw = raw[:raw.rfind(b"\n") + 1]
+            os.truncate(path, len(raw))
+        for number, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = None
+            if not (isinstance(entry, dict) and isinstance(entry.get("key"), str) and "response" in entry):
+                raise DataError(f"{path}:{number}: not a cache entry")
+            if usable(entry["response"]):  # an entry from before responses were checked is asked again
+                self.responses[entry["key"]] = entry["response"]
 
     def put(self, model: str, key: str, response: dict):
         with self.lock:
@@ -286,6 +448,11 @@ class Cache:
             self.file.flush()
             os.fsync(self.file.fileno())
             self.responses[key] = response
+
+    def close(self):
+        with self.lock:  # after a write in progress
+            self.file.close()
+            self.holder.close()
 
 
 # ---------------------------------------------------------------- one question, the whole run
@@ -313,9 +480,11 @@ def teach(q: Question, system: str, cfg: TeacherConfig, client: Client, cache: C
         else:
             client.meter.add(cached=1)
         choices = response["choices"]
-        done = [c for c in choices if c.get("finish_reason") != "length"]
+        texts = [c["message"].get("content") or "" for c in choices]
+        # truncated: cut off by max_tokens, or (a reasoning model) while still thinking
+        done = [t for c, t in zip(choices, texts) if c.get("finish_reason") != "length" and visible(t) is not None]
         failures = []
-        new = records_from_completions(q, [c["message"].get("content") or "" for c in done], failures)
+        new = records_from_completions(q, done, failures)
         # a server that ignores n (some local ones do) returns fewer choices: the missing ones are failures too
         failures += ["truncated"] * (len(choices) - len(done)) + ["missing choice"] * max(0, n - len(choices))
         records += new
@@ -336,28 +505,40 @@ def _write_jsonl(path: Path, rows: list[dict]):
 def run(cfg: TeacherConfig) -> dict:
     """Teach every question of the split; write records and failures in question order; return the summary."""
     if cfg.data not in N:
-        raise ValueError(f"--data must be one of {sorted(N)}")
+        raise Fatal(f"--data must be one of {sorted(N)}, not {cfg.data!r}")
+    if cfg.split not in ("train", "valid", "test") or min(cfg.workers, cfg.max_attempts) < 1 or not cfg.timeout > 0:
+        raise Fatal("--split must be train, valid or test, --workers and --max-attempts at least 1, --timeout above 0")
+    api_key = os.environ.get(cfg.api_key_env)
+    if not api_key and urlparse(cfg.base_url).hostname == "api.openai.com":  # say so before any request goes out
+        raise Fatal(f"{cfg.api_key_env} is not set: {cfg.base_url} needs an API key (export {cfg.api_key_env}=..., "
+                    f"or --base-url for a local server)")
     cfg.n, cfg.rounds = cfg.n or N[cfg.data], cfg.rounds or ROUNDS[cfg.data]
     out = Path(cfg.out or Path(cfg.data_dir or data.DEFAULT_DIR) / cfg.data / f"teacher_{cfg.split}.jsonl")
-    cache = Cache(Path(cfg.cache or out.with_suffix(".cache.jsonl")))
     prompts = json.loads(PROMPTS.read_text())
     system = system_message(prompts["instruction"], prompts["exemplars"][cfg.data], cfg.prompt_seed)
     questions = data.load(cfg.data, cfg.split, cfg.data_dir)[:cfg.limit]
+    cache = Cache(Path(cfg.cache or out.with_suffix(".cache.jsonl")))
     meter = Meter()
-    client = Client(cfg, os.environ.get(cfg.api_key_env), meter)
+    client = Client(cfg, api_key, meter)
     results = [None] * len(questions)
     pool = ThreadPoolExecutor(cfg.workers)
     try:
         futures = {pool.submit(teach, q, system, cfg, client, cache): i for i, q in enumerate(questions)}
+        pending = set(futures)
         with tqdm(total=len(questions), unit="q", desc=f"teacher {cfg.data}/{cfg.split}") as bar:
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                c = meter.counts
-                cost = c["prompt_tokens"] * cfg.price_in + c["completion_tokens"] * cfg.price_out
-                bar.set_postfix(req_s=f"{c['sent'] / (time.monotonic() - meter.start):.1f}", cost=f"${cost:.2f}")
-                bar.update()
-    finally:
-        pool.shutdown(cancel_futures=True)  # an error stops the run instead of draining the queue
+            while pending:  # wake every second: the bar shows a long retry wait while it lasts
+                done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                for future in done:
+                    results[futures[future]] = future.result()
+                bar.update(len(done))
+                bar.set_postfix(meter.postfix(cfg))  # redraws even when nothing was done (update(0) may not)
+    except BaseException as e:
+        meter.stop.set()  # waiting workers give up; queued questions are dropped: an error stops the run
+        # Ctrl-C returns at once (main exits, every answer is on disk); an error lets the requests in flight end
+        pool.shutdown(wait=not isinstance(e, KeyboardInterrupt), cancel_futures=True)
+        cache.close()
+        raise
+    pool.shutdown()
     records = [r for rs, _ in results for r in rs]
     failed = [{"id": q.id, "reasons": reasons} for q, (rs, reasons) in zip(questions, results) if not rs]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -371,6 +552,7 @@ def run(cfg: TeacherConfig) -> dict:
                "prompt_tokens": c["prompt_tokens"], "completion_tokens": c["completion_tokens"],
                "cost_usd": round(c["prompt_tokens"] * cfg.price_in + c["completion_tokens"] * cfg.price_out, 4),
                "out": str(out)}
+    cache.close()  # held until the output is written: a second run waits for this one's
     tqdm.write(json.dumps(summary, indent=1))
     return summary
 
@@ -385,7 +567,15 @@ def main(argv=None):
     datasets_dir = args.pop("make_prompts")
     if datasets_dir:
         return make_prompts(datasets_dir)
-    run(TeacherConfig(**args))
+    try:
+        run(TeacherConfig(**args))
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to continue (answered requests are cached)",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # at once: a worker may be inside a request, and every answer received is already on disk
+    except (Fatal, DataError) as e:
+        raise SystemExit(f"teacher.py: {e}") from None
 
 
 if __name__ == "__main__":

@@ -104,10 +104,52 @@ def parse_config(argv=None):
     parser.add_argument("--from", dest="out", help="reflect: the acquire run directory (same as --out)")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     phase, name = given.get("phase", Config.phase), given.get("data", Config.data)
-    settings = {**(REFLECT if phase == "reflect" else {}), **(WORLD[phase] if name == "world" else {}), **given}
+    settings = {**(REFLECT if phase == "reflect" else {}), **(WORLD.get(phase, {}) if name == "world" else {}), **given}
     cfg = Config(**settings)
     cfg.out = cfg.out or os.path.join("runs", cfg.data)
     return cfg
+
+
+POSITIVE = ("batch_size", "grad_accum", "epochs", "interval", "eval_batch_size", "max_new_tokens", "iterations",
+            "samples", "max_length")
+
+
+def check(cfg):
+    """One clear line for a setting that cannot work, before anything is loaded or written."""
+    if cfg.phase not in ("acquire", "reflect"):
+        raise SystemExit(f"--phase must be acquire or reflect, not {cfg.phase!r}")
+    if cfg.data not in ("world", *data.FILES):
+        raise SystemExit(f"--data must be world or one of {', '.join(data.FILES)}, not {cfg.data!r}")
+    if cfg.phase == "acquire" and cfg.stages not in data.STAGES:
+        raise SystemExit(f"--stages must be one of {', '.join(data.STAGES)}, not {cfg.stages!r}")
+    for name in POSITIVE:
+        if getattr(cfg, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
+    if not (cfg.lr > 0 and 0 <= cfg.warmup < 1 and cfg.eval_every >= 0 and cfg.temperature > 0 and cfg.beta > 0
+            and cfg.grad_clip > 0 and cfg.alpha >= 0):
+        raise SystemExit("--lr, --temperature, --beta and --grad-clip must be above 0, --warmup in [0, 1), "
+                         "--eval-every and --alpha at least 0")
+    if cfg.phase == "reflect":  # reflect starts from an acquired model and reads the acquire run's settings
+        if not os.path.isdir(os.path.join(cfg.out, "best")):
+            raise SystemExit(f"{cfg.out}: no acquired model ({os.path.join(cfg.out, 'best')}); "
+                             f"run python tinythinker.py --phase acquire first (--from names its --out)")
+        evaluate.read_run_config(cfg.out)
+
+
+# Settings a resumed run may change: they move no step of the schedule.
+FREE_ON_RESUME = ("resume", "out", "data_dir", "eval_batch_size")
+
+
+def check_resume(cfg, run_dir, **extra):
+    """A started run continues only with --resume and on the settings it started with (its config.json, read before
+    anything rewrites it): another batch size, seed or learning rate would silently follow a different schedule."""
+    if not cfg.resume:
+        raise SystemExit(f"{run_dir} holds a started run: pass --resume to continue it, or --out for a new one")
+    saved, now = evaluate.read_run_config(run_dir), {**dataclasses.asdict(cfg), **extra}
+    changed = [f"--{k.replace('_', '-')} {now[k]} (the run has {saved[k]})" for k in now
+               if k in saved and k not in FREE_ON_RESUME and now[k] != saved[k]]
+    if changed:
+        raise SystemExit(f"{run_dir}: cannot resume with other settings: {', '.join(changed)}")
 
 
 def load_config(run_dir):
@@ -128,7 +170,10 @@ def teacher_records(cfg):
     path = os.path.join(cfg.data_dir, cfg.data, "teacher_train.jsonl")
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no teacher records; make them with: python teacher.py --data {cfg.data} --split train")
-    return teacher.read_records(path)
+    records = teacher.read_records(path)
+    if not records:
+        raise SystemExit(f"{path}: no teacher records in the file; see {path[:-len('.jsonl')]}.failed.jsonl")
+    return records
 
 
 def student(cfg, run_dir, texts):
@@ -257,15 +302,16 @@ def fit(cfg, run_dir, model, tokenizer, plan, train_step, validate, device, fp16
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         start, best = state["step"], state["best"]
-        if rank == 0:  # drop log lines written after the state we resume from
+        if rank == 0 and os.path.isfile(log_path):  # drop log lines written after that state, and a torn last line
             with open(log_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= start]
+                kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= start]
             with open(log_path, "w") as f:
                 f.writelines(kept)
     elif os.path.isfile(state_path):
         raise SystemExit(f"{state_path} exists: pass --resume to continue that run, or --out for a new one")
     trained = DistributedDataParallel(model) if world_size > 1 else model
-    log = open(log_path, "a") if rank == 0 else None
+    # a fresh start drops the lines of a run killed before its first saved state
+    log = open(log_path, "a" if start else "w") if rank == 0 else None
     model.train(dropout)
     bar = tqdm(range(start, len(plan)), desc=desc, initial=start, total=len(plan), disable=rank != 0)
     for step in bar:
@@ -318,6 +364,10 @@ def write_run_config(cfg, run_dir, world_size, **extra):
 def acquire(cfg):
     device, fp16, rank, world_size = setup_device(cfg)
     run_dir = cfg.out
+    effective = cfg.batch_size * cfg.grad_accum * world_size
+    started = os.path.isfile(os.path.join(run_dir, "state.pt"))
+    if started:
+        check_resume(cfg, run_dir, effective_batch_size=effective)
     os.makedirs(run_dir, exist_ok=True)
     if cfg.data == "world" and rank == 0:
         print("demo: acquiring on the embedded world with a T5 from scratch; a real run: "
@@ -331,12 +381,12 @@ def acquire(cfg):
                 for stage, pairs in stage_texts.items()}
     n_options = max(len(r["explanations"]) for r in records)
     quotas = dict(recall=cfg.interval, analyze=cfg.interval * n_options, summarize=cfg.interval)
-    effective = cfg.batch_size * cfg.grad_accum * world_size
     lengths = {s: [len(x) for x, _ in e] for s, e in examples.items()}
     plan = Plan(lengths, effective, cfg.epochs, cfg.seed, quotas, world_size, cfg.group_by_length)
     if rank == 0:
-        write_run_config(cfg, run_dir, world_size, effective_batch_size=effective, steps=len(plan),
-                         examples={s: len(e) for s, e in examples.items()})
+        if not started:  # a resumed run keeps the config.json it started with
+            write_run_config(cfg, run_dir, world_size, effective_batch_size=effective, steps=len(plan),
+                             examples={s: len(e) for s, e in examples.items()})
         print(f"acquire: {', '.join(f'{len(e)} {s}' for s, e in examples.items())} examples; effective batch "
               f"{effective} = {cfg.batch_size} x {cfg.grad_accum} accumulation x {world_size} devices; "
               f"{len(plan)} steps, validation every {cfg.eval_every or plan.cycle}")
@@ -424,8 +474,11 @@ def reflect(cfg):
     acquired = load_config(cfg.out)
     cfg.data, cfg.data_dir = acquired.data, acquired.data_dir
     reflect_dir = os.path.join(cfg.out, "reflect")
-    os.makedirs(reflect_dir, exist_ok=True)
-    write_run_config(cfg, reflect_dir, world_size)
+    if os.path.isfile(os.path.join(reflect_dir, "iter_1", "state.pt")):  # saved at iteration 1's first validation
+        check_resume(cfg, reflect_dir)
+    else:
+        os.makedirs(reflect_dir, exist_ok=True)
+        write_run_config(cfg, reflect_dir, world_size)
     if cfg.data == "world":
         print("demo: self-reflection on the embedded world; a real run: python tinythinker.py --phase reflect "
               "--from runs/csqa")
@@ -493,6 +546,17 @@ def reference_logprobs(model, pairs, batch_size, device):
     return torch.cat(rows)
 
 
+def main(argv=None):
+    cfg = parse_config(argv)
+    try:
+        check(cfg)
+        acquire(cfg) if cfg.phase == "acquire" else reflect(cfg)
+    except data.DataError as e:  # a data set, teacher or run file that cannot be read: it is named in the message
+        raise SystemExit(str(e)) from None
+    except KeyboardInterrupt:
+        print("\ninterrupted; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+
+
 if __name__ == "__main__":
-    config = parse_config()
-    acquire(config) if config.phase == "acquire" else reflect(config)
+    main()

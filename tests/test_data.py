@@ -75,7 +75,7 @@ def test_strategyqa_split_sizes_and_labels(tmp_path):
 @pytest.mark.parametrize("bad_line, message", [
     ("{not json", r"train.jsonl:2: not valid JSON"),
     (json.dumps({"id": "x", "answerKey": "A"}), r"train.jsonl:2: not a multiple-choice record"),
-    (obqa_line(9, "E"), r"train.jsonl:2: labels"),
+    (obqa_line(9, "E"), r"train.jsonl:2: answerKey 'E' is not one of the labels ABCD"),
 ])
 def test_malformed_line_names_file_and_line(tmp_path, bad_line, message):
     write(tmp_path, "obqa", {"train.jsonl": obqa_line(1) + "\n" + bad_line + "\n", "dev.jsonl": "",

@@ -211,7 +211,7 @@ def scripted(stem, count, payload):
 def test_client_against_scripted_server(tmp_path, monkeypatch):
     write_obqa(tmp_path, STEMS)
     sleeps = []
-    monkeypatch.setattr(teacher.time, "sleep", sleeps.append)  # record backoffs instead of waiting
+    monkeypatch.setattr(teacher.Meter, "pause", lambda self, seconds: sleeps.append(seconds))  # record, don't wait
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     with Server(scripted) as server:
         cfg = teacher.TeacherConfig(data="obqa", data_dir=str(tmp_path), out=str(tmp_path / "t.jsonl"),
@@ -314,6 +314,7 @@ def test_cache_drops_torn_last_line_and_rejects_corrupt_ones(tmp_path):
     assert list(cache.responses) == ["k1"] and path.read_text().count("\n") == 1
     cache.put("m", "k2", {"choices": []})
     assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["k1", "k2"]
+    cache.close()
     path.write_text("garbage\n" + json.dumps({"model": "m", "key": "k1", "response": {}}) + "\n")
     with pytest.raises(ValueError, match=r"c.jsonl:1: not a cache entry"):
         teacher.Cache(path)

@@ -1,0 +1,560 @@
+"""Faults and bad input (README "Faults and bad input"): what real endpoints do to the teacher client, broken data
+files, and user mistakes on the command line. Each README row names the test here that backs it."""
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import data
+import evaluate
+import teacher
+import tinythinker
+from data import Question
+from test_teacher import body, completion, write_obqa
+from test_tinythinker import args, read_log, world  # noqa: F401  (world: the handful fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- a server that misbehaves like real endpoints
+
+class Server:
+    """Answers each POST with script(stem, count, payload): (status, headers, body), or a function that writes the
+    raw response itself (a dropped connection, a trickle, a body without Content-Length)."""
+
+    def __init__(self, script):
+        self.script, self.log, self.counts, self.lock = script, [], {}, threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stem = payload["messages"][1]["content"].split("\n")[0]
+                with outer.lock:
+                    count = outer.counts.get(stem, 0)
+                    outer.counts[stem] = count + 1
+                    outer.log.append({"stem": stem, "n": payload["n"], "max_tokens": payload["max_tokens"]})
+                answer = outer.script(stem, count, payload)
+                try:
+                    if callable(answer):
+                        return answer(self)
+                    status, headers, content = answer
+                    self.send_response(status)
+                    for k, v in {"Content-Length": str(len(content)), **headers}.items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(content)
+                except OSError:  # the client gave up
+                    pass
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self):
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def stems(self):
+        return [e["stem"] for e in self.log]
+
+
+def dropped_mid_body(handler):
+    """Chunked transfer, connection closed inside a chunk: requests raises ChunkedEncodingError."""
+    handler.send_response(200)
+    handler.send_header("Transfer-Encoding", "chunked")
+    handler.end_headers()
+    handler.wfile.write(b"400\r\n" + b'{"choices": [' + b" " * 50)
+
+
+def trickle(content):
+    def answer(handler):  # a byte every 50 ms: each read is quick, the whole answer would take minutes
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(content)))
+        handler.end_headers()
+        for i in range(len(content)):
+            handler.wfile.write(content[i:i + 1])
+            handler.wfile.flush()
+            time.sleep(0.05)
+    return answer
+
+
+def huge(handler):
+    """1 MB of valid JSON, no Content-Length: only counting the bytes read can stop it."""
+    handler.send_response(200)
+    handler.end_headers()
+    handler.wfile.write(body([completion(gold="C", ki="Key Information: " + "x" * (1 << 20))]))
+
+
+def markdown(text):
+    """A chat model's emphasis: **Key Information:**, **C is correct.**, *italic*."""
+    for letter in "ABCD":
+        for verdict in ("correct", "incorrect"):
+            text = text.replace(f"{letter} is {verdict}.", f"**{letter} is {verdict}.**")
+    return text.replace("Key Information:", "**Key Information:**").replace("reason", "*reason*")
+
+
+def choice(content, finish="stop", **message):
+    return {"index": 0, "message": {"role": "assistant", "content": content, **message}, "finish_reason": finish}
+
+
+def answer_with(choices):
+    return 200, {}, json.dumps({"choices": choices, "usage": {"prompt_tokens": 100, "completion_tokens": 10}}).encode()
+
+
+FIRST_TRY = {  # each fault once, on the first request of its question; then a normal answer
+    "qdropped": dropped_mid_body,
+    "qmessage_str": answer_with([{"index": 0, "message": "C is correct", "finish_reason": "stop"}]),
+    "qmessage_null": answer_with([{"index": 0, "message": None, "finish_reason": "stop"}]),
+    "qcontent_list": answer_with([choice([{"type": "text", "text": completion(gold="C")}])]),
+    "qretry_inf": (429, {"Retry-After": "inf"}, b"{}"),
+    "qretry_hour": (503, {"Retry-After": "3600"}, b"{}"),
+    "qtrickle": trickle(body([completion(gold="C")])),
+    "qhuge": huge,
+    # cut off inside its thinking: by max_tokens, and with a "stop" that left <think> open
+    "qthink_cut": answer_with([choice("<think>\nFirst, A is correct. Because", "length"),
+                               choice("<think>\nHmm, C is correct. Because", "stop"),
+                               choice(completion(gold="C"))]),
+}
+STEMS = [*FIRST_TRY, "q400", "qthink", "qreasoning"]
+
+
+def misbehaving(stem, count, payload):
+    n = payload["n"]
+    if stem == "q400":  # about this request alone, every time
+        refusal = {"error": {"message": "This model's maximum context length is 8192 tokens."}}
+        return 400, {}, json.dumps(refusal).encode()
+    if stem == "qthink":  # a reasoning model thinking in content, with markdown emphasis
+        text = "<think>\nThe scaffold says C.\nA is correct. Because no\n</think>\n\n" + markdown(completion(gold="C"))
+        return answer_with([choice(text)] * n)
+    if stem == "qreasoning":  # thinking served apart, as vLLM's reasoning parser does
+        return answer_with([choice(markdown(completion(gold="C")), reasoning_content="Let me think.")] * n)
+    if count == 0 and stem in FIRST_TRY:
+        return FIRST_TRY[stem]
+    return 200, {}, body([completion(gold="C")] * n)
+
+
+def test_teacher_survives_misbehaving_endpoints_and_a_rerun_is_identical(tmp_path, monkeypatch):
+    write_obqa(tmp_path, STEMS)
+    pauses = []
+    monkeypatch.setattr(teacher.Meter, "pause", lambda self, seconds: pauses.append(seconds))
+    monkeypatch.setattr(teacher, "MAX_RESPONSE_BYTES", 256 << 10)
+    with Server(misbehaving) as server:
+        cfg = dict(data="obqa", data_dir=str(tmp_path), out=str(tmp_path / "t.jsonl"), base_url=server.url, n=3,
+                   rounds=3, max_tokens=64, workers=4, timeout=1.0, max_attempts=3, backoff=0.001, max_backoff=5.0)
+        summary = teacher.run(teacher.TeacherConfig(**cfg))
+        first = server.stems()
+        output = {p: (tmp_path / p).read_bytes() for p in ("t.jsonl", "t.failed.jsonl")}
+        server.log.clear()
+        teacher.run(teacher.TeacherConfig(**cfg))
+        assert server.stems() == ["q400"]  # the rerun asks only the failed question again: nothing bad was cached
+    assert {p: (tmp_path / p).read_bytes() for p in output} == output
+
+    assert {s: first.count(s) for s in STEMS} == {**{s: 2 for s in FIRST_TRY}, "q400": 1, "qthink": 1, "qreasoning": 1}
+    assert summary["errors"] == {"ChunkedEncodingError": 1, "malformed response": 3, "HTTP 429": 1, "HTTP 503": 1,
+                                 "deadline exceeded": 1, "response too large": 1, "HTTP 400": 1}
+    assert pauses.count(5.0) == 2 and all(p < 0.01 for p in pauses if p != 5.0)  # inf and 3600 capped at 5 s
+    records = [json.loads(line) for line in output["t.jsonl"].splitlines()]
+    assert {s: sum(r["id"] == s for r in records) for s in STEMS} == {**{s: 3 for s in STEMS}, "q400": 0}
+    assert [json.loads(line) for line in output["t.failed.jsonl"].splitlines()] == [
+        {"id": "q400", "reasons": ["HTTP 400: This model's maximum context length is 8192 tokens."]}]
+    assert summary["invalid_left"] == {"HTTP 400: This model's maximum context length is 8192 tokens.": 1}
+    thinking = next(r for r in records if r["id"] == "qthink")
+    assert thinking["key_information"] == "fish need water." and thinking["explanations"]["C"] == "reason for C."
+    cache = (tmp_path / "t.cache.jsonl").read_text().splitlines()
+    assert all(teacher.usable(json.loads(line)["response"]) for line in cache) and len(cache) == 12
+    assert (tmp_path / "t.cache.jsonl").stat().st_size < 64 << 10  # the 1 MB answer was never stored
+
+
+def test_a_cut_off_thinking_is_retried_with_room_to_finish(tmp_path):
+    write_obqa(tmp_path, ["qthink_cut"])
+    with Server(misbehaving) as server:
+        summary = teacher.run(teacher.TeacherConfig(data="obqa", data_dir=str(tmp_path), out=str(tmp_path / "t.jsonl"),
+                                                    base_url=server.url, n=3, max_tokens=64, rounds=3))
+    assert [(e["n"], e["max_tokens"]) for e in server.log] == [(3, 64), (2, 128)]  # both cut ones count as truncated
+    assert summary["records"] == 3
+
+
+def test_a_bad_cached_response_counts_as_absent(tmp_path):
+    path = tmp_path / "c.jsonl"
+    bad = {"choices": [{"message": "text", "finish_reason": "stop"}]}
+    good = json.loads(body([completion(gold="C")]))
+    path.write_text("".join(json.dumps({"model": "m", "key": k, "response": r}) + "\n"
+                            for k, r in [("k1", bad), ("k2", good), ("k1", {"choices": [choice(None)]})]))
+    cache = teacher.Cache(path)
+    assert cache.responses == {"k2": good, "k1": {"choices": [choice(None)]}}  # a later good answer still counts
+    cache.close()
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_an_error_about_every_request_stops_at_once(tmp_path, status):
+    write_obqa(tmp_path, ["q1", "q2", "q3"])
+    with Server(lambda stem, count, payload: (status, {}, b'{"error": {"message": "Incorrect API key provided"}}')) \
+            as server:
+        with pytest.raises(SystemExit, match=f"HTTP {status}: Incorrect API key provided"):
+            teacher.main(["--data", "obqa", "--data-dir", str(tmp_path), "--out", str(tmp_path / "t.jsonl"),
+                          "--base-url", server.url, "--workers", "1"])
+    assert len(server.log) == 1 and not (tmp_path / "t.jsonl").exists()
+
+
+def test_no_api_key_for_the_official_endpoint_is_said_before_any_request(tmp_path, monkeypatch):
+    write_obqa(tmp_path, ["q1"])
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setattr(teacher.requests, "post", None)  # any request would fail loudly
+    with pytest.raises(SystemExit, match="OPENAI_API_KEY is not set: https://api.openai.com/v1 needs an API key"):
+        teacher.main(["--data", "obqa", "--data-dir", str(tmp_path), "--out", str(tmp_path / "t.jsonl")])
+    assert list(tmp_path.glob("t.*")) == []
+
+
+def test_a_second_run_on_the_same_cache_is_refused_naming_the_holder(tmp_path):
+    write_obqa(tmp_path, ["q1"])
+    holder = teacher.Cache(tmp_path / "t.cache.jsonl")
+    try:
+        with pytest.raises(SystemExit, match=rf"t.cache.jsonl is in use by pid {os.getpid()} on "):
+            teacher.main(["--data", "obqa", "--data-dir", str(tmp_path), "--out", str(tmp_path / "t.jsonl"),
+                          "--base-url", "http://127.0.0.1:9/v1"])
+    finally:
+        holder.close()
+    teacher.Cache(tmp_path / "t.cache.jsonl").close()  # free again once the holder is gone
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data", "foo"], "--data must be one of"), (["--split", "habitat"], "--split must be train, valid or test"),
+    (["--workers", "0"], "--workers and --max-attempts at least 1"), (["--timeout", "0"], "--timeout above 0"),
+])
+def test_teacher_argument_mistakes_get_one_line(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        teacher.main(["--data", "obqa", "--data-dir", str(tmp_path), "--base-url", "http://127.0.0.1:9/v1", *flags])
+
+
+def interruptible(command, **kwargs):
+    """A child that gets KeyboardInterrupt on SIGINT even where this process ignores SIGINT (a background job)."""
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
+
+
+def test_one_ctrl_c_stops_the_teacher_while_a_worker_waits_on_retry_after(tmp_path):
+    write_obqa(tmp_path, ["q1", "q2"])
+    with Server(lambda stem, count, payload: (429, {"Retry-After": "30"}, b"{}")) as server:
+        proc = interruptible([sys.executable, "teacher.py", "--data", "obqa", "--data-dir", str(tmp_path), "--out",
+                              str(tmp_path / "t.jsonl"), "--base-url", server.url, "--workers", "2"])
+        deadline = time.monotonic() + 30
+        while len(server.log) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.5)  # both workers asleep on Retry-After; the bar refreshes once a second
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130 and time.monotonic() - sent < 5
+    err = err.decode()
+    assert "interrupted; run the same command again" in err and "Traceback" not in err
+    assert "wait=" in err  # the capped Retry-After wait was on the bar
+
+
+# ---------------------------------------------------------------- data files
+
+def csqa_line(i, **changes):
+    obj = {"answerKey": "B", "id": f"c{i}", "question": {"stem": f"question {i}?", "choices": [
+        {"label": letter, "text": f"opt{i}{letter}"} for letter in "ABC"]}}
+    obj.update(changes)
+    return json.dumps(obj)
+
+
+def write_csqa(folder, train, dev=None):
+    original = folder / "csqa" / "original"
+    original.mkdir(parents=True, exist_ok=True)
+    (original / "train_rand_split.jsonl").write_bytes(train.encode() if isinstance(train, str) else train)
+    (original / "dev_rand_split.jsonl").write_text(dev if dev is not None else csqa_line(99) + "\n")
+    return original
+
+
+TRAIN = "".join(csqa_line(i) + "\n" for i in range(6))
+ONE_OPTION = json.dumps({"answerKey": "A", "id": "c9", "question": {"stem": "?", "choices": [{"label": "A",
+                                                                                                "text": "x"}]}})
+
+
+@pytest.mark.parametrize("train, message", [
+    (TRAIN + csqa_line(1) + "\n" + csqa_line(3) + "\n",
+     r"train_rand_split.jsonl: duplicate question ids: c1 \(line 2, line 7\); c3 \(line 4, line 8\)"),
+    (TRAIN.encode() + b'{"id": "c\xe9"}\n', r"train_rand_split.jsonl:7: not UTF-8 \(byte 0xe9 at column 10\)"),
+    (TRAIN + csqa_line(7, answerKey=None) + "\n", r"train_rand_split.jsonl:7: answerKey None is not one of the labels"),
+    (TRAIN + csqa_line(7, answerKey=1) + "\n", r"train_rand_split.jsonl:7: answerKey 1 is not one of the labels ABC"),
+    (TRAIN + ONE_OPTION + "\n", r"train_rand_split.jsonl:7: 1 option\(s\); a question needs at least two"),
+    ("", r"train_rand_split.jsonl: no questions"),
+    ("\n\n", r"train_rand_split.jsonl: no questions"),
+    (csqa_line(1) + "\n", r"csqa/original: train_rand_split.jsonl needs more questions than dev_rand_split.jsonl"),
+], ids=["duplicate-ids", "not-utf8", "answerkey-null", "answerkey-int", "one-option", "empty", "blank", "small-train"])
+def test_bad_data_file_names_file_and_line(tmp_path, train, message):
+    write_csqa(tmp_path, train)
+    with pytest.raises(data.DataError, match=message):
+        data.load("csqa", "train", tmp_path)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", r"strategyqa_train.json: empty file"),
+    (b'[\n{"qid": "s1", "question": "Is it?", "answer": true},\n\xff]', r"strategyqa_train.json:3: not UTF-8"),
+    (json.dumps([{"qid": "s1", "question": "?", "answer": True}] * 2).encode(),
+     r"strategyqa_train.json: duplicate question ids: s1 \(item 0, item 1\)"),
+    (b"[]", r"strategyqa_train.json: no questions"),
+], ids=["empty", "not-utf8", "duplicate-ids", "no-items"])
+def test_bad_strategyqa_file_names_file(tmp_path, content, message):
+    (tmp_path / "strategyqa" / "original").mkdir(parents=True)
+    (tmp_path / "strategyqa" / "original" / "strategyqa_train.json").write_bytes(content)
+    with pytest.raises(data.DataError, match=message):
+        data.load("strategyqa", "train", tmp_path)
+
+
+# ---------------------------------------------------------------- the parsers on random mutations
+
+def mutate_text(text, rng, pieces):
+    """One to three random edits: delete, duplicate or move a span, insert a piece, swap two lines."""
+    for _ in range(rng.randint(1, 3)):
+        i, j = sorted(rng.randrange(len(text) + 1) for _ in range(2))
+        kind = rng.randrange(5)
+        if kind == 0:
+            text = text[:i] + text[j:]
+        elif kind == 1:
+            text = text[:j] + text[i:j] + text[j:]
+        elif kind == 2:
+            text = text[:i] + rng.choice(pieces) + text[i:]
+        elif kind == 3:
+            text = text[:i] + text[j:] + text[i:j]
+        else:
+            lines = text.split("\n")
+            a, b = rng.randrange(len(lines)), rng.randrange(len(lines))
+            lines[a], lines[b] = lines[b], lines[a]
+            text = "\n".join(lines)
+    return text
+
+
+ODD_VALUES = [None, 0, 1, -1, 2.5, True, "", "A", "E", "Z", "x" * 50, [], {}, [1], {"label": "A"}, [None], "\ud800"]
+
+
+def mutate_json(value, rng):
+    """Replace, delete or duplicate one random node of a JSON value."""
+    nodes = []
+
+    def walk(v, parent, key):
+        nodes.append((parent, key))
+        for k, child in (v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()):
+            walk(child, v, k)
+    value = json.loads(json.dumps(value))
+    walk(value, None, None)
+    parent, key = rng.choice(nodes)
+    if parent is None:
+        return rng.choice(ODD_VALUES)
+    kind = rng.randrange(3)
+    if kind == 0:
+        parent[key] = rng.choice(ODD_VALUES)
+    elif kind == 1:
+        del parent[key]
+    elif isinstance(parent, list):
+        parent.insert(key, parent[key])
+    else:
+        parent[key + "_"] = parent[key]
+    return value
+
+
+PIECES = ["<think>", "</think>", "**", "*", "__", "\n", "\n\n", "Because ", "Although ", " is correct.",
+          " is incorrect.", "Key Information:", "Explanations:", "A", "E", "F", ".", "C is correct. Because ", "\x00",
+          "é", " "]
+
+
+def test_parse_completion_returns_or_raises_invalid_completion_on_mutations():
+    rng = random.Random(0)
+    q4, q3 = Question("q", "?", ["w", "x", "y", "z"], "C"), Question("q", "?", ["a", "b", "c"], "B")
+    bases = [(completion(gold="C"), q4), (markdown(completion(gold="C")), q4), (completion("ABC", "B"), q3),
+             ("<think>hmm</think>\n" + completion("ABC", "B"), q3)]
+    outcomes = {"parsed": 0, "invalid": 0}
+    for _ in range(3000):
+        text, q = rng.choice(bases)
+        text = mutate_text(text, rng, PIECES)
+        try:
+            ki, explanations, answer = teacher.parse_completion(text, q)
+        except teacher.InvalidCompletion:
+            outcomes["invalid"] += 1
+            continue
+        outcomes["parsed"] += 1  # what is accepted still holds every rule
+        assert sorted(explanations) == list(data.LETTERS[:len(q.choices)]) and answer in explanations
+        assert ki.endswith((".", '"', "'")) and all(r.endswith((".", '"', "'")) for r in explanations.values())
+    assert min(outcomes.values()) > 300, outcomes
+
+
+def test_parse_answer_returns_a_letter_or_none_on_mutations():
+    rng = random.Random(1)
+    for _ in range(3000):
+        text = mutate_text("So the answer is option B.", rng, ["option ", "C", ".", "the answer is", "\n", "b"])
+        letter = data.parse_answer(text)
+        assert letter is None or (len(letter) == 1 and letter.isupper())
+
+
+def obqa_line(i):
+    return {"id": f"o{i}", "question": {"stem": f"stem {i}", "choices": [
+        {"text": t, "label": x} for x, t in zip("ABCD", ["red", "a, b", "blue", "green"])]}, "answerKey": "D"}
+
+
+def check_loaded(questions):
+    for q in questions:
+        assert isinstance(q.id, str) and isinstance(q.question, str) and len(q.choices) >= 2
+        assert all(isinstance(c, str) for c in q.choices) and q.answer in data.LETTERS[:len(q.choices)]
+    assert len({q.id for q in questions}) == len(questions)
+
+
+def test_loaders_return_questions_or_raise_data_error_on_mutations(tmp_path):
+    """OBQA and CSQA lines, StrategyQA lists and teacher records, mutated as text and as JSON."""
+    rng = random.Random(2)
+    obqa = tmp_path / "obqa" / "original"
+    obqa.mkdir(parents=True)
+    for name in ("dev.jsonl", "test.jsonl"):
+        (obqa / name).write_text("")
+    sqa = tmp_path / "strategyqa" / "original"
+    sqa.mkdir(parents=True)
+    records = tmp_path / "records.jsonl"
+    good = teacher.records_from_completions(Question("q", "?", ["a", "b", "c"], "B"), [completion("ABC", "B")])[0]
+    pieces = ['"', "{", "}", "[", "]", ",", ":", "null", "0", "\n", '"answerKey"', '"label": "A"', "\\u00e9"]
+    files = [  # (file, its loader, valid items, one JSON line per item or one JSON list)
+        (obqa / "train.jsonl", lambda: data.load("obqa", "train", tmp_path), [obqa_line(i) for i in range(4)], True),
+        (sqa / "strategyqa_train.json", lambda: data.load("strategyqa", "train", tmp_path),
+         [{"qid": f"s{i}", "question": "Is it?", "answer": i % 2 == 0} for i in range(4)], False),
+        (records, lambda: teacher.read_records(records), [good] * 3, True),
+    ]
+    outcomes = {"loaded": 0, "error": 0}
+    for trial in range(1000):
+        path, load, items, per_line = files[trial % 3]
+        items = list(items)
+        k = rng.randrange(len(items))
+        items[k] = mutate_json(items[k], rng)
+        text = "\n".join(map(json.dumps, items)) if per_line else json.dumps(items, indent=1)
+        if rng.random() < 0.5:
+            text = mutate_text(text, rng, pieces)
+        raw = text.encode()
+        if rng.random() < 0.3:  # a stray byte, not always UTF-8, in place of a span
+            i, j = sorted(rng.randrange(len(raw) + 1) for _ in range(2))
+            raw = raw[:i] + rng.choice([b"\xff", b"\xc3", b"]", b"\n"]) + raw[j:]
+        path.write_bytes(raw)
+        try:
+            result = load()
+        except data.DataError as e:
+            assert str(e).startswith(str(path)), e
+            outcomes["error"] += 1
+            continue
+        outcomes["loaded"] += 1
+        if path != records:
+            check_loaded(result)
+    assert min(outcomes.values()) > 50, outcomes
+
+
+# ---------------------------------------------------------------- the command line
+
+def cli(*argv, cwd=ROOT):
+    result = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, cwd=cwd, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return result.returncode, result.stderr
+
+
+def run_dir(tmp_path, name, config=None, best=True):
+    """A run directory as tinythinker.py leaves it, as far as the checks look: config.json and best/."""
+    path = tmp_path / name
+    path.mkdir()
+    if config is not None:
+        (path / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    if best:
+        (path / "best").mkdir()
+    return path
+
+
+def test_command_line_mistakes_get_one_line(tmp_path):
+    """Both scripts, each mistake in its own process (run a few at a time): non-zero exit, the problem named on
+    stderr, no traceback."""
+    acquired = dataclasses.asdict(tinythinker.parse_config([]))
+    runs = {
+        "nobest": run_dir(tmp_path, "nobest", acquired, best=False),
+        "garbage": run_dir(tmp_path, "garbage", "{not json"),
+        "good": run_dir(tmp_path, "good", acquired),
+        "empty": run_dir(tmp_path, "empty", {**acquired, "data": "strategyqa", "data_dir": str(tmp_path / "d")}),
+    }
+    (tmp_path / "d" / "strategyqa" / "original").mkdir(parents=True)  # 5 questions: a valid split of none
+    (tmp_path / "d" / "strategyqa" / "original" / "strategyqa_train.json").write_text(
+        json.dumps([{"qid": f"s{i}", "question": "?", "answer": True} for i in range(5)]))
+    write_obqa(tmp_path / "d", ["q1", "q2"])
+    (tmp_path / "d" / "obqa" / "teacher_train.jsonl").write_text("")
+    tt, ev = "tinythinker.py", "evaluate.py"
+    cases = [
+        ((tt, "--phase", "foo"), "--phase must be acquire or reflect, not 'foo'"),
+        ((tt, "--data", "foo"), "--data must be world or one of csqa, obqa, strategyqa, not 'foo'"),
+        ((tt, "--phase", "reflect", "--from", runs["nobest"]), f"{runs['nobest']}: no acquired model"),
+        ((tt, "--phase", "reflect", "--from", runs["garbage"]), "garbage/config.json: not a run config"),
+        ((tt, "--phase", "reflect", "--from", runs["good"], "--samples", "0"), "--samples must be at least 1, not 0"),
+        ((tt, "--epochs", "0"), "--epochs must be at least 1, not 0"),
+        ((tt, "--data", "obqa", "--data-dir", tmp_path / "d", "--out", tmp_path / "r"),
+         "teacher_train.jsonl: no teacher records in the file"),
+        ((ev, runs["nobest"]), f"{runs['nobest']}: no trained model"),
+        ((ev, runs["garbage"]), "garbage/config.json: not a run config"),
+        ((ev, runs["good"], "--samples", "0"), "--samples must be at least 1, not 0"),
+        ((ev, runs["good"], "--split", "habitat"), "--split must be train, valid or test, not 'habitat'"),
+        ((ev, runs["good"], "--samples", "3", "--temperature", "-1"), "--temperature must be above 0 to sample 3"),
+        ((ev, runs["empty"], "--split", "valid"), "the valid split of strategyqa has no questions"),
+    ]
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda case: cli(*case[0]), cases))
+    for (argv, message), (code, stderr) in zip(cases, results):
+        assert code != 0 and message in stderr and "Traceback" not in stderr, (argv, stderr)
+
+
+def test_resume_refuses_changed_settings_naming_them(tmp_path):
+    """A started run (a state.pt) continues only with --resume and with the settings it started with."""
+    flags = ["--data", "obqa", "--out", str(tmp_path / "run")]
+    cfg = tinythinker.parse_config(flags)
+    (tmp_path / "run").mkdir()
+    tinythinker.write_run_config(cfg, str(tmp_path / "run"), 1, effective_batch_size=cfg.batch_size)
+    (tmp_path / "run" / "state.pt").write_bytes(b"")
+    code, stderr = cli("tinythinker.py", *flags, "--resume", "--epochs", "3", "--seed", "1", "--batch-size", "8",
+                       "--lr", "0.1", "--eval-batch-size", "8")
+    assert code != 0 and "Traceback" not in stderr
+    assert ("cannot resume with other settings: --seed 1 (the run has 42), --batch-size 8 (the run has 64), "
+            "--lr 0.1 (the run has 0.0005), --epochs 3 (the run has 10), --effective-batch-size 8 (the run has 64)"
+            in stderr)  # --eval-batch-size moves no step: it may change
+    with pytest.raises(SystemExit, match="holds a started run: pass --resume"):
+        tinythinker.main(flags)
+
+
+def test_a_restart_before_the_first_validation_logs_each_step_once(world, tmp_path, monkeypatch):  # noqa: F811
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # at the first validation, before any state is saved
+    monkeypatch.setattr(evaluate, "accuracy", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tinythinker.acquire(tinythinker.parse_config(args(world, tmp_path / "run", "--epochs", "2")))
+    assert len(read_log(tmp_path / "run")) == 5  # one cycle of steps logged, no state.pt
+    monkeypatch.undo()
+    tinythinker.acquire(tinythinker.parse_config(args(world, tmp_path / "run", "--epochs", "2")))
+    steps = [r["step"] for r in read_log(tmp_path / "run") if "loss" in r]
+    assert steps == list(range(1, 11))
+
+
+def test_ctrl_c_in_training_says_how_to_continue(world, tmp_path):  # noqa: F811
+    proc = interruptible([sys.executable, "tinythinker.py", *args(world, tmp_path / "run", "--epochs", "500")],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "run" / "config.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # inside the training loop
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    err = err.decode()
+    assert proc.returncode == 130 and "interrupted; continue with --resume" in err and "Traceback" not in err
