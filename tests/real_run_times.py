@@ -1,6 +1,8 @@
-"""How long the README's real run (google-t5/t5-small on CommonsenseQA) takes on this machine, projected from
-measured rates: a few training steps and a few batched decoding steps of a randomly initialised T5 with t5-small's
-shape, at CSQA's typical lengths, multiplied by the numbers of steps and generated tokens of each command.
+"""How long the README's real run (google-t5/t5-small on CommonsenseQA) takes on one core of this machine's CPU,
+projected from measured rates: a few training steps and a few batched decoding steps of a randomly initialised T5 with
+t5-small's shape, at CSQA's typical lengths, multiplied by the numbers of steps and generated tokens of each command.
+Times are the process's CPU time on one thread, so other work on a shared machine does not inflate them much; several
+cores divide them by less than their number.
 
     python -m tests.real_run_times --data-dir ../shared/datasets     # the official CSQA files (downloaded if absent)
 
@@ -50,12 +52,12 @@ def step_time(model, optimizer, batch, source, target, steps):
     labels = torch.randint(3, 32000, (batch, round(target)))
     times = []
     for _ in range(steps + 1):  # the first step warms up
-        start = time.perf_counter()
+        start = time.process_time()
         _, loss = model(input_ids=ids, labels=labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     return sum(times[1:]) / steps
 
 
@@ -63,9 +65,9 @@ def decode_time(model, batch, source, new_tokens):
     """Seconds per decoding step of a batch (the encoder pass included, spread over the steps)."""
     ids = torch.randint(3, 32000, (batch, round(source)))
     model.generate(ids[:2], max_new_tokens=2)  # warm-up
-    start = time.perf_counter()
+    start = time.process_time()
     out = model.generate(ids, max_new_tokens=round(new_tokens))
-    return (time.perf_counter() - start) / out.shape[1]
+    return (time.process_time() - start) / out.shape[1]
 
 
 def main():
@@ -77,6 +79,7 @@ def main():
     args = parser.parse_args()
 
     size = lengths(args.data_dir)
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = T5(T5Config())  # t5-small's shape, random weights: the speed does not depend on the values
     model.train()
@@ -111,7 +114,7 @@ def main():
     print(f"acquire {acquire_steps} steps, {acquire_tokens / 1e6:.0f} M tokens (in + out), at most "
           f"{6 * parameters * acquire_tokens:.1e} FLOPs (6 x {parameters / 1e6:.0f} M parameters x tokens); "
           f"reflect {dpo_steps} DPO steps per iteration\n")
-    print("| part | projected hours |\n|---|---|")
+    print("| part | projected hours on one core |\n|---|---|")
     for name, seconds in rows.items():
         print(f"| {name} | {seconds / 3600:.1f} |")
     print(f"| total | {sum(rows.values()) / 3600:.1f} |")

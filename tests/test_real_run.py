@@ -280,3 +280,12 @@ def test_reflect_follows_the_official_schedule(recall, analyze, steps):
     stages = [plan.steps[i][1] for i in range(per_pass)]
     assert stages == ["recall"] * -(-recall // 32) + ["analyze"] * -(-analyze // 32)
     assert plan.steps[per_pass][:2] == (1, "recall")
+
+
+def test_the_readme_time_projection_runs():
+    """python -m tests.real_run_times, as the README cites it, at the smallest sizes: the table comes out."""
+    result = subprocess.run([sys.executable, "-m", "tests.real_run_times", "--data-dir", str(FIXTURES), "--batch", "1",
+                             "--eval-batch", "1", "--steps", "1"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "| acquire: training |" in result.stdout and "| total |" in result.stdout
