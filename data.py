@@ -62,9 +62,16 @@ class Chain:
 
 # ---------------------------------------------------------------- download and load (METHOD 2)
 
-def _get(url: str) -> bytes:
-    response = requests.get(url, timeout=120)
-    response.raise_for_status()
+def _get(url: str, folder: Path) -> bytes:
+    """The file at `url`; a failed download (no network, a moved URL) ends the run with one line saying so."""
+    try:
+        response = requests.get(url, timeout=120)
+        response.raise_for_status()
+    except requests.RequestException as e:
+        reason = f"HTTP {e.response.status_code}" if e.response is not None else type(e).__name__
+        raise SystemExit(f"cannot download {url} ({reason}); with no network or a moved file, put the official "
+                         f"files ({', '.join(FILES[folder.parent.name])}) in {folder}, or pass --data-dir to a "
+                         "folder that holds them as {name}/original/{file}") from None
     return response.content
 
 
@@ -83,10 +90,10 @@ def download(name: str, data_dir=None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     if name == "csqa":
         for f in missing:
-            _write(folder / f, _get(CSQA_URL + FILES[name][f]))
+            _write(folder / f, _get(CSQA_URL + FILES[name][f], folder))
         return folder
     url = OBQA_ZIP if name == "obqa" else STRATEGYQA_ZIP
-    with zipfile.ZipFile(io.BytesIO(_get(url))) as archive:
+    with zipfile.ZipFile(io.BytesIO(_get(url, folder))) as archive:
         for f in missing:
             members = [m for m in archive.namelist() if m == FILES[name][f] or m.endswith("/" + FILES[name][f])]
             if len(members) != 1:

@@ -24,6 +24,10 @@ from data import Chain
 from t5 import T5, Tokenizer
 
 
+# --precision of a run: the autocast dtype of its model on CUDA (T5.amp_dtype); CPUs always compute in fp32.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def questions(name, split, data_dir=None):
     """The questions of one split: the embedded world's, or an official data set's (data.load)."""
     if name == "world":
@@ -146,6 +150,7 @@ def main():
         decoding = f"vote of {args.samples} at T={temperature}" if args.samples > 1 else "greedy"
         for phase, path in checkpoints(run_dir):
             model, tokenizer = T5.from_pretrained(path, device=device), Tokenizer.from_pretrained(path)
+            model.amp_dtype = PRECISIONS[cfg.get("precision", "bf16")]  # as the run validated
             # Reflect trains recall and analyze inside the full chain, so its model is always evaluated on it.
             stages = cfg["stages"] if phase == "acquire" else "recall_analyze_summarize"
             acc, chains = accuracy(model, tokenizer, split_questions, stages, args.samples, temperature,

@@ -7,7 +7,8 @@ attention, feed-forward, block, stack, model (forward, loss, generate); then che
 written by hand, Hub download with requests) and the sentencepiece tokenizer.
 
 Precision: fp32 on CPU; on CUDA the forward and generate run under bf16 autocast (RMSNorm statistics, softmax and the
-loss stay fp32). fp16 is allowed but warned about: T5's feed-forward activations overflow it.
+loss stay fp32), or in fp32 with model.amp_dtype = None. fp16 is allowed but warned about: T5's feed-forward
+activations overflow it.
 """
 
 import contextlib
@@ -335,11 +336,13 @@ class T5(nn.Module):
                         getattr(m, name).weight.normal_(0, c.d_model ** -0.5)
                 m.wo.weight.normal_(0, c.d_ff ** -0.5)
 
+    amp_dtype = torch.bfloat16  # the autocast dtype on CUDA; None computes in the weights' dtype (fp32 training)
+
     def autocast(self, device):
-        """bf16 autocast on CUDA, unless the caller already opened an autocast of its own (fp16 training)."""
-        if device.type != "cuda" or torch.is_autocast_enabled("cuda"):
+        """Autocast to amp_dtype on CUDA, unless it is None or the caller already opened an autocast of its own."""
+        if device.type != "cuda" or self.amp_dtype is None or torch.is_autocast_enabled("cuda"):
             return contextlib.nullcontext()
-        return torch.autocast("cuda", torch.bfloat16)
+        return torch.autocast("cuda", self.amp_dtype)
 
     def encode(self, input_ids, attention_mask):
         """Encoder output [B, S, d_model] and the additive padding mask [B, 1, 1, S] for attending to it."""

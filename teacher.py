@@ -1,6 +1,7 @@
 """Teacher rationales from any OpenAI-compatible chat-completions endpoint (METHOD section 3).
 
     python teacher.py --data csqa --split train [--base-url http://localhost:8000/v1] [--workers 8] [--limit 20]
+    python teacher.py --data csqa --split train --dry-run     # questions, requests, tokens and cost; sends nothing
     python teacher.py --make-prompts TinyThinker/datasets   # regenerate prompts.json from the official repo's datasets/
 
 The key is read from the environment variable named by --api-key-env (OPENAI_API_KEY); a local server may need none.
@@ -557,17 +558,48 @@ def run(cfg: TeacherConfig) -> dict:
     return summary
 
 
+CHARS_PER_TOKEN = 4  # OpenAI's rule of thumb for English text: the estimate needs no tokenizer
+
+
+def estimate(cfg: TeacherConfig) -> dict:
+    """The bill before paying it: the questions, requests and tokens of a run's first round and their price at
+    cfg.price_in/price_out, sending nothing. Prompt tokens are billed once per request whatever n is; a completion
+    is estimated as long as the few-shot exemplars' answers (Key Information and explanations), capped at max_tokens.
+    Retry rounds re-request only the invalid completions (at most cfg.rounds - 1 more requests per question)."""
+    if cfg.data not in N:
+        raise ValueError(f"--data must be one of {sorted(N)}")
+    n, rounds = cfg.n or N[cfg.data], cfg.rounds or ROUNDS[cfg.data]
+    prompts = json.loads(PROMPTS.read_text())
+    system = system_message(prompts["instruction"], prompts["exemplars"][cfg.data], cfg.prompt_seed)
+    questions = data.load(cfg.data, cfg.split, cfg.data_dir)[:cfg.limit]
+    answers = [f"Key Information: {e['Key Information']}\nExplanations: " + "\n".join(e["Explanations"])
+               for e in prompts["exemplars"][cfg.data]]
+    completion = min(cfg.max_tokens, sum(map(len, answers)) / len(answers) / CHARS_PER_TOKEN)
+    prompt_tokens = round(sum(len(system) + len(user_message(q)) for q in questions) / CHARS_PER_TOKEN)
+    completion_tokens = round(len(questions) * n * completion)
+    return {"dry_run": "nothing was sent", "questions": len(questions), "requests": len(questions),
+            "completions": len(questions) * n, "max_requests_with_retries": len(questions) * rounds,
+            "prompt_tokens_est": prompt_tokens, "completion_tokens_est": completion_tokens,
+            "cost_usd_est": round(prompt_tokens * cfg.price_in + completion_tokens * cfg.price_out, 2),
+            "prices_per_token": {"prompt": cfg.price_in, "completion": cfg.price_out}, "model": cfg.model,
+            "tokens": f"estimated at {CHARS_PER_TOKEN} characters per token; the first round only"}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Teacher rationales (METHOD section 3).")
     parser.add_argument("--make-prompts", metavar="DATASETS_DIR", help="regenerate prompts.json and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the questions, requests, tokens and cost "
+                        "a run would need, and send nothing")
     for f in fields(TeacherConfig):
         kind = f.type if isinstance(f.type, type) else f.type.__args__[0]  # `int | None` -> int
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
     args = vars(parser.parse_args(argv))
-    datasets_dir = args.pop("make_prompts")
+    datasets_dir, dry_run = args.pop("make_prompts"), args.pop("dry_run")
     if datasets_dir:
         return make_prompts(datasets_dir)
     try:
+        if dry_run:
+            return print(json.dumps(estimate(TeacherConfig(**args)), indent=1))
         run(TeacherConfig(**args))
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to continue (answered requests are cached)",

@@ -31,6 +31,7 @@ import dpo
 import evaluate
 import teacher
 import world
+from data import DEFAULT_DIR
 from t5 import T5, T5Config, Tokenizer
 
 
@@ -38,7 +39,7 @@ from t5 import T5, T5Config, Tokenizer
 class Config:
     phase: str = "acquire"              # acquire | reflect
     data: str = "world"                 # world | csqa | obqa | strategyqa
-    data_dir: str = "data"              # official data set files and teacher records (python teacher.py writes them)
+    data_dir: str = str(DEFAULT_DIR)    # data set files and teacher records: <repo>/data, where teacher.py writes
     model: str = "google-t5/t5-small"   # Hub id or local directory; "scratch" = a new T5 sized by world.MODEL
     stages: str = "recall_analyze_summarize"  # acquire: a data.STAGES variant; reflect: recall | analyze | recall_analyze
     out: str = ""                       # run directory (default runs/{data}); reflect writes into {out}/reflect
@@ -54,7 +55,7 @@ class Config:
     eval_every: int = 0                 # optimizer steps between validations; 0 = once per cycle, as the official code
     grad_clip: float = 1.0
     group_by_length: bool = False       # batches of similar lengths pad less; off = the official random batches
-    fp16: bool = False                  # CUDA only: fp16 autocast with a GradScaler instead of bf16 (T5 may overflow)
+    precision: str = "fp32"             # fp32 | bf16 | fp16 (fp16 with a GradScaler): CUDA autocast; CPUs run fp32 (A20)
     eval_batch_size: int = 256
     max_new_tokens: int = 200           # every stage, as the official max_length 200
     # self-reflection (METHOD 7)
@@ -64,9 +65,13 @@ class Config:
     beta: float = 0.5                   # DPO beta: the official argparse value (A2)
     alpha: float = 0.5                  # weight of the NLL on chosen responses (DPO + alpha * NLL, A10)
     max_length: int = 200               # prompt and response truncation for DPO (METHOD 7.4)
+    sources: dict = dataclasses.field(default_factory=dict)  # where each setting came from (parse_config)
 
 
-REFLECT = dict(stages="recall_analyze", batch_size=32, lr=5e-6)  # run_dpo.sh
+# The method's self-reflection values (run_dpo.sh and scripts/dpo.py, METHOD 7): they replace acquire's values for
+# a reflect run, whatever data set it continues; epochs counts cycles of the official schedule (A19, reflect_plan).
+REFLECT = dict(batch_size=32, lr=5e-6, warmup=0.1, epochs=10, eval_every=0, grad_clip=1.0, iterations=5, samples=10,
+               temperature=0.7, beta=0.5, alpha=0.5, max_length=200, max_new_tokens=200)
 # The embedded demo (world.py), sized so that acquire, reflect and evaluate together fit in 10 minutes on 2 CPU cores.
 # acquire: stages interleaved batch by batch (interval 1): with blocks of 10/40/10 batches the same model sat at
 # chance for 528 steps; interleaved, the full variant leaves chance between steps 300 and 400 and reaches 77-100%
@@ -89,13 +94,21 @@ DECISIONS = {
     "A9 analyze-pair balancing": "chosen topped up to |rejected| like the recall rule (see dpo.analyze_pairs)",
     "A16 exhausted loaders": "a cycle skips an exhausted loader; every example is seen once per epoch",
     "A18 identical pairs": "a preference pair whose chosen and rejected texts are equal is left out (dpo.recall_pairs)",
+    "A19 reflect schedule": "the official one: epochs x S steps, validation every S = RI + AI steps (reflect_plan)",
+    "A20 precision": "fp32 unless --precision bf16|fp16, as the official code (DPO compares sums of 200 log-probs)",
+    "A21 reflect samples": "only training questions with teacher records, as the official code",
 }
 
 
 def parse_config(argv=None):
-    """Defaults, then the phase's and the world's, then the command line, in that order."""
+    """Defaults, then the phase's and the world's, then the command line, in that order. A reflect run continues the
+    acquire run in --from: its data set, data directory and stage variant come from that run's config.json, then
+    the method's reflect values (REFLECT), then the world's if that run was on the world, then the command line.
+    cfg.sources records where each setting came from; it is written to config.json."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in dataclasses.fields(Config):
+        if field.name == "sources":
+            continue
         flags = ["--" + field.name.replace("_", "-")]
         if isinstance(field.default, bool):
             parser.add_argument(*flags, action="store_true", default=None)
@@ -104,9 +117,25 @@ def parse_config(argv=None):
     parser.add_argument("--from", dest="out", help="reflect: the acquire run directory (same as --out)")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     phase, name = given.get("phase", Config.phase), given.get("data", Config.data)
-    settings = {**(REFLECT if phase == "reflect" else {}), **(WORLD.get(phase, {}) if name == "world" else {}), **given}
+    layers = []
+    if phase == "reflect":
+        run_dir = given.get("out") or os.path.join("runs", name)
+        acquired = acquire_settings(run_dir)
+        if "data" in given and given["data"] != acquired["data"]:
+            raise SystemExit(f"--data {given['data']}: the run in {run_dir} was acquired on {acquired['data']}")
+        name = acquired["data"]
+        layers += [("acquire run", acquired), ("method (reflect)", REFLECT)]
+    if name == "world":
+        layers.append(("world preset", WORLD.get(phase, {})))
+    layers.append(("command line", given))
+    settings, sources = {}, {}
+    for source, values in layers:
+        settings.update(values)
+        sources.update(dict.fromkeys(values, source))
     cfg = Config(**settings)
     cfg.out = cfg.out or os.path.join("runs", cfg.data)
+    cfg.data_dir = os.path.abspath(cfg.data_dir)  # config.json then works from any directory
+    cfg.sources = {f.name: sources.get(f.name, "default") for f in dataclasses.fields(Config) if f.name != "sources"}
     return cfg
 
 
@@ -137,7 +166,7 @@ def check(cfg):
 
 
 # Settings a resumed run may change: they move no step of the schedule.
-FREE_ON_RESUME = ("resume", "out", "data_dir", "eval_batch_size")
+FREE_ON_RESUME = ("resume", "out", "data_dir", "eval_batch_size", "sources")
 
 
 def check_resume(cfg, run_dir, **extra):
@@ -152,10 +181,17 @@ def check_resume(cfg, run_dir, **extra):
         raise SystemExit(f"{run_dir}: cannot resume with other settings: {', '.join(changed)}")
 
 
-def load_config(run_dir):
-    with open(os.path.join(run_dir, "config.json")) as f:
-        saved = json.load(f)
-    return Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
+def acquire_settings(run_dir):
+    """What a reflect run takes from the acquire run it continues. Reflect trains recall and analyze inside the full
+    chain (METHOD 7), so it continues only a run of the full recall_analyze_summarize variant."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no acquire run to reflect on; run python tinythinker.py --phase acquire first, "
+                         "or pass --from RUN_DIR")
+    acquired = evaluate.read_run_config(run_dir)
+    if acquired["stages"] != "recall_analyze_summarize":
+        raise SystemExit(f"{path}: reflect continues a recall_analyze_summarize run, not a {acquired['stages']} one")
+    return dict(data=acquired["data"], data_dir=acquired["data_dir"], stages="recall_analyze")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,19 +247,22 @@ class Plan:
     """Which examples every optimizer step trains on, computed from (seed, epoch, stage) alone (data.batch_order): a
     resumed run recomputes it and carries on at its step, so no data-loader state needs saving."""
 
-    def __init__(self, lengths, batch, epochs, seed, quotas=None, world_size=1, group_by_length=False):
+    def __init__(self, lengths, batch, epochs, seed, quotas=None, world_size=1, group_by_length=False, max_steps=None):
         self.lengths, self.batch, self.seed, self.group_by_length = lengths, batch, seed, group_by_length
         # A batch smaller than the number of devices is dropped: every rank needs an example, or DDP's all-reduce
         # would wait forever. Only the short last batch of a stage can be that small.
         self.world_size = world_size
         self.batches = {s: len(n) // batch + (len(n) % batch >= world_size) for s, n in lengths.items()}
         epoch_order = stage_schedule(self.batches, quotas or self.batches)  # no quotas: one pass per stage in turn
+        if max_steps:  # as many epochs as max_steps needs, the last one cut short
+            epochs = -(-max_steps // len(epoch_order))
         self.steps = []
         for epoch in range(epochs):
             seen = dict.fromkeys(lengths, 0)
             for stage in epoch_order:
                 self.steps.append((epoch, stage, seen[stage]))
                 seen[stage] += 1
+        self.steps = self.steps[:max_steps]
         self.cycle = sum(min((quotas or self.batches)[s], n) for s, n in self.batches.items())
 
     def __len__(self):
@@ -251,12 +290,16 @@ def setup_device(cfg):
     else:
         device = torch.device("cpu")
     torch.manual_seed(cfg.seed)  # dropout masks; a model from scratch is seeded again in student()
-    # Precision lives in the model: bf16 autocast on CUDA, fp32 on CPU. --fp16 swaps in fp16 with loss scaling.
-    fp16 = cfg.fp16 and device.type == "cuda"
-    if fp16:
+    # Precision lives in the model (T5.amp_dtype): its forward and generate autocast to that dtype on CUDA. fp32 is
+    # the default (A20): the official code trains in fp32, and DPO compares sums of up to 200 token log-probs whose
+    # reference and policy values must agree for equal weights (bf16 rounds them differently per batch shape).
+    if cfg.precision not in evaluate.PRECISIONS:
+        raise SystemExit(f"--precision {cfg.precision}: expected one of {', '.join(evaluate.PRECISIONS)}")
+    amp = evaluate.PRECISIONS[cfg.precision] if device.type == "cuda" else None
+    if amp == torch.float16:
         print("warning: T5's feed-forward activations overflow fp16 (transformers#9295); bf16 is the safe choice",
               file=sys.stderr)
-    return device, fp16, rank, world_size
+    return device, amp, rank, world_size
 
 
 def learning_rate(cfg, step, total):
@@ -285,14 +328,14 @@ def save_atomic(obj, path):
     os.replace(path + ".tmp", path)
 
 
-def fit(cfg, run_dir, model, tokenizer, plan, train_step, validate, device, fp16, rank, world_size, desc,
+def fit(cfg, run_dir, model, tokenizer, plan, train_step, validate, device, amp, rank, world_size, desc,
         dropout=True):
     """AdamW over `plan`, one `train_step(stage, indices)` per optimizer step, with warm-up + cosine learning rate,
     gradient clipping, and a validation every cfg.eval_every (default plan.cycle) steps and at the end that keeps the
     best model in {run_dir}/best and writes the resumable state {run_dir}/state.pt atomically. Returns the best accuracy.
     Validation and generation put the model back in the mode they found it in, so train(dropout) holds throughout."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    scaler = torch.amp.GradScaler(enabled=fp16)
+    scaler = torch.amp.GradScaler(enabled=amp == torch.float16)  # fp16 gradients underflow without loss scaling
     state_path, log_path = os.path.join(run_dir, "state.pt"), os.path.join(run_dir, "log.jsonl")
     start, best = 0, -1.0
     if cfg.resume and os.path.isfile(state_path):
@@ -318,8 +361,7 @@ def fit(cfg, run_dir, model, tokenizer, plan, train_step, validate, device, fp16
         lr = learning_rate(cfg, step, len(plan))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with torch.autocast("cuda", torch.float16) if fp16 else contextlib.nullcontext():
-            metrics = train_step(trained, scaler, *plan[step])
+        metrics = train_step(trained, scaler, *plan[step])
         scaler.unscale_(optimizer)
         metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         scaler.step(optimizer)
@@ -362,7 +404,7 @@ def write_run_config(cfg, run_dir, world_size, **extra):
 # Phase 1: reasoning acquisition (METHOD 5)
 
 def acquire(cfg):
-    device, fp16, rank, world_size = setup_device(cfg)
+    device, amp, rank, world_size = setup_device(cfg)
     run_dir = cfg.out
     effective = cfg.batch_size * cfg.grad_accum * world_size
     started = os.path.isfile(os.path.join(run_dir, "state.pt"))
@@ -376,7 +418,7 @@ def acquire(cfg):
     valid = evaluate.questions(cfg.data, "valid", cfg.data_dir)
     stage_texts = {stage: pairs for stage, pairs in data.stage_examples(records, cfg.stages).items() if pairs}
     model, tokenizer = student(cfg, run_dir, [x + " " + y for pairs in stage_texts.values() for x, y in pairs])
-    model.to(device)
+    model.to(device).amp_dtype = amp
     examples = {stage: [(tokenizer.encode(x), tokenizer.encode(y)) for x, y in pairs]
                 for stage, pairs in stage_texts.items()}
     n_options = max(len(r["explanations"]) for r in records)
@@ -414,7 +456,7 @@ def acquire(cfg):
 
     validate = lambda m: evaluate.accuracy(m, tokenizer, valid, cfg.stages, batch_size=cfg.eval_batch_size,
                                            max_new_tokens=cfg.max_new_tokens)[0]
-    best = fit(cfg, run_dir, model, tokenizer, plan, train_step, validate, device, fp16, rank, world_size,
+    best = fit(cfg, run_dir, model, tokenizer, plan, train_step, validate, device, amp, rank, world_size,
                "acquire")
     if rank == 0:
         print(f"acquire: best validation accuracy {best:.2f}%, model in {os.path.join(run_dir, 'best')}")
@@ -467,12 +509,29 @@ def self_pairs(cfg, model, tokenizer, train, records, iteration_dir, iteration):
     return recall_pairs, analyze_pairs
 
 
+def reflect_plan(cfg, pairs, seed):
+    """A19, the official DPO schedule (METHOD 7.5): a cycle of S = RI + AI steps, RI = floor(R/B)+1 recall batches
+    and AI = (floor(A/R)+1)*RI analyze batches (R, A = numbers of pairs, B the batch size), cfg.epochs cycles in all
+    (10, so 10 validations), validation every S steps. RI and AI are at least the batches of one pass, so each
+    pass over the shuffled pairs is every recall batch, then every analyze batch (A16), and a new shuffled pass
+    starts where the last one ends, not at a cycle boundary, as the official loop restarts exhausted loaders."""
+    n = {s: len(p) for s, p in pairs.items()}
+    if "recall" in n:
+        ri = n["recall"] // cfg.batch_size + 1
+        quotas = dict(recall=ri, analyze=(n.get("analyze", 0) // n["recall"] + 1) * ri)
+    else:  # analyze pairs only: S = floor(A/B)+1
+        quotas = dict(analyze=n["analyze"] // cfg.batch_size + 1)
+    cycle = sum(quotas[s] for s in n)
+    plan = Plan({s: [len(p[0]) for p in ps] for s, ps in pairs.items()}, cfg.batch_size, 0, seed, quotas,
+                max_steps=cfg.epochs * cycle)
+    plan.cycle = cycle
+    return plan
+
+
 def reflect(cfg):
-    device, fp16, rank, world_size = setup_device(cfg)
+    device, amp, rank, world_size = setup_device(cfg)
     if world_size > 1:
         raise SystemExit("reflect runs on one device: its sampling dominates and the pairs are small")
-    acquired = load_config(cfg.out)
-    cfg.data, cfg.data_dir = acquired.data, acquired.data_dir
     reflect_dir = os.path.join(cfg.out, "reflect")
     if os.path.isfile(os.path.join(reflect_dir, "iter_1", "state.pt")):  # saved at iteration 1's first validation
         check_resume(cfg, reflect_dir)
@@ -484,6 +543,14 @@ def reflect(cfg):
               "--from runs/csqa")
     train, valid = (evaluate.questions(cfg.data, split, cfg.data_dir) for split in ("train", "valid"))
     records = teacher_records(cfg)
+    # Only questions with teacher records are sampled, as in the official code (its training set is the teacher's
+    # output): a recall pair may need the teacher's Key Information as its chosen side (METHOD 7.2, step 4), and
+    # questions the teacher failed or that --limit left out have none.
+    taught = {r["id"] for r in records}
+    if len(taught) < len(train):
+        print(f"reflect: sampling the {len(taught)} training questions with teacher records, "
+              f"of {len(train)} in the split")
+    train = [q for q in train if q.id in taught]
     previous, results = os.path.join(cfg.out, "best"), {}
     for iteration in range(1, cfg.iterations + 1):
         iteration_dir = os.path.join(reflect_dir, f"iter_{iteration}")
@@ -495,6 +562,7 @@ def reflect(cfg):
             continue
         # Policy and reference both start from the previous iteration's best model (METHOD 7, step 3).
         model, tokenizer = T5.from_pretrained(previous, device=device), Tokenizer.from_pretrained(previous)
+        model.amp_dtype = amp
         recall_pairs, analyze_pairs = self_pairs(cfg, model, tokenizer, train, records, iteration_dir, iteration)
         pairs = {"recall": dpo.tokenize_pairs(recall_pairs, tokenizer, cfg.max_length),
                  "analyze": dpo.tokenize_pairs(analyze_pairs, tokenizer, cfg.max_length)}
@@ -506,11 +574,9 @@ def reflect(cfg):
         # once, before training, by the same weights, and the policy must score its targets the same way.
         model.eval()
         reference = {s: reference_logprobs(model, p, cfg.eval_batch_size, device) for s, p in pairs.items()}
-        # One epoch = every recall pair, then every analyze pair (METHOD 7.5).
-        plan = Plan({s: [len(p[0]) for p in ps] for s, ps in pairs.items()}, cfg.batch_size, cfg.epochs,
-                    cfg.seed + iteration)
+        plan = reflect_plan(cfg, pairs, cfg.seed + iteration)
         print(f"iteration {iteration}: {', '.join(f'{len(p)} {s} pairs' for s, p in pairs.items())}; "
-              f"{len(plan)} steps")
+              f"{len(plan)} steps, validation every {plan.cycle}")
 
         def train_step(trained, scaler, stage, indices):
             batch = [pairs[stage][i] for i in indices]
@@ -523,7 +589,7 @@ def reflect(cfg):
         validate = lambda m: evaluate.accuracy(m, tokenizer, valid, "recall_analyze_summarize",
                                                batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens)[0]
         results[iteration] = fit(cfg, iteration_dir, model, tokenizer, plan, train_step, validate, device,
-                                 fp16, rank, world_size, f"reflect {iteration}", dropout=False)
+                                 amp, rank, world_size, f"reflect {iteration}", dropout=False)
         write_jsonl([dict(best=results[iteration])], done_path)
         previous = os.path.join(iteration_dir, "best")
     if results:
@@ -547,8 +613,8 @@ def reference_logprobs(model, pairs, batch_size, device):
 
 
 def main(argv=None):
-    cfg = parse_config(argv)
     try:
+        cfg = parse_config(argv)
         check(cfg)
         acquire(cfg) if cfg.phase == "acquire" else reflect(cfg)
     except data.DataError as e:  # a data set, teacher or run file that cannot be read: it is named in the message
