@@ -4,7 +4,7 @@ t5-small's shape, at CSQA's typical lengths, multiplied by the numbers of steps 
 Times are the process's CPU time on one thread, so other work on a shared machine does not inflate them much; several
 cores divide them by less than their number.
 
-    python -m tests.real_run_times --data-dir ../shared/datasets     # the official CSQA files (downloaded if absent)
+    python -m tests.real_run_times     # the official CSQA files (downloaded if absent)
 
 Lengths are estimated at 4 characters per token: the question with its options from the CSQA training file, the Key
 Information and the explanations from the few-shot exemplars in prompts.json. Step counts: METHOD 5.3's scale example
