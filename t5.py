@@ -288,6 +288,15 @@ def sample(logits, temperature, top_k, top_p):
     return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
 
 
+DROP_FINISHED_AFTER = 1.0  # compact once finished rows have idled this many steps' worth of the batch; inf: never
+
+
+def keep_rows(buffer, keep, length):
+    """buffer[:len(keep)], now holding rows `keep` of `buffer` at positions [:length] of dim 2 (moved in place)."""
+    buffer[:len(keep), :, :length] = buffer[keep, :, :length]
+    return buffer[:len(keep)]
+
+
 @contextlib.contextmanager
 def eval_mode(model):
     """Switch dropout off for a while (generate may be called from a training loop)."""
@@ -352,7 +361,8 @@ class T5(nn.Module):
         return self.lm_head(h)
 
     def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, labels=None):
-        """(logits [B, T, vocab], loss or None); loss = mean cross-entropy over the label tokens that are not -100."""
+        """(logits [B, T, vocab], None) without labels. With labels: (logits [N, vocab] of the N labelled positions
+        only, in the order of labels[labels != -100], and their mean cross-entropy); -100 marks padding."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if decoder_input_ids is None:
@@ -363,11 +373,12 @@ class T5(nn.Module):
             encoder_states, mask = self.encode(input_ids, attention_mask)
             h = self.decoder(self.shared(decoder_input_ids), self.decoder.position_bias(decoder_input_ids.shape[1]),
                              self.decoder.cross_kv(encoder_states), mask)
-            logits = self.lm_logits(h)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return logits, loss
+            if labels is None:
+                return self.lm_logits(h), None
+            # lm_head and loss only on the labelled positions, not the padding: LABELLED_GAIN
+            labelled = labels != -100
+            logits = self.lm_logits(h[labelled])
+        return logits, F.cross_entropy(logits.float(), labels[labelled])
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=200, do_sample=False, temperature=1.0,
@@ -376,7 +387,8 @@ class T5(nn.Module):
         input are adjacent; each row ends with its </s> and is padded with 0 after it. Runs in eval mode.
         Prefill: the encoder runs once and every block's cross-attention keys/values are projected once. Decode: one
         token per step through static self-attention caches written by index; the decoder position bias is computed
-        once for all positions and step t reads its row t. The loop stops when every row has produced </s>."""
+        once for all positions and step t reads its row t. Ragged: finished rows leave the running batch (with their
+        cache rows), so the work follows the rows still writing. The loop stops when every row has produced </s>."""
         c = self.config
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -392,17 +404,29 @@ class T5(nn.Module):
                      for _ in self.decoder.block]
             bias = self.decoder.position_bias(max_new_tokens)
             out = input_ids.new_zeros(rows, max_new_tokens)
+            running = torch.arange(rows, device=mask.device)  # the row of `out` each running row writes
             done = torch.zeros(rows, dtype=torch.bool, device=mask.device)
             token = out.new_full((rows,), c.decoder_start_token_id)
+            idle = 0  # row-steps spent on finished rows since the last compaction
             for t in range(max_new_tokens):
                 h = self.decoder(self.shared(token[:, None]), bias[:, :, t:t + 1, :t + 1], cross_kv, mask, cache, t)
                 logits = self.lm_logits(h[:, 0])
                 token = sample(logits, temperature, top_k, top_p) if do_sample else logits.argmax(-1)
                 token = token.masked_fill(done, c.pad_token_id)
-                out[:, t] = token
+                out[running, t] = token
                 done |= token == c.eos_token_id
-                if done.all():  # the one host sync per step
+                finished = int(done.sum())  # the one host sync per step
+                if finished == len(done):
                     break
+                # Drop the finished rows once the steps they idled cost as much as copying the others' caches (about
+                # one step): RAGGED_GAIN. Moved to the front of the same buffers; a row's arithmetic is unchanged.
+                idle += finished
+                if idle >= len(done) * DROP_FINISHED_AFTER:
+                    keep = (~done).nonzero()[:, 0]
+                    running, token, done, mask = running[keep], token[keep], done[keep], mask[keep]
+                    cross_kv = [(keep_rows(k, keep, k.shape[2]), keep_rows(v, keep, v.shape[2])) for k, v in cross_kv]
+                    cache = [(keep_rows(k, keep, t + 1), keep_rows(v, keep, t + 1)) for k, v in cache]
+                    idle = 0
         return out[:, :t + 1]
 
     # ----------------------------------------------------------------------------------------------------------------
