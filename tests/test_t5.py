@@ -408,6 +408,26 @@ def test_logits_loss_and_gradients_match_transformers(hf, variant, tmp_path):
         assert max_diff(model(ids, mask, t5.shift_right(labels))[0], out.logits) <= 1e-4
 
 
+def test_unpadded_training_matches_transformers_on_any_padding(hf, tmp_path):
+    """Our forward packs the real tokens; transformers computes every position. Left-padded inputs and labels ignored
+    in the middle of a row (whose later labels still attend to them) give the same loss and gradients."""
+    _, tiny_hf_model = hf
+    reference = tiny_hf_model(**VARIANTS["flan"])
+    reference.save_pretrained(tmp_path)
+    model = t5.T5.from_pretrained(tmp_path)
+    ids, mask, labels = batch(reference.config.vocab_size)
+    mask[0, :30] = 0  # left padding
+    labels[0, 10:50] = -100  # e.g. a prompt that is not scored
+    out = reference(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    logits, loss = model(ids, mask, labels=labels)
+    loss.backward()
+    assert logits.shape[0] == (labels != -100).sum() and abs(loss.item() - out.loss.item()) <= 1e-5
+    reference_grads = {name: p.grad for name, p in reference.named_parameters()}
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, reference_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("variant", ["t5", "v1.1", "flan"])
 def test_greedy_generation_matches_transformers(hf, variant, tmp_path):
     _, tiny_hf_model = hf
