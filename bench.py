@@ -47,7 +47,8 @@ SIZES = {"small": dict(d_model=512, d_ff=2048, num_heads=8, num_layers=6),  # or
 PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)]  # dense, by name
 GOALS = {"train": {"cpu": ">= 1.2", "cuda": ">= 1.5"}, "generate": ">= 3", "memory": "<= 1", "chain": ">= 2"}
 MARK_BEGIN, MARK_END = "<!-- results: written by bench.py from bench.json -->", "<!-- end of results -->"
-PROJECTION_BEGIN, PROJECTION_END = "<!-- projection: written by bench.py --only project -->", "<!-- end of projection -->"
+PROJECTION_BEGIN = "<!-- projection: written by bench.py --only project -->"
+PROJECTION_END = "<!-- end of projection -->"
 # The method's work on CSQA (METHOD.md 5.2, 7.5): acquire = 73,120 steps of 64 (1,043 recall + 5,224 analyze +
 # 1,045 summarize batches per epoch, 10 epochs) and ~104 greedy validations of 1,221 questions; reflect = 5 iterations
 # of: 85,200 sampled chains (10 per training question, recall pass), at most as many again for the analyze pass
@@ -370,8 +371,9 @@ def bench_chain(size, args, directory):
               "theirs": TheirsForChains(T5ForConditionalGeneration.from_pretrained(directory).eval())}
     for impl, model in models.items():
         chain_setup(model, tokenizer, stage_hazards, logs[impl])
-    run = lambda impl: evaluate.run_chains(models[impl], tokenizer, questions, batch_size=args.chain_batch,  # noqa: E731
-                                           max_new_tokens=args.chain_max_new_tokens)
+    def run(impl):
+        return evaluate.run_chains(models[impl], tokenizer, questions, batch_size=args.chain_batch,
+                                   max_new_tokens=args.chain_max_new_tokens)
     chains = {}
     def timed(impl):  # no warm-up: nothing is compiled or cached, and one chain takes minutes
         chains[impl] = run(impl)
@@ -424,7 +426,8 @@ def project(size, args, directory):
     summarize = [data.summarize_input(q, "Recall.", {x: "analysis." for x in "ABCDE"}) for q in train[:100]]
     tokenizer = Tokenizer.train([data.recall_input(q) for q in train] + summarize, 8000, Path(directory) / "tokenizer")
     model = T5.from_pretrained(directory)
-    seconds = lambda fn, warmup=1: race({"ours": fn}, torch.device("cpu"), warmup, args.repeats)[0]["ours"]  # noqa: E731
+    def seconds(fn, warmup=1):
+        return race({"ours": fn}, torch.device("cpu"), warmup, args.repeats)[0]["ours"]
     rates = {}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for stage, batch in method_batches(tokenizer, train, exemplars, rng).items():
@@ -460,7 +463,8 @@ def project(size, args, directory):
              "reflect: sampling": w["iterations"] * 2 * w["train"] * w["samples"] * rates["chain question"] / 3600,
              # + one reference forward per 10 steps (273 per iteration), a third of a step each
              "reflect: DPO training": w["iterations"] * w["dpo_steps"] * (1 + 1 / 30) * rates["DPO step"] / 3600,
-             "reflect: validation": w["iterations"] * w["dpo_validations"] * w["valid"] * rates["chain question"] / 3600,
+             "reflect: validation": w["iterations"] * w["dpo_validations"] * w["valid"] * rates["chain question"]
+             / 3600,
              "test evaluation": w["test"] * rates["chain question"] / 3600}
     return rates, hours
 
@@ -482,7 +486,8 @@ def save_projection(run, out, markdown):
                 f"torch {m['torch']}, fp32, load average {m['load_before'][0]:.2f} before / "
                 f"{m['load_after'][0]:.2f} after, {run['date']}", "",
                 "| size | " + " | ".join(run["rates"][0][1]) + " |", "|---|" + "---|" * len(run["rates"][0][1])]
-        out += [f"| {size} | " + " | ".join(f"{v:.2f} s" for v in rates.values()) + " |" for size, rates in run["rates"]]
+        out += [f"| {size} | " + " | ".join(f"{v:.2f} s" for v in rates.values()) + " |"
+                for size, rates in run["rates"]]
         phases = list(run["hours"][0][1])
         out += ["", "| size | " + " | ".join(phases) + " | total |", "|---|" + "---|" * (len(phases) + 1)]
         out += [f"| {size} | " + " | ".join(f"{h:,.0f} h" for h in hours.values()) +
@@ -528,11 +533,12 @@ def render(runs):
             if "same_tokens" in r:
                 notes.append(f"{r['same_tokens']:.1%} of tokens identical")
             if "ideal" in r:
-                notes.append(f"ideal gain {r['ideal']:.2f}x, measured {r['ours'] / r['theirs'] / r['ideal']:.0%} of it; "
+                share = r["ours"] / r["theirs"] / r["ideal"]
+                notes.append(f"ideal gain {r['ideal']:.2f}x, measured {share:.0%} of it; "
                              f"{r['same_chains']:.0%} of chains identical; per stage, gain / ideal (output length "
                              "mean, max; exemplars' mean): " + ", ".join(
-                                 f"{k} {v['gain']:.2f}x / {v['ideal']:.2f}x ({v['mean_length']:.0f}, {v['max_length']}; "
-                                 f"{v['exemplar_mean']:.0f})" for k, v in r["stages"].items()))
+                                 f"{k} {v['gain']:.2f}x / {v['ideal']:.2f}x ({v['mean_length']:.0f}, "
+                                 f"{v['max_length']}; {v['exemplar_mean']:.0f})" for k, v in r["stages"].items()))
             if "loss_diff" in r:
                 notes.append(f"loss difference {r['loss_diff']:.1e} (dropout off)")
             if "ours_tflops" in r:
@@ -600,7 +606,8 @@ def main():
     args.only = args.only.split(",")
     args.gen_batches = [int(b) for b in args.gen_batch.split(",")]
     args.gen_batch = args.gen_batches[-1]
-    if set(args.only) - {"train", "generate", "memory", "chain", "project"} or set(args.sizes.split(",")) - SIZES.keys():
+    benches = {"train", "generate", "memory", "chain", "project"}
+    if set(args.only) - benches or set(args.sizes.split(",")) - SIZES.keys():
         p.error(f"--only {','.join(args.only)} / --sizes {args.sizes}: expected train, generate, memory, chain / "
                 "small, base")
     torch.set_num_threads(args.threads)
