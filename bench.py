@@ -5,20 +5,26 @@ same device and precision, in one process.
     python bench.py --only train --sizes small --repeats 3     # one benchmark, one size
     python bench.py --sizes base --batch 8 --gen-batch 16      # smaller batches for a CPU run
     python bench.py --only train --sizes small --profile       # + torch.profiler top entries of each side
+    python bench.py --only chain --sizes small --data-dir /work/shared/datasets   # three-stage chains on CSQA
+    python bench.py --only project --data-dir /work/shared/datasets  # the whole method's wall time, projected
 
 Method: transformers builds the model (its own random initialisation) and saves it; ours loads those files. Each
 measurement runs a warm-up, then alternates ours / theirs (the order flipped every repeat, so load from other processes
 hits both alike) and keeps the median. Peak memory is measured in a fresh process per implementation and benchmark.
 Precision: fp32 on CPU; on CUDA fp32 weights under bf16 autocast on both sides, training eager and torch.compile'd.
 Batches are padded like the method's: row lengths drawn between half and the full length; token counts include the
-padding, since both sides compute it. Results are merged into bench.json (--out) and BENCHMARKS.md's results section
-is rewritten from it, each table under the command that produced it. Timings never go into tests.
+padding (transformers computes it, ours skips it). `chain` runs evaluate.run_chains on CSQA test questions with each
+side's generate, outputs ending with the length spread of the official exemplars' rationales (EndAtRealLengths).
+`project` times ours alone on CSQA-shaped work and scales it by the method's step and chain counts (METHOD_WORK).
+Results are merged into bench.json (--out) and BENCHMARKS.md's results section is rewritten from it, each table under
+the command that produced it (the projection has its own section). Timings never go into tests.
 """
 
 import argparse
 import json
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -31,13 +37,26 @@ import torch
 import transformers
 from transformers import T5ForConditionalGeneration
 
-from t5 import T5
+import data
+import dpo
+import evaluate
+from t5 import T5, Tokenizer
 
 SIZES = {"small": dict(d_model=512, d_ff=2048, num_heads=8, num_layers=6),  # original T5 configs: relu, tied
          "base": dict(d_model=768, d_ff=3072, num_heads=12, num_layers=12)}
 PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)]  # dense, by name
-GOALS = {"train": {"cpu": ">= 1.2", "cuda": ">= 1.5"}, "generate": ">= 3", "memory": "<= 1"}
+GOALS = {"train": {"cpu": ">= 1.2", "cuda": ">= 1.5"}, "generate": ">= 3", "memory": "<= 1", "chain": ">= 2"}
 MARK_BEGIN, MARK_END = "<!-- results: written by bench.py from bench.json -->", "<!-- end of results -->"
+PROJECTION_BEGIN = "<!-- projection: written by bench.py --only project -->"
+PROJECTION_END = "<!-- end of projection -->"
+# The method's work on CSQA (METHOD.md 5.2, 7.5): acquire = 73,120 steps of 64 (1,043 recall + 5,224 analyze +
+# 1,045 summarize batches per epoch, 10 epochs) and ~104 greedy validations of 1,221 questions; reflect = 5 iterations
+# of: 85,200 sampled chains (10 per training question, recall pass), at most as many again for the analyze pass
+# (one chosen recall per question, 10 chains each; recall given), 2,730 DPO steps of 32 pairs (the official CSQA
+# t5-base iteration-4 checkpoint-2730 = 10 evaluations x 273 steps), 273 reference forwards, 10 validations;
+# test = 1,221 questions.
+METHOD_WORK = dict(acquire_steps={"recall": 10430, "analyze": 52240, "summarize": 10450}, validations=104,
+                   valid=1221, train=8520, samples=10, iterations=5, dpo_steps=2730, dpo_validations=10, test=1221)
 
 
 def save_reference(size, directory):
@@ -197,18 +216,22 @@ def bench_size(size, args, device, variants):
                          f"{args.gen_batch} x {args.new_tokens} new (input {args.src})")
                 rows.append(dict(size=size, bench="memory", variant=bench, unit="peak MiB", shape=shape,
                                  ours=peaks["ours"], theirs=peaks["theirs"]))
+        if "chain" in args.only:
+            rows += bench_chain(size, args, directory)
+        if not {"generate", "train"} & set(args.only):
+            return rows
         models = {impl: load(impl, directory, device) for impl in ("ours", "theirs")}
-        if "generate" in args.only:  # before training, which moves the two models' weights apart
-            gen = make_batch(args.gen_batch, args.src, 1, device, seed=1)
+        for gen_batch in args.gen_batches if "generate" in args.only else []:  # before training moves the weights
+            gen = make_batch(gen_batch, args.src, 1, device, seed=1)
             calls = {impl: generate_call(m, impl, gen["input_ids"], gen["attention_mask"], args.new_tokens)
                      for impl, m in models.items()}
             outputs = {impl: call() for impl, call in calls.items()}
-            assert all(o.shape == (args.gen_batch, args.new_tokens) for o in outputs.values())
+            assert all(o.shape == (gen_batch, args.new_tokens) for o in outputs.values())
             same = (outputs["ours"] == outputs["theirs"]).float().mean().item()
             seconds, times = race(calls, device, args.warmup, args.repeats)
-            new_tokens = args.gen_batch * args.new_tokens
+            new_tokens = gen_batch * args.new_tokens
             rows.append(dict(size=size, bench="generate", variant="eager", unit="new tokens/s",
-                             shape=f"{args.gen_batch} x {args.new_tokens} new (input {args.src})",
+                             shape=f"{gen_batch} x {args.new_tokens} new (input {args.src})",
                              ours=new_tokens / seconds["ours"], theirs=new_tokens / seconds["theirs"],
                              same_tokens=same, seconds=times))
             if args.profile:
@@ -216,6 +239,12 @@ def bench_size(size, args, device, variants):
         if "train" in args.only:
             batch = make_batch(args.batch, args.src, args.tgt, device)
             flops = train_flops(size, args.batch, args.src, args.tgt)
+            losses = {}
+            for impl, m in models.items():  # dropout off, so the two losses must agree
+                m.eval()
+                with autocast(device):
+                    out = m(**batch)
+                losses[impl] = (out[1] if isinstance(out, tuple) else out.loss).item()
             for variant in variants:
                 compiled = {k: torch.compile(m) if variant == "compile" else m for k, m in models.items()}
                 calls = {impl: train_step(m, batch, device) for impl, m in compiled.items()}
@@ -223,12 +252,253 @@ def bench_size(size, args, device, variants):
                 tokens = args.batch * (args.src + args.tgt)
                 rows.append(dict(size=size, bench="train", variant=variant, unit="tokens/s",
                                  shape=f"{args.batch} x ({args.src} + {args.tgt})",
+                                 loss_diff=abs(losses["ours"] - losses["theirs"]),
                                  ours=tokens / seconds["ours"], theirs=tokens / seconds["theirs"],
                                  ours_tflops=flops / seconds["ours"] / 1e12,
                                  theirs_tflops=flops / seconds["theirs"] / 1e12, seconds=times))
                 if args.profile and variant == "eager":
                     profile(calls, device)
     return rows
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# chain: evaluate.run_chains on CSQA questions, our generate against transformers' generate, with real output lengths
+
+STAGE_OF_PROMPT = {"Recall:": "recall", "Summarize:": "summarize"}  # otherwise "...Analyze: For option X,"
+
+
+def exemplar_lengths(data_dir, tokenizer):
+    """{stage: token lengths (</s> included)} of the official few-shot targets of CSQA and OBQA (prompt/*_cot.json):
+    recall = Key Information, analyze = each option's explanation, summarize = "So the answer is option X."."""
+    lengths = {"recall": [], "analyze": [], "summarize": []}
+    for name in ("csqa", "obqa"):
+        path = Path(data_dir) / name / "prompt" / f"{name}_cot.json"
+        if not path.exists():
+            raise SystemExit(f"{path}: the official few-shot exemplars are needed to draw output lengths")
+        for ex in json.loads(path.read_text()):
+            lengths["recall"].append(len(tokenizer.encode(ex["Key Information"])))
+            lengths["analyze"] += [len(tokenizer.encode(e)) for e in ex["Explanations"]]
+            lengths["summarize"] += [len(tokenizer.encode(data.summary_target(letter))) for letter in "ABCDE"]
+    return lengths
+
+
+def hazards(lengths, steps):
+    """P(a row ends at step t | it is still running) for lengths spread like `lengths`: a Gaussian kernel of width
+    15% around each exemplar's length, cut at `steps` (the last step ends every row)."""
+    t = torch.arange(1, steps + 1, dtype=torch.float64)
+    x = torch.tensor(lengths, dtype=torch.float64)[:, None]
+    p = torch.exp(-0.5 * ((t - x) / (0.15 * x)) ** 2).sum(0)
+    p /= p.sum()
+    survive = p.flip(0).cumsum(0).flip(0)  # P(length >= t)
+    return (p / survive).clamp(max=1).float().index_fill(0, torch.tensor(steps - 1), 1.0)
+
+
+class EndAtRealLengths(torch.nn.Module):
+    """lm_head whose </s> logit is forced up or down at each step so rows end with the hazards of the current stage.
+    A row ends at step t when u < hazard[t], where u = |frac(300 r_t.h/|h|)| for a fixed random unit vector r_t per
+    step: close to uniform and nearly independent across rows and steps (r_t.h/|h| varies by far more than 1/300,
+    even where a random model repeats one hidden state), a function of the row's own hidden state (so the same on
+    both sides, whatever the batch holds), and continuous in it, so the ~1e-7 fp32 differences between the two
+    implementations flip it about once in 10^5 steps. The step is counted in calls (both sides call lm_head once
+    per step); the stage is read from the prompt when generate starts."""
+
+    def __init__(self, head, stage_hazards, eos, seed=0):
+        super().__init__()
+        self.head, self.hazards, self.eos = head, stage_hazards, eos
+        steps = len(next(iter(stage_hazards.values())))
+        r = torch.randn(steps, head.weight.shape[1], generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("r", r / r.norm(dim=1, keepdim=True))
+        self.stage, self.step = None, 0
+
+    @property
+    def weight(self):
+        return self.head.weight
+
+    def forward(self, h):
+        logits = self.head(h)
+        u = torch.frac(300 * (h.float() @ self.r[self.step]) / h.float().norm(dim=-1)).abs()
+        end = u < self.hazards[self.stage][self.step].to(h.device)
+        logits[..., self.eos] = torch.where(end, 1e4, -1e4).to(logits.dtype)
+        self.step += 1
+        return logits
+
+
+class TheirsForChains(torch.nn.Module):
+    """transformers' model behind our generate's signature, so evaluate.run_chains can drive it unchanged."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample=False, temperature=1.0):
+        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                   do_sample=do_sample, temperature=temperature, top_k=0, top_p=1.0)[:, 1:]
+
+
+def chain_setup(model, tokenizer, stage_hazards, log):
+    """Install EndAtRealLengths on `model` (ours or TheirsForChains) and wrap its generate to set the stage from the
+    prompt, and to log (stage, seconds, rows, output lengths) of every call into `log`."""
+    inner = model.model if isinstance(model, TheirsForChains) else model
+    head = inner.lm_head = EndAtRealLengths(inner.lm_head, stage_hazards, tokenizer.sp.eos_id())
+    generate = model.generate
+
+    def logged(input_ids, attention_mask, **kwargs):
+        head.stage = next((v for k, v in STAGE_OF_PROMPT.items() if tokenizer.decode(input_ids[0]).endswith(k)),
+                          "analyze")
+        head.step = 0
+        start = time.perf_counter()
+        out = generate(input_ids, attention_mask, **kwargs)
+        ended = (out == head.eos).int()
+        lengths = torch.where(ended.any(1), ended.argmax(1) + 1, out.shape[1])
+        log.append((head.stage, time.perf_counter() - start, len(out), lengths.tolist()))
+        return out
+    model.generate = logged
+
+
+def bench_chain(size, args, directory):
+    """Rows for `chain`: questions/s of evaluate.run_chains (greedy, recall -> analyze -> summarize) on the first
+    --chain-questions CSQA test questions at --chain-batch, ours against transformers, and the ideal gain."""
+    questions = data.load("csqa", "test", args.data_dir)[:args.chain_questions]
+    # A BPE vocabulary of 8,000 pieces trained on the CSQA training prompts (T5's own sentencepiece model is not
+    # downloaded here); lengths below are in its tokens, which split a word about as often as T5's.
+    train = data.load("csqa", "train", args.data_dir)
+    summarize = [data.summarize_input(q, "Recall.", {x: "analysis." for x in "ABCDE"}) for q in train[:100]]
+    tokenizer = Tokenizer.train([data.recall_input(q) for q in train] + summarize, 8000, Path(directory) / "tokenizer")
+    lengths = exemplar_lengths(args.data_dir, tokenizer)
+    stage_hazards = {stage: hazards(v, args.chain_max_new_tokens) for stage, v in lengths.items()}
+    logs = {"ours": [], "theirs": []}
+    models = {"ours": T5.from_pretrained(directory),
+              "theirs": TheirsForChains(T5ForConditionalGeneration.from_pretrained(directory).eval())}
+    for impl, model in models.items():
+        chain_setup(model, tokenizer, stage_hazards, logs[impl])
+    def run(impl):
+        return evaluate.run_chains(models[impl], tokenizer, questions, batch_size=args.chain_batch,
+                                   max_new_tokens=args.chain_max_new_tokens)
+    chains = {}
+    def timed(impl):  # no warm-up: nothing is compiled or cached, and one chain takes minutes
+        chains[impl] = run(impl)
+    seconds, times = race({impl: lambda impl=impl: timed(impl) for impl in models}, torch.device("cpu"), 0,
+                          args.repeats)
+    same = sum(a == b for a, b in zip(chains["ours"], chains["theirs"])) / len(questions)
+    per_stage = {}
+    for stage in ("recall", "analyze", "summarize"):
+        calls = {impl: [c for c in log if c[0] == stage] for impl, log in logs.items()}
+        ideal = sum(rows * max(n) for _, _, rows, n in calls["theirs"]) / sum(sum(n) for *_, n in calls["theirs"])
+        gain = sum(c[1] for c in calls["theirs"]) / sum(c[1] for c in calls["ours"])
+        drawn = [x for *_, n in calls["ours"] for x in n]
+        per_stage[stage] = dict(gain=gain, ideal=ideal, mean_length=statistics.mean(drawn),
+                                max_length=max(drawn), exemplar_mean=statistics.mean(lengths[stage]))
+    steps = {impl: sum(rows * max(n) for _, _, rows, n in log) for impl, log in logs.items()}
+    ideal = steps["theirs"] / sum(sum(n) for *_, n in logs["theirs"])
+    return [dict(size=size, bench="chain", variant="greedy", unit="questions/s",
+                 shape=f"{len(questions)} CSQA questions, batch {args.chain_batch}, <= {args.chain_max_new_tokens} new",
+                 ours=len(questions) / seconds["ours"], theirs=len(questions) / seconds["theirs"], ideal=ideal,
+                 same_chains=same, stages=per_stage, seconds=times)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# project: the whole method's wall time on CSQA from measured rates of ours (teacher excluded)
+
+def method_batches(tokenizer, questions, exemplars, rng):
+    """{stage: (input_ids, attention_mask, labels)}: one acquire batch of 64 per stage, real CSQA questions with the
+    official exemplars' recalls and analyses as the texts the teacher would have written."""
+    recalls = [ex["Key Information"] for ex in exemplars]
+    analyses = [e for ex in exemplars for e in ex["Explanations"]]
+    pick = lambda texts: data.with_period(rng.choice(texts))  # noqa: E731
+    examples = {"recall": [], "analyze": [], "summarize": []}
+    for q in rng.sample(questions, 64):
+        recall, letter = pick(recalls), rng.choice(data.LETTERS)
+        examples["recall"].append((data.recall_input(q), recall))
+        examples["analyze"].append((data.analyze_input(q, recall, letter), pick(analyses)))
+        examples["summarize"].append((data.summarize_input(q, recall, {x: pick(analyses) for x in data.LETTERS}),
+                                      data.summary_target(q.answer)))
+    return {stage: data.collate([(tokenizer.encode(x), tokenizer.encode(y)) for x, y in ex])
+            for stage, ex in examples.items()}
+
+
+def project(size, args, directory):
+    """Measure ours on CSQA-shaped work (acquire steps per stage, a DPO step, greedy chains at batch 256 with real
+    output lengths) and scale by METHOD_WORK. Returns (rates, hours by phase)."""
+    rng = random.Random(0)
+    train = data.load("csqa", "train", args.data_dir)
+    exemplars = [ex for name in ("csqa", "obqa") for ex in
+                 json.loads((Path(args.data_dir) / name / "prompt" / f"{name}_cot.json").read_text())]
+    summarize = [data.summarize_input(q, "Recall.", {x: "analysis." for x in "ABCDE"}) for q in train[:100]]
+    tokenizer = Tokenizer.train([data.recall_input(q) for q in train] + summarize, 8000, Path(directory) / "tokenizer")
+    model = T5.from_pretrained(directory)
+    def seconds(fn, warmup=1):
+        return race({"ours": fn}, torch.device("cpu"), warmup, args.repeats)[0]["ours"]
+    rates = {}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for stage, batch in method_batches(tokenizer, train, exemplars, rng).items():
+        def step(batch=batch):  # 64 rows as 4 accumulated micro-batches of 16 (t5-base at 64 needs over 15 GB)
+            model.train()
+            for i in range(0, 64, 16):
+                model(batch[0][i:i + 16], batch[1][i:i + 16], labels=batch[2][i:i + 16])[1].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        rates[f"acquire {stage} step"] = seconds(step)
+    pairs = [dict(prompt=data.analyze_input(q, data.with_period(rng.choice(exemplars)["Key Information"]), "A"),
+                  chosen=rng.choice(rng.choice(exemplars)["Explanations"]),
+                  rejected=rng.choice(rng.choice(exemplars)["Explanations"])) for q in rng.sample(train, 32)]
+    batch = dpo.collate_pairs(dpo.tokenize_pairs(pairs, tokenizer))
+    reference = torch.zeros(32)
+    def dpo_step():
+        model.eval()  # dropout off, as reflect trains
+        chosen, rejected, nll = dpo.concatenated_logprobs(model, *batch)
+        dpo.dpo_loss(chosen, rejected, reference, reference, nll)[0].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    rates["DPO step"] = seconds(dpo_step)
+    questions = data.load("csqa", "test", args.data_dir)[:args.chain_questions]
+    stage_hazards = {k: hazards(v, args.chain_max_new_tokens) for k, v in exemplar_lengths(args.data_dir,
+                                                                                             tokenizer).items()}
+    chain_setup(model, tokenizer, stage_hazards, [])
+    rates["chain question"] = seconds(lambda: evaluate.run_chains(
+        model, tokenizer, questions, batch_size=args.chain_batch, max_new_tokens=args.chain_max_new_tokens),
+        warmup=0) / len(questions)
+    w = METHOD_WORK
+    hours = {"acquire: training": sum(n * rates[f"acquire {s} step"] for s, n in w["acquire_steps"].items()) / 3600,
+             "acquire: validation": w["validations"] * w["valid"] * rates["chain question"] / 3600,
+             "reflect: sampling": w["iterations"] * 2 * w["train"] * w["samples"] * rates["chain question"] / 3600,
+             # + one reference forward per 10 steps (273 per iteration), a third of a step each
+             "reflect: DPO training": w["iterations"] * w["dpo_steps"] * (1 + 1 / 30) * rates["DPO step"] / 3600,
+             "reflect: validation": w["iterations"] * w["dpo_validations"] * w["valid"] * rates["chain question"]
+             / 3600,
+             "test evaluation": w["test"] * rates["chain question"] / 3600}
+    return rates, hours
+
+
+def save_projection(run, out, markdown):
+    """Merge this projection run into the JSON at `out` (replacing older ones of the same sizes on the same machine)
+    and rewrite BENCHMARKS.md's projection section: per run, its command, the measured rates and the hours by phase."""
+    key = lambda run: (run["machine"]["cpu"], run["machine"]["threads"])  # noqa: E731
+    saved = json.loads(Path(out).read_text()) if Path(out).exists() else {"runs": []}
+    sizes = {size for size, _ in run["rates"]}
+    runs = [r for r in saved.get("projections", []) if key(r) != key(run) or not sizes & {s for s, _ in r["rates"]}]
+    saved["projections"] = runs = runs + [run]
+    Path(f"{out}.tmp").write_text(json.dumps(saved, indent=1))
+    os.replace(f"{out}.tmp", out)
+    out = [PROJECTION_BEGIN]
+    for run in runs:
+        m = run["machine"]
+        out += ["", f"`{run['command']}`", "", f"{m['cpu']} ({m['cpu_count']} cores, {m['threads']} torch threads), "
+                f"torch {m['torch']}, fp32, load average {m['load_before'][0]:.2f} before / "
+                f"{m['load_after'][0]:.2f} after, {run['date']}", "",
+                "| size | " + " | ".join(run["rates"][0][1]) + " |", "|---|" + "---|" * len(run["rates"][0][1])]
+        out += [f"| {size} | " + " | ".join(f"{v:.2f} s" for v in rates.values()) + " |"
+                for size, rates in run["rates"]]
+        phases = list(run["hours"][0][1])
+        out += ["", "| size | " + " | ".join(phases) + " | total |", "|---|" + "---|" * (len(phases) + 1)]
+        out += [f"| {size} | " + " | ".join(f"{h:,.0f} h" for h in hours.values()) +
+                f" | **{sum(hours.values()):,.0f} h = {sum(hours.values()) / 24:,.1f} days** |"
+                for size, hours in run["hours"]]
+    text = Path(markdown).read_text()
+    if PROJECTION_BEGIN not in text:
+        text += f"\n{PROJECTION_BEGIN}\n{PROJECTION_END}\n"
+    head, rest = text.split(PROJECTION_BEGIN, 1)
+    Path(f"{markdown}.tmp").write_text(head + "\n".join(out + ["", PROJECTION_END]) + rest.split(PROJECTION_END, 1)[1])
+    os.replace(f"{markdown}.tmp", markdown)
 
 
 def machine(device):
@@ -262,6 +532,15 @@ def render(runs):
             notes = []
             if "same_tokens" in r:
                 notes.append(f"{r['same_tokens']:.1%} of tokens identical")
+            if "ideal" in r:
+                share = r["ours"] / r["theirs"] / r["ideal"]
+                notes.append(f"ideal gain {r['ideal']:.2f}x, measured {share:.0%} of it; "
+                             f"{r['same_chains']:.0%} of chains identical; per stage, gain / ideal (output length "
+                             "mean, max; exemplars' mean): " + ", ".join(
+                                 f"{k} {v['gain']:.2f}x / {v['ideal']:.2f}x ({v['mean_length']:.0f}, "
+                                 f"{v['max_length']}; {v['exemplar_mean']:.0f})" for k, v in r["stages"].items()))
+            if "loss_diff" in r:
+                notes.append(f"loss difference {r['loss_diff']:.1e} (dropout off)")
             if "ours_tflops" in r:
                 peak = peak_flops(m["gpu"])
                 notes.append(f"{r['ours_tflops']:.3g} vs {r['theirs_tflops']:.3g} TFLOP/s" + (
@@ -272,8 +551,9 @@ def render(runs):
                     f"{statistics.median(t):.2f} ({min(t):.2f}-{max(t):.2f})" for t in r["seconds"].values()))
             notes = "; ".join(notes)
             bench = f"{r['bench']} ({r['variant']})"
-            out.append(f"| {r['size']} | {bench} | {r['shape']} | {r['ours']:,.0f} {r['unit']} | "
-                       f"{r['theirs']:,.0f} | {r['ours'] / r['theirs']:.2f}x | {goal} | {notes} |")
+            fmt = lambda x: f"{x:,.0f}" if x >= 100 else f"{x:.3g}"  # noqa: E731
+            out.append(f"| {r['size']} | {bench} | {r['shape']} | {fmt(r['ours'])} {r['unit']} | "
+                       f"{fmt(r['theirs'])} | {r['ours'] / r['theirs']:.2f}x | {goal} | {notes} |")
     return "\n".join(out + ["", MARK_END])
 
 
@@ -283,12 +563,12 @@ def save(run, out, markdown):
     def key(run, row):
         m = run["machine"]
         return m["gpu"] or m["cpu"], m["threads"], row["size"], row["bench"], row["variant"], row["shape"]
-    runs = json.loads(Path(out).read_text())["runs"] if Path(out).exists() else []
+    saved = json.loads(Path(out).read_text()) if Path(out).exists() else {"runs": []}
     measured = {key(run, r) for r in run["rows"]}
-    for old in runs:
+    for old in saved["runs"]:
         old["rows"] = [r for r in old["rows"] if key(old, r) not in measured]
-    runs = [r for r in runs if r["rows"]] + [run]
-    Path(f"{out}.tmp").write_text(json.dumps({"runs": runs}, indent=1))
+    saved["runs"] = runs = [r for r in saved["runs"] if r["rows"]] + [run]
+    Path(f"{out}.tmp").write_text(json.dumps(saved, indent=1))
     os.replace(f"{out}.tmp", out)
     text = Path(markdown).read_text() if Path(markdown).exists() else f"# Benchmarks\n\n{MARK_BEGIN}\n{MARK_END}\n"
     if MARK_BEGIN not in text:
@@ -300,17 +580,22 @@ def save(run, out, markdown):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="train,generate,memory", help="comma list of train, generate, memory")
+    p.add_argument("--only", default="train,generate,memory,chain", help="comma list of train, generate, memory, chain")
     p.add_argument("--sizes", default="small,base", help="comma list of small, base")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=32, help="training batch (sequences)")
     p.add_argument("--src", type=int, default=200, help="input tokens per sequence")
     p.add_argument("--tgt", type=int, default=100, help="target tokens per sequence")
-    p.add_argument("--gen-batch", type=int, default=64, help="sequences generated at once")
+    p.add_argument("--gen-batch", default="1,8,64", help="comma list of sequences generated at once (memory: the last)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--chain-questions", type=int, default=256, help="chain: CSQA test questions")
+    p.add_argument("--chain-batch", type=int, default=256, help="chain: prompts per generate call (the method's)")
+    p.add_argument("--chain-max-new-tokens", type=int, default=200, help="chain: the method's max_new_tokens")
+    p.add_argument("--data-dir", default=None, help="chain: holds csqa/original/*.jsonl and {csqa,obqa}/prompt/"
+                   "*_cot.json (default: data.py's folder, downloading the questions)")
     p.add_argument("--no-compile", action="store_true", help="CUDA: skip the torch.compile rows")
     p.add_argument("--profile", action="store_true", help="print torch.profiler top operators of each side")
     p.add_argument("--out", default="bench.json")
@@ -319,8 +604,12 @@ def main():
     p.add_argument("--impl", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.only = args.only.split(",")
-    if set(args.only) - {"train", "generate", "memory"} or set(args.sizes.split(",")) - SIZES.keys():
-        p.error(f"--only {','.join(args.only)} / --sizes {args.sizes}: expected train, generate, memory / small, base")
+    args.gen_batches = [int(b) for b in args.gen_batch.split(",")]
+    args.gen_batch = args.gen_batches[-1]
+    benches = {"train", "generate", "memory", "chain", "project"}
+    if set(args.only) - benches or set(args.sizes.split(",")) - SIZES.keys():
+        p.error(f"--only {','.join(args.only)} / --sizes {args.sizes}: expected train, generate, memory, chain / "
+                "small, base")
     torch.set_num_threads(args.threads)
     if args.memory_child:
         return peak_memory_child(args.impl, args.only[0], args.memory_child, args)
@@ -329,6 +618,17 @@ def main():
     run = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
            "machine": machine(device), "rows": []}
     start = time.perf_counter()
+    if args.only == ["project"]:
+        run["rates"], run["hours"] = [], []
+        for size in args.sizes.split(","):
+            with tempfile.TemporaryDirectory() as directory:
+                save_reference(size, directory)
+                rates, hours = project(size, args, directory)
+            run["rates"].append((size, rates))
+            run["hours"].append((size, hours))
+            print(size, json.dumps(rates), json.dumps(hours))
+        run["machine"]["load_after"] = os.getloadavg()
+        return save_projection(run, args.out, args.markdown)
     for size in args.sizes.split(","):
         run["rows"] += bench_size(size, args, device, variants)
     run["seconds"] = time.perf_counter() - start

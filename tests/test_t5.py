@@ -60,6 +60,11 @@ def max_diff(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
+def labelled(logits, labels):
+    """The rows of full [B, T, vocab] logits that forward(labels=...) returns: the labelled positions only."""
+    return logits[labels != -100]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Golden fixtures (no transformers needed)
 
@@ -70,7 +75,9 @@ def test_fixture_logits_loss_and_greedy_ids(name):
     for grad in (False, True):  # without grad: the SDPA path; with grad on CPU: the eager path
         with torch.set_grad_enabled(grad):
             logits, loss = model(ref["input_ids"], ref["attention_mask"], labels=ref["labels"])
-        assert max_diff(logits, ref["logits"]) <= 1e-4
+            full, _ = model(ref["input_ids"], ref["attention_mask"], t5.shift_right(ref["labels"]))
+        assert max_diff(logits, labelled(ref["logits"], ref["labels"])) <= 1e-4
+        assert max_diff(full, ref["logits"]) <= 1e-4
         assert abs(loss.item() - ref["loss"].item()) <= 1e-4
     greedy = model.generate(ref["input_ids"], ref["attention_mask"], max_new_tokens=30)
     assert torch.equal(greedy, ref["greedy_ids"])
@@ -145,6 +152,57 @@ def test_generate_options():
             assert set(row[row.index(1) + 1:]) <= {0}
 
 
+def ragged_case(model, rows=16, steps=30):
+    """Inputs, and an end token under which the greedy rows of `model` stop at many different steps."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (rows, 30), generator=g)
+    mask = torch.ones_like(ids)
+    mask[::3, 20:] = 0
+    model.config.eos_token_id = -1  # no row stops: see where each token first appears
+    free = model.generate(ids, mask, steps).tolist()
+    ends = lambda tok: {row.index(tok) for row in free if tok in row}  # noqa: E731
+    eos = max(range(3, model.config.vocab_size), key=lambda tok: len(ends(tok)))
+    model.config.eos_token_id = eos
+    assert len(ends(eos)) >= 4  # rows leave the batch at four different steps or more
+    return ids, mask, eos
+
+
+@pytest.mark.parametrize("name", ["relu", "gated"])
+def test_ragged_generation_keeps_every_greedy_token(name, monkeypatch):
+    """Dropping finished rows (at the default pace, and at every step) changes no token of the plain path."""
+    model = t5.T5.from_pretrained(FIXTURES / f"t5_{name}")
+    ids, mask, _ = ragged_case(model)
+    ragged = model.generate(ids, mask, 30, num_return_sequences=2)
+    monkeypatch.setattr(t5, "DROP_FINISHED_AFTER", 0.0)
+    assert torch.equal(model.generate(ids, mask, 30, num_return_sequences=2), ragged)
+    monkeypatch.setattr(t5, "DROP_FINISHED_AFTER", float("inf"))  # the plain path: finished rows stay in the batch
+    assert torch.equal(model.generate(ids, mask, 30, num_return_sequences=2), ragged)
+
+
+def test_ragged_sampling_keeps_the_distribution(monkeypatch):
+    """Rows sampled after others left the batch follow the exact distribution: the second token of 20,000 samples
+    (those whose first token was not </s>) against sum_x p(x) p(y | x) over first tokens x != </s>."""
+    model = t5.T5.from_pretrained(FIXTURES / "t5_gated")
+    ref = expected("gated")
+    ids, mask = ref["input_ids"][:1, :40], ref["attention_mask"][:1, :40]
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        first = model(ids, mask, torch.zeros(1, 1, dtype=torch.long))[0][0, -1].softmax(-1)
+        prefixes = torch.stack([torch.zeros(vocab, dtype=torch.long), torch.arange(vocab)], 1)
+        second = model(ids.expand(vocab, -1), mask.expand(vocab, -1), prefixes)[0][:, -1].softmax(-1)
+    eos = int(first.argmax())  # about 30% of the rows end at the first step
+    model.config.eos_token_id = eos
+    exact = (first.index_fill(0, torch.tensor(eos), 0)[:, None] * second).sum(0)
+    exact /= exact.sum()
+    monkeypatch.setattr(t5, "DROP_FINISHED_AFTER", 0.0)  # drop them at once
+    torch.manual_seed(0)
+    out = model.generate(ids, mask, 3, do_sample=True, num_return_sequences=20_000)
+    going = out[:, 0] != eos
+    assert 0.2 < 1 - going.float().mean() < 0.4
+    empirical = torch.bincount(out[going, 1], minlength=vocab).float() / going.sum()
+    assert 0.5 * (empirical - exact).abs().sum() < 0.03  # total variation; ~0.015 expected from 14,000 draws
+
+
 def test_generate_runs_in_eval_mode_and_restores_the_mode():
     config = t5.T5Config.from_json(FIXTURES / "t5_gated" / "config.json")
     config.dropout_rate = 0.5
@@ -182,7 +240,8 @@ def test_pytorch_model_bin_with_unused_keys(tmp_path, capsys):
     model = t5.T5.from_pretrained(tmp_path)
     assert "encoder.embed_tokens.weight" in capsys.readouterr().err
     ref = expected("relu")
-    assert max_diff(model(ref["input_ids"], ref["attention_mask"], labels=ref["labels"])[0], ref["logits"]) <= 1e-4
+    assert max_diff(model(ref["input_ids"], ref["attention_mask"], labels=ref["labels"])[0],
+                    labelled(ref["logits"], ref["labels"])) <= 1e-4
 
 
 def test_sharded_safetensors(tmp_path):
@@ -196,7 +255,8 @@ def test_sharded_safetensors(tmp_path):
     shutil.copy(FIXTURES / "t5_gated" / "config.json", tmp_path)
     ref = expected("gated")
     model = t5.T5.from_pretrained(tmp_path)
-    assert max_diff(model(ref["input_ids"], ref["attention_mask"], labels=ref["labels"])[0], ref["logits"]) <= 1e-4
+    assert max_diff(model(ref["input_ids"], ref["attention_mask"], labels=ref["labels"])[0],
+                    labelled(ref["logits"], ref["labels"])) <= 1e-4
 
 
 def test_dtypes():
@@ -204,7 +264,8 @@ def test_dtypes():
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     ref = expected("gated")
     logits, loss = model(ref["input_ids"], ref["attention_mask"], labels=ref["labels"])
-    assert max_diff(logits, ref["logits"]) < 0.5 and abs(loss.item() - ref["loss"].item()) < 0.1
+    assert max_diff(logits, labelled(ref["logits"], ref["labels"])) < 0.5
+    assert abs(loss.item() - ref["loss"].item()) < 0.1
     with pytest.warns(UserWarning, match="float16"):
         t5.T5.from_pretrained(FIXTURES / "t5_gated", dtype=torch.float16)
 
@@ -340,12 +401,32 @@ def test_logits_loss_and_gradients_match_transformers(hf, variant, tmp_path):
     out.loss.backward()
     logits, loss = model(ids, mask, labels=labels)  # with grad: the eager path
     loss.backward()
-    assert max_diff(logits, out.logits) <= 1e-4 and abs(loss.item() - out.loss.item()) <= 1e-5
+    assert max_diff(logits, labelled(out.logits, labels)) <= 1e-4 and abs(loss.item() - out.loss.item()) <= 1e-5
     reference_grads = {name: p.grad for name, p in reference.named_parameters()}
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, reference_grads[name], rtol=1e-3, atol=1e-5, msg=name)
     with torch.no_grad():  # the SDPA path
-        assert max_diff(model(ids, mask, labels=labels)[0], out.logits) <= 1e-4
+        assert max_diff(model(ids, mask, t5.shift_right(labels))[0], out.logits) <= 1e-4
+
+
+def test_unpadded_training_matches_transformers_on_any_padding(hf, tmp_path):
+    """Our forward packs the real tokens; transformers computes every position. Left-padded inputs and labels ignored
+    in the middle of a row (whose later labels still attend to them) give the same loss and gradients."""
+    _, tiny_hf_model = hf
+    reference = tiny_hf_model(**VARIANTS["flan"])
+    reference.save_pretrained(tmp_path)
+    model = t5.T5.from_pretrained(tmp_path)
+    ids, mask, labels = batch(reference.config.vocab_size)
+    mask[0, :30] = 0  # left padding
+    labels[0, 10:50] = -100  # e.g. a prompt that is not scored
+    out = reference(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    logits, loss = model(ids, mask, labels=labels)
+    loss.backward()
+    assert logits.shape[0] == (labels != -100).sum() and abs(loss.item() - out.loss.item()) <= 1e-5
+    reference_grads = {name: p.grad for name, p in reference.named_parameters()}
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, reference_grads[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("variant", ["t5", "v1.1", "flan"])
@@ -360,6 +441,19 @@ def test_greedy_generation_matches_transformers(hf, variant, tmp_path):
     assert len({tuple(row) for row in expected_ids.tolist()}) > 1  # the test is not vacuous
 
 
+@pytest.mark.parametrize("variant", ["v1.1", "flan"])  # the "t5" one's greedy rows all repeat one token
+def test_ragged_greedy_generation_matches_transformers(hf, variant, tmp_path):
+    """Rows that stop at different steps leave our batch early and stay in transformers': the same tokens."""
+    _, tiny_hf_model = hf
+    reference = tiny_hf_model(**VARIANTS[variant])
+    reference.save_pretrained(tmp_path)
+    model = t5.T5.from_pretrained(tmp_path)
+    ids, mask, eos = ragged_case(model, rows=32)
+    expected_ids = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=30, do_sample=False,
+                                      eos_token_id=eos)[:, 1:]
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=30), expected_ids)
+
+
 @pytest.mark.parametrize("feed_forward_proj, tied", [("relu", True), ("gated-gelu", False)])
 def test_save_pretrained_loads_in_transformers(hf, tmp_path, feed_forward_proj, tied):
     transformers, _ = hf
@@ -372,8 +466,8 @@ def test_save_pretrained_loads_in_transformers(hf, tmp_path, feed_forward_proj, 
     assert (reference.lm_head.weight is reference.shared.weight) == tied
     ids, mask, labels = batch(64)
     with torch.no_grad():
-        assert max_diff(model(ids, mask, labels=labels)[0], reference(input_ids=ids, attention_mask=mask,
-                                                                      labels=labels).logits) <= 1e-4
+        assert max_diff(model(ids, mask, labels=labels)[0], labelled(reference(
+            input_ids=ids, attention_mask=mask, labels=labels).logits, labels)) <= 1e-4
 
 
 def test_relative_position_bucket_matches_transformers(hf):
@@ -478,7 +572,8 @@ def test_hub_download_follows_redirect_resumes_and_caches(hub):
 def test_hub_falls_back_to_pytorch_model_bin(hub):
     model = t5.T5.from_pretrained("acme/bin-only")
     ref = expected("gated")
-    assert max_diff(model(ref["input_ids"], ref["attention_mask"], labels=ref["labels"])[0], ref["logits"]) <= 1e-4
+    assert max_diff(model(ref["input_ids"], ref["attention_mask"], labels=ref["labels"])[0],
+                    labelled(ref["logits"], ref["labels"])) <= 1e-4
     tried = [path.rsplit("/", 1)[1] for path, _, _ in FakeHub.log if "/resolve/" in path]
     # 404s for the safetensors files, then the .bin, asked for twice: its transfer was cut once and resumed
     assert tried == ["config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
