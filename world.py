@@ -32,9 +32,10 @@ VOCAB_SIZE and splits even "the" into characters, about doubling sequence length
 every word and name one piece.
 """
 import random
+import re
 from dataclasses import dataclass, field
 
-from data import LETTERS, Question
+from data import LETTERS, Question, parse_cot, with_period
 
 HABITATS = ["cave", "desert", "forest", "lake"]
 FOODS = ["fish", "insects", "nuts", "seeds"]
@@ -128,6 +129,45 @@ def teacher_completion(world, q):
             lines.append(f"{letter} is incorrect. Because {because}, not this one.")
     lines[1] = "Explanations: " + lines[1]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- Tailored Learning's built-in teacher (tailored.py)
+# Both completions are read back from teacher_completion, so they say whatever the world's rationales say. They are
+# written in the official CSQA chain-of-thought format (TAILORED 2.5) and go through teacher.py's parser.
+
+def _reasons(world, q):
+    """(Key Information, {letter: reason}) of teacher_completion, read back from its METHOD 3.3 layout. Option
+    letters inside the text are dropped: the official format names the letter once, at the end, where it is parsed."""
+    text = re.sub(r" \([A-E]\)", "", teacher_completion(world, q))
+    key = " ".join(text.split("Explanations:")[0].replace("Key Information:", "").split())
+    reasons = dict(re.findall(r"([A-E]) is (?:correct|incorrect)\. Because (.*)", text))
+    return key, reasons
+
+
+def _rationale(world, q, wrong=None):
+    """Key Information, the gold option's reason, why option `wrong` is not the answer when given, the conclusion."""
+    key, reasons = _reasons(world, q)
+    parts = [with_period(key), with_period(reasons[q.answer])]
+    if wrong:
+        parts.append(f"Not {q.choices[LETTERS.index(wrong)]}: {with_period(reasons[wrong])}")
+    answer = q.choices[LETTERS.index(q.answer)]
+    return " ".join(parts + [f"Therefore, the answer is {answer} ({q.answer.lower()})."])
+
+
+def cot_completions(world, q, n):
+    """n distinct round-1 rationales (teacher.COT_N): the gold reason alone, then with one other option ruled out."""
+    others = [letter for letter in LETTERS[:len(q.choices)] if letter != q.answer]
+    return [_rationale(world, q, wrong) for wrong in [None, *others][:n]]
+
+
+def feedback_completion(world, q, wrong):
+    """The teacher's answer to a feedback request: the error named, then a rationale that rules out the very option
+    the student's wrong rationale chose."""
+    chose = parse_cot(wrong, q)
+    if chose is None:
+        return "Error: the rationale reaches no answer.\nAnswer: " + _rationale(world, q)
+    return (f"Error: the answer is not {q.choices[LETTERS.index(chose)]} ({chose.lower()}).\nAnswer: "
+            + _rationale(world, q, chose))
 
 
 if __name__ == "__main__":
