@@ -26,9 +26,11 @@ BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 
 
 def run(*args):
+    """One command in its own process with one thread; its output goes to runs/compare/log.txt."""
     print("+", " ".join(args), flush=True)
-    subprocess.run([sys.executable, *args], check=True, stdout=subprocess.DEVNULL,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    with open(os.path.join(RUNS, "log.txt"), "a") as log:
+        subprocess.run([sys.executable, *args], check=True, stdout=log, stderr=subprocess.STDOUT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def report(run_dir):
@@ -94,6 +96,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each one thread)")
     args = parser.parse_args()
+    os.makedirs(RUNS, exist_ok=True)
     chains = [(f, seed) for seed in args.seeds for f in (lambda s: tinythinker_rows(s, "summarize"),
                                                          lambda s: tinythinker_rows(s, "recall_analyze_summarize"),
                                                          lambda s: tailored_rows(s, args.rounds))]

@@ -109,10 +109,10 @@ def parse_config(argv=None):
 
 class Teacher:
     """Both of Tailored's requests for a list of jobs: (q, None) asks for round-1 rationales, (q, wrong) for the
-    correction of a wrong one. Returns the kept rationales of each job; self.requests counts the requests made."""
+    correction of a wrong one. Returns the kept rationales of each job, one request per job."""
 
     def __init__(self, cfg):
-        self.requests, self.made, self.client = 0, None, None
+        self.made, self.client = None, None
         if cfg.data == "world":
             self.made = world.make_world()
             return
@@ -122,7 +122,6 @@ class Teacher:
         self.cache = teacher.Cache(Path(cfg.data_dir) / cfg.data / "tailored.cache.jsonl")
 
     def __call__(self, jobs, desc):
-        self.requests += len(jobs)
         if self.client:
             return teacher.ask_all(jobs, self.cfg, self.client, self.cache, desc)
         kept = []
@@ -214,11 +213,12 @@ class Plan:
 # ----------------------------------------------------------------------------------------------------------------
 # The rounds
 
-def train_round(cfg, k, round_dir, model, tokenizer, anchors, positives, negatives, valid, device, fp16):
-    """Fine-tune on `anchors` ([(question id, rationale target)]) with L_LM + lam * L_SR, where the positives and
-    negatives of a question are target texts. Returns the best validation accuracy and the number of steps."""
+def train_round(cfg, k, model, tokenizer, texts, questions, valid, device, fp16):
+    """Round k in {out}/round_k: fine-tune on the anchors of texts = (anchors [(question id, rationale)], positives
+    {question id: teacher rationales}, negatives {question id: wrong student rationales}) with L_LM + lam * L_SR.
+    Returns the best validation accuracy and the number of optimizer steps."""
+    anchors, positives, negatives = texts
     encode = lambda q, text: tokenizer.encode(data.cot_target(text, q))
-    questions = {q.id: q for q in evaluate.questions(cfg.data, "train", cfg.data_dir)}
     examples = [(i, tokenizer.encode(data.cot_input(questions[i])), encode(questions[i], t)) for i, t in anchors]
     pos = {i: [encode(questions[i], t) for t in texts] for i, texts in positives.items()}
     neg = {i: [tokenizer.encode(t) for t in texts] for i, texts in negatives.items()}  # as sampled, nothing appended
@@ -251,7 +251,7 @@ def train_round(cfg, k, round_dir, model, tokenizer, anchors, positives, negativ
 
     validate = lambda m: evaluate.accuracy(m, tokenizer, valid, "cot", batch_size=cfg.eval_batch_size,
                                            max_new_tokens=cfg.max_new_tokens)[0]
-    best = tinythinker.fit(cfg, round_dir, model, tokenizer, plan, train_step, validate, device, fp16, 0, 1,
+    best = tinythinker.fit(cfg, os.path.join(cfg.out, f"round_{k}"), model, tokenizer, plan, train_step, validate, device, fp16, 0, 1,
                            f"round {k}")
     return best, len(plan)
 
@@ -302,7 +302,7 @@ def main(cfg):
             texts = [data.cot_input(by_id[i]) + " " + data.cot_target(t, by_id[i]) for i, t in anchors]
             model, tokenizer = tinythinker.student(cfg, cfg.out, texts)
             model.to(device)
-        best, steps = train_round(cfg, k, round_dir, model, tokenizer, anchors, positives, negatives, valid, device,
+        best, steps = train_round(cfg, k, model, tokenizer, (anchors, positives, negatives), by_id, valid, device,
                                   fp16)
         results[k] = dict(best=best, steps=steps, requests=requests, rationales=len(anchors),
                           mistakes=sum(map(len, negatives.values())))

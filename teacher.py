@@ -516,5 +516,8 @@ def ask_all(jobs: list[tuple[Question, str | None]], cfg: TeacherConfig, client:
                 client.meter.add(invalid=1)
         return kept
 
-    with ThreadPoolExecutor(cfg.workers) as pool:
+    pool = ThreadPoolExecutor(cfg.workers)
+    try:
         return list(tqdm(pool.map(one, jobs), total=len(jobs), desc=desc, unit="request"))
+    finally:
+        pool.shutdown(cancel_futures=True)  # an error stops the run instead of draining the queue

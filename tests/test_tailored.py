@@ -1,11 +1,13 @@
 """Tailored Learning: the self-reflection loss by hand and against torch, the chain-of-thought format, the teacher's
 two prompts through the cache, the exam, the batches, and the shrunken world through every round."""
 import functools
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -293,3 +295,77 @@ def test_readme_commands_run(tmp_path):
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert out.returncode == 0, out.stderr[-2000:]
     assert "| round 1 | world | cot | test | greedy | 96 |" in out.stdout
+
+
+HANDFUL = [("What cuts wood?", ["a saw", "a spoon", "a cup", "a rope"], "A"),
+           ("What holds water?", ["a net", "a bucket", "a fork", "a sieve"], "B"),
+           ("What gives light at night?", ["a rock", "a shoe", "a lamp", "a leaf"], "C"),
+           ("What keeps you dry in rain?", ["a sieve", "a kite", "a net", "a coat"], "D")]
+
+
+class LLM:
+    """A scripted OpenAI-compatible teacher on 127.0.0.1: round-1 requests get 3 right rationales and 1 wrong one,
+    feedback requests one right correction; every request is logged."""
+
+    def __init__(self):
+        self.log = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.log.append(payload)
+                content = payload["messages"][-1]["content"]
+                stem = content.split("\n\nQuestion: ")[-1].split("\n")[0]
+                question, choices, gold = next(h for h in HANDFUL if h[0] == stem)
+                right = lambda i: f"Reason {i}. Therefore, the answer is {choices['ABCD'.index(gold)]} ({gold.lower()})."
+                if "Student:" in content:
+                    texts = ["Error: the student chose badly.\nAnswer: " + right("fixed")]
+                else:
+                    texts = [right(i) for i in range(3)] + ["Bad. Therefore, the answer is nothing (z)."]
+                choices_ = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
+                            for i, t in enumerate(texts[:payload["n"]] if payload["n"] == 1 else texts)]
+                raw = json.dumps({"choices": choices_}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+def test_an_llm_teacher_through_every_round_and_its_cache(tmp_path):
+    """`python tailored.py --data obqa` against a scripted LLM: round-1 rationales filtered to the gold answer,
+    feedback on the student's mistakes, every response cached; a second run asks the teacher nothing."""
+    original = tmp_path / "data" / "obqa" / "original"
+    original.mkdir(parents=True)
+    lines = "".join(json.dumps({"id": f"q{i}", "question": {"stem": q, "choices": [
+        {"label": x, "text": t} for x, t in zip("ABCD", choices)]}, "answerKey": gold}) + "\n"
+        for i, (q, choices, gold) in enumerate(HANDFUL))
+    for name in ("train.jsonl", "dev.jsonl", "test.jsonl"):
+        (original / name).write_text(lines)
+    llm = LLM()
+    command = [sys.executable, "tailored.py", "--data", "obqa", "--data-dir", str(tmp_path / "data"), "--model",
+               "scratch", "--base-url", llm.url, "--out", str(tmp_path / "run"), "--rounds", "2", "--epochs", "2",
+               "--later-epochs", "1", "--max-new-tokens", "8"]
+    for attempt in range(2):
+        out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr[-2000:]
+        if attempt == 0:
+            asked = len(llm.log)
+            assert [p["n"] for p in llm.log[:4]] == [teacher.COT_N] * 4 and asked > 4  # round 1, then feedback
+            assert all(p["n"] == 1 and "Student:" in p["messages"][-1]["content"] for p in llm.log[4:])
+    assert len(llm.log) == asked  # the second run found every round done and asked nothing
+    first = tinythinker.read_jsonl(tmp_path / "run" / "round_1" / "teacher.jsonl")
+    assert [len(row["texts"]) for row in first] == [3] * 4  # the wrong fourth rationale was filtered out
+    corrections = tinythinker.read_jsonl(tmp_path / "run" / "round_2" / "corrections.jsonl")
+    assert corrections and all(row["texts"][0].startswith("Reason fixed.") for row in corrections)
+    cache = (tmp_path / "data" / "obqa" / "tailored.cache.jsonl").read_text().splitlines()
+    assert len(cache) == asked
+    llm.httpd.shutdown()
