@@ -4,9 +4,11 @@ BENCHMARKS.md.
 
     python compare.py                       # seeds 1 2 3, two runs at a time (about 35 minutes of CPU on 2 cores)
     python compare.py --seeds 1 --jobs 1
+    python compare.py --only tailored       # train only Tailored's runs; TinyThinker's enter the table if finished
 
 Each run is the command a user types (tinythinker.py, tailored.py, then evaluate.py), in its own process with one
-thread, under runs/compare. The Tailored run without L_SR (--lam 0) starts from the same round-1 model as the one
+thread. The TinyThinker runs are ablation.py's (runs/ablation, same commands and seeds), so either script reuses the
+other's; the Tailored runs go under runs/compare. A rerun skips finished runs. The Tailored run without L_SR (--lam 0) starts from the same round-1 model as the one
 with it (round 1 has no L_SR, and the round-2 exam is seeded), so the two differ only in the loss of rounds 2..K.
 """
 import argparse
@@ -45,12 +47,17 @@ def last_step(log_path):
         return max(json.loads(line)["step"] for line in f)
 
 
-def tinythinker_rows(seed, stages):
-    """Answer-only (stages summarize) or the full TinyThinker (acquire, then reflect) for one seed."""
-    out = os.path.join(RUNS, f"{stages}-seed{seed}")
+def tinythinker_rows(seed, stages, train):
+    """Answer-only (stages summarize) or the full TinyThinker (acquire, then reflect) for one seed; with train False,
+    only a finished run's rows."""
+    out = os.path.join("runs", "ablation", f"{stages}-seed{seed}")
+    full = stages == "recall_analyze_summarize"
+    finished = os.path.isfile(os.path.join(out, "best", "model.safetensors")) and (
+        not full or os.path.isdir(os.path.join(out, "reflect", "best")))
+    if not finished and not train:
+        return {}
     if not os.path.isfile(os.path.join(out, "best", "model.safetensors")):
         run("tinythinker.py", "--phase", "acquire", "--stages", stages, "--seed", str(seed), "--out", out)
-    full = stages == "recall_analyze_summarize"
     if full and not os.path.isdir(os.path.join(out, "reflect", "best")):
         run("tinythinker.py", "--phase", "reflect", "--from", out, "--seed", str(seed))
     rows = report(out)
@@ -65,20 +72,23 @@ def tinythinker_rows(seed, stages):
             "TinyThinker acquire + reflect": (rows["reflect"]["accuracy"], acquire_steps + reflect_steps, requests)}
 
 
-def tailored_rows(seed, rounds):
-    """Tailored with L_SR, then without it from the same round-1 model."""
+def tailored_rows(seed, rounds, train):
+    """Tailored with L_SR, then without it from the same round-1 model; with train False, only finished runs' rows."""
     result = {}
     for lam in ("0.5", "0"):
         out = os.path.join(RUNS, f"tailored-lam{lam}-seed{seed}")
+        if not train and not os.path.isfile(os.path.join(out, "summary.json")):
+            continue
         if lam == "0" and not os.path.isdir(out):
             source = os.path.join(RUNS, f"tailored-lam0.5-seed{seed}")
             os.makedirs(out)
             for shared in ("tokenizer", "round_1"):
                 shutil.copytree(os.path.join(source, shared), os.path.join(out, shared))
-        run("tailored.py", "--seed", str(seed), "--rounds", str(rounds), "--lam", lam, "--out", out, "--resume")
+        if not os.path.isfile(os.path.join(out, "summary.json")):  # tailored.py writes it when its rounds are done
+            run("tailored.py", "--seed", str(seed), "--rounds", str(rounds), "--lam", lam, "--out", out, "--resume")
         rows = report(out)
-        done = {k: json.load(open(os.path.join(out, f"round_{k}", "done.json")))
-                for k in range(1, rounds + 1) if os.path.isfile(os.path.join(out, f"round_{k}", "done.json"))}
+        with open(os.path.join(out, "summary.json")) as f:
+            done = {int(k): stats for k, stats in json.load(f).items()}
         steps = requests = 0
         for k, stats in sorted(done.items()):
             steps, requests = steps + stats["steps"], requests + stats["requests"]
@@ -95,11 +105,14 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each one thread)")
+    parser.add_argument("--only", choices=["tailored", "tinythinker"], help="train only this method's runs")
     args = parser.parse_args()
+    trains = lambda method: args.only in (None, method)
     os.makedirs(RUNS, exist_ok=True)
-    chains = [(f, seed) for seed in args.seeds for f in (lambda s: tinythinker_rows(s, "summarize"),
-                                                         lambda s: tinythinker_rows(s, "recall_analyze_summarize"),
-                                                         lambda s: tailored_rows(s, args.rounds))]
+    chains = [(f, seed) for seed in args.seeds for f in (
+        lambda s: tailored_rows(s, args.rounds, trains("tailored")),
+        lambda s: tinythinker_rows(s, "recall_analyze_summarize", trains("tinythinker")),
+        lambda s: tinythinker_rows(s, "summarize", trains("tinythinker")))]
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda job: (job[1], job[0](job[1])), chains))
     table = {}  # row name -> {seed: (accuracy, steps, requests)}

@@ -308,6 +308,8 @@ def main(cfg):
                           mistakes=sum(map(len, negatives.values())))
         tinythinker.write_jsonl([results[k]], done_path)
         previous = os.path.join(round_dir, "best")
+    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+        json.dump(results, f, indent=1)
     print("tailored: " + "; ".join(f"round {k}: validation {r['best']:.2f}%, {r['steps']} steps, {r['requests']} "
                                    f"teacher requests" for k, r in results.items()))
     print(f"next: python evaluate.py {cfg.out}")

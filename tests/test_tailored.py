@@ -183,6 +183,20 @@ def test_feedback_requests_are_cached_and_resumed(tmp_path):
     assert teacher.ask_all(jobs, cfg, again, teacher.Cache(path), "feedback") == kept and not again.payloads
 
 
+def test_evaluate_decodes_one_chain_of_thought_and_votes(monkeypatch):
+    questions = [data.Question("q0", "?", ["x", "y"], "A"), data.Question("q1", "?", ["x", "y"], "B")]
+    texts = iter(["So (a).", "So (b).", "So (a).", "So (a).", "junk", "So (a)."])  # both vote A: q1 is wrong
+
+    def scripted(model, tokenizer, prompts, temperature, batch_size, max_new_tokens, desc):
+        assert prompts[0] == data.cot_input(questions[0]) and temperature == 0.7
+        return [next(texts) for _ in prompts]
+
+    monkeypatch.setattr(evaluate, "generate_texts", scripted)
+    acc, chains = evaluate.accuracy(None, None, questions, "cot", samples=3, temperature=0.7)
+    assert acc == 50.0 and [c.prediction for c in chains] == ["A", "B", "A", "A", None, "A"]
+    assert chains[0].summary == "So (a)." and chains[0].recall is None
+
+
 # ---------------------------------------------------------------------------------------------- exam, batches
 
 class Scripted:
@@ -250,6 +264,9 @@ def test_a_shrunken_world_through_every_round(tmp_path, monkeypatch, shrunken):
             assert all(data.parse_cot(t, train[row["id"]]) == train[row["id"]].answer for t in row["texts"])
         log = tinythinker.read_jsonl(run / f"round_{k}" / "log.jsonl")
         assert sum(r.get("triplets", 0) for r in log) > 0 and any("sr" in r for r in log)
+    summary = json.loads((run / "summary.json").read_text())
+    assert list(summary) == ["1", "2", "3"] and summary["1"]["requests"] == 112  # one per training question
+    assert summary["2"]["requests"] == summary["2"]["mistakes"] > 0  # one per mistake
     monkeypatch.setattr(sys, "argv", ["evaluate.py", str(run)])
     evaluate.main()
     report = {row["phase"]: row for row in json.loads((run / "report.json").read_text())}
