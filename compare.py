@@ -8,8 +8,9 @@ BENCHMARKS.md.
 
 Each run is the command a user types (tinythinker.py, tailored.py, then evaluate.py), in its own process with one
 thread. The TinyThinker runs are ablation.py's (runs/ablation, same commands and seeds), so either script reuses the
-other's; the Tailored runs go under runs/compare. A rerun skips finished runs. The Tailored run without L_SR (--lam 0) starts from the same round-1 model as the one
-with it (round 1 has no L_SR, and the round-2 exam is seeded), so the two differ only in the loss of rounds 2..K.
+other's; the Tailored runs go under runs/compare. A rerun skips finished runs. The Tailored run without L_SR
+(--lam 0) starts from the same round-1 model as the one with it (round 1 has no L_SR, and the round-2 exam is
+seeded), so the two differ only in the loss of rounds 2..K.
 """
 import argparse
 import json
@@ -93,9 +94,11 @@ def tailored_rows(seed, rounds, train):
         for k, stats in sorted(done.items()):
             steps, requests = steps + stats["steps"], requests + stats["requests"]
             if k == 1 and lam == "0.5":
-                result["chain-of-thought fine-tuning (Tailored round 1)"] = (rows["round 1"]["accuracy"], steps, requests)
+                result["chain-of-thought fine-tuning (Tailored round 1)"] = (rows["round 1"]["accuracy"], steps,
+                                                                             requests)
         last = max(done)
-        name = f"Tailored rounds 1..{last}, " + ("with L_SR (lambda 0.5)" if lam == "0.5" else "without L_SR (lambda 0)")
+        name = f"Tailored rounds 1..{last}, " + ("with L_SR (lambda 0.5)" if lam == "0.5" else
+                                                 "without L_SR (lambda 0)")
         result[name] = (rows[f"round {last}"]["accuracy"], steps, requests)
     return result
 
@@ -120,7 +123,8 @@ def main():
         for name, value in rows.items():
             table.setdefault(name, {})[seed] = value
     order = ["answer-only fine-tuning", "chain-of-thought fine-tuning (Tailored round 1)"]
-    order += sorted(n for n in table if n.startswith("Tailored")) + ["TinyThinker acquire", "TinyThinker acquire + reflect"]
+    order += sorted(n for n in table if n.startswith("Tailored"))
+    order += ["TinyThinker acquire", "TinyThinker acquire + reflect"]
     lines = [BEGIN, f"`python compare.py --seeds {' '.join(map(str, args.seeds))} --rounds {args.rounds}` (held-out "
              "test questions of the world, 96; chance 25.0%; budget = optimizer steps and teacher requests, each "
              "per seed, min-max over seeds)", "",

@@ -274,7 +274,7 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int = 0):
     return input_ids, attention_mask, labels
 
 
-# ---------------------------------------------------------------- chain-of-thought format (Tailored Learning, TAILORED 2.5, 3, 11)
+# ---------------------------------------------------------------- chain of thought (Tailored Learning, TAILORED 2.5, 3, 11)
 
 def yes_no(q: Question) -> bool:
     """StrategyQA as _read_strategyqa builds it: options yes (A) and no (B)."""

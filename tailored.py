@@ -150,7 +150,7 @@ def rationales_file(path, make):
 @torch.no_grad()
 def exam(cfg, model, tokenizer, questions, desc):
     """{question id: the student's distinct wrong rationales}: exam_samples sampled rationales per question (T 1.0,
-    top-k 50), of which only those whose parsed answer is not the gold one are kept. Questions without any are absent."""
+    top-k 50), of which only those whose parsed answer is not the gold one are kept (a question with none is absent)."""
     device = next(model.parameters()).device
     per_batch = max(1, cfg.eval_batch_size // cfg.exam_samples)
     mistakes = {}
@@ -175,7 +175,7 @@ def exam(cfg, model, tokenizer, questions, desc):
 def unique_batches(groups, batch_size, seed, epoch):
     """One epoch's batches as index lists: every example once, no two examples of one question in a batch. Questions
     are visited in a random order, one unused example each per pass (the official UniqueQuestionSampler); a batch is
-    closed early when the next question is already in it. Drawn from (seed, epoch) alone, so a resumed run rebuilds it."""
+    closed early when the next question is already in it. Drawn from (seed, epoch) alone: a resumed run rebuilds it."""
     rng = triplet.draw(seed, "epoch", epoch)
     queues = [rng.sample(g, len(g)) for g in groups]
     order = rng.sample(range(len(groups)), len(groups))
@@ -251,8 +251,8 @@ def train_round(cfg, k, model, tokenizer, texts, questions, valid, device, fp16)
 
     validate = lambda m: evaluate.accuracy(m, tokenizer, valid, "cot", batch_size=cfg.eval_batch_size,
                                            max_new_tokens=cfg.max_new_tokens)[0]
-    best = tinythinker.fit(cfg, os.path.join(cfg.out, f"round_{k}"), model, tokenizer, plan, train_step, validate, device, fp16, 0, 1,
-                           f"round {k}")
+    best = tinythinker.fit(cfg, os.path.join(cfg.out, f"round_{k}"), model, tokenizer, plan, train_step, validate,
+                           device, fp16, 0, 1, f"round {k}")
     return best, len(plan)
 
 

@@ -402,7 +402,8 @@ COT_DEMOS = {"multiple_choice": [
      ["shirt pocket", "calligrapher’s hand", "inkwell", "desk drawer", "blotter"],
      "The answer must be used to absorb extra ink. Blotters are designed to absorb liquids. Therefore, the answer is "
      "blotter (e)."),
-    ("What home entertainment equipment requires cable?", ["radio shack", "substation", "television", "cabinet", "desk"],
+    ("What home entertainment equipment requires cable?",
+     ["radio shack", "substation", "television", "cabinet", "desk"],
      "The answer must require cable. Cable is used to provide satellite channels to televisions. Therefore, the answer "
      "is television (c)."),
     ("Sammy wanted to go to where the people were. Where might he go?",
@@ -453,8 +454,10 @@ def cot_message(q: Question) -> str:
 
 def feedback_message(q: Question, wrong: str) -> str:
     """Feedback (reconstructed, see FEEDBACK): the round-1 prompt, the student's wrong rationale, the gold answer."""
-    letter = q.answer.lower()
-    gold = ("Yes" if q.answer == "A" else "No") if data.yes_no(q) else f"{q.choices[LETTERS.index(q.answer)]} ({letter})"
+    if data.yes_no(q):
+        gold = "Yes" if q.answer == "A" else "No"
+    else:
+        gold = f"{q.choices[LETTERS.index(q.answer)]} ({q.answer.lower()})"
     return cot_message(q) + "\n\n" + FEEDBACK.format(gold=gold, wrong=wrong)
 
 
@@ -463,7 +466,7 @@ def parse_cot_completion(text: str, q: Question) -> str:
     student target: one line; for multiple choice cut right after its first "(x)", for yes/no without its "Answer:"
     line (the data pipeline appends the gold one). A feedback completion's "Error:" line and a repeated "Answer:" or
     "Reasoning:" label are dropped first."""
-    lines = [line.strip() for line in text.strip().split("\n") if line.strip() and not line.strip().startswith("Error:")]
+    lines = [line.strip() for line in text.split("\n") if line.strip() and not line.strip().startswith("Error:")]
     text = "\n".join(lines)
     for label in ("Answer:", "Reasoning:"):
         text = text.removeprefix(label).strip()

@@ -294,12 +294,14 @@ def test_a_killed_round_resumes_to_the_same_weights(tmp_path, monkeypatch, shrun
         tailored.main(tailored.parse_config(["--out", str(tmp_path / "killed"), *flags]))
     monkeypatch.setattr(evaluate, "accuracy", real)
     tailored.main(tailored.parse_config(["--out", str(tmp_path / "killed"), *flags, "--resume"]))
-    whole, resumed = (torch.load(tmp_path / r / "round_2" / "state.pt", weights_only=False) for r in ("whole", "killed"))
+    whole, resumed = (torch.load(tmp_path / run / "round_2" / "state.pt", weights_only=False)
+                      for run in ("whole", "killed"))
     assert whole["step"] == resumed["step"] >= 4
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
     for name in ("mistakes.jsonl", "corrections.jsonl", "log.jsonl"):
-        assert (tmp_path / "whole" / "round_2" / name).read_text() == (tmp_path / "killed" / "round_2" / name).read_text()
+        assert (tmp_path / "whole" / "round_2" / name).read_text() == \
+            (tmp_path / "killed" / "round_2" / name).read_text()
 
 
 def test_readme_commands_run(tmp_path):
@@ -335,7 +337,8 @@ class LLM:
                 content = payload["messages"][-1]["content"]
                 stem = content.split("\n\nQuestion: ")[-1].split("\n")[0]
                 question, choices, gold = next(h for h in HANDFUL if h[0] == stem)
-                right = lambda i: f"Reason {i}. Therefore, the answer is {choices['ABCD'.index(gold)]} ({gold.lower()})."
+                answer = f"{choices['ABCD'.index(gold)]} ({gold.lower()})"
+                right = lambda i: f"Reason {i}. Therefore, the answer is {answer}."
                 if "Student:" in content:
                     texts = ["Error: the student chose badly.\nAnswer: " + right("fixed")]
                 else:
