@@ -170,6 +170,13 @@ def main():
     table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                       + ["| " + " | ".join(str(r[k]) for k in header) + " |" for r in rows])
     print(table)
+    # What was learned, in the student's own words: the last checkpoint's chain on the first question.
+    q, chain = split_questions[0], chains[0]
+    print(f"\n{phase} model on a {args.split} question: {q.question} {data.option_string(q)} (gold: {q.answer})")
+    for name, text in [("recall", chain.recall)] + [(f"analyze {k}", v) for k, v in (chain.analyses or {}).items()]:
+        if text is not None:
+            print(f"  {name}: {text}")
+    print(f"  summarize: {chain.summary}\n")
     out = args.out or os.path.join(args.runs[0], "report")
     with open(out + ".md", "w") as f:
         f.write(table + "\n")

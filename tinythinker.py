@@ -50,6 +50,7 @@ class Config:
     lr: float = 5e-4
     warmup: float = 0.1                 # fraction of the steps with a linear warm-up, then cosine decay to 0 (A3)
     epochs: int = 10
+    steps: int = 0                      # acquire: stop after this many optimizer steps (0 = all epochs; A23 control)
     interval: int = 100                 # recall batches per cycle of the staged schedule (METHOD 5.2)
     eval_every: int = 0                 # optimizer steps between validations; 0 = once per cycle, as the official code
     grad_clip: float = 1.0
@@ -69,14 +70,11 @@ class Config:
 REFLECT = dict(stages="recall_analyze", batch_size=32, lr=5e-6)  # run_dpo.sh
 # The embedded demo (world.py), sized so that acquire, reflect and evaluate together fit in 10 minutes on 2 CPU cores.
 # acquire: stages interleaved batch by batch (interval 1): with blocks of 10/40/10 batches the same model sat at
-# chance for 528 steps; interleaved, the full variant leaves chance between steps 300 and 400 and reaches 77-100%
-# validation by step 660 (the demo and the ablation's seeds). Validating every 6-step cycle would cost more than the
-# training, hence eval_every.
-# reflect: the student answers nearly all its training questions right, so at the method's temperature 0.7 it made 8
-# pairs from 336 questions; 1.2 gives hundreds. lr 5e-5: Adam's first steps move every weight by about lr, and two
-# steps at 2e-4 cost 6 points of validation accuracy; one epoch at 5e-5 (a few steps) left every prediction unchanged.
+# chance for 528 steps. Validating every 6-step cycle would cost more than the training, hence eval_every.
+# reflect: lr 5e-5: Adam's first steps move every weight by about lr, and two steps at 2e-4 cost 6 points of
+# validation accuracy on a converged student; one epoch at 5e-5 (a few steps) left every prediction unchanged.
 WORLD = {
-    "acquire": dict(model="scratch", batch_size=64, lr=2e-3, epochs=20, interval=1, eval_every=66, max_new_tokens=48),
+    "acquire": dict(model="scratch", batch_size=64, lr=3e-3, epochs=30, interval=1, eval_every=150, max_new_tokens=48),
     "reflect": dict(batch_size=32, lr=5e-5, epochs=2, iterations=2, samples=4, temperature=1.2, max_new_tokens=48),
 }
 # The method's open questions (METHOD 9) that move accuracy, recorded in every run's config (METHOD 10.15).
@@ -334,6 +332,10 @@ def acquire(cfg):
     effective = cfg.batch_size * cfg.grad_accum * world_size
     lengths = {s: [len(x) for x, _ in e] for s, e in examples.items()}
     plan = Plan(lengths, effective, cfg.epochs, cfg.seed, quotas, world_size, cfg.group_by_length)
+    if cfg.steps:  # a budget in steps: as many epochs as it takes, cut at the step (ablation.py's control, A23)
+        epochs = math.ceil(cfg.steps * cfg.epochs / len(plan))
+        plan = Plan(lengths, effective, epochs, cfg.seed, quotas, world_size, cfg.group_by_length)
+        plan.steps = plan.steps[:cfg.steps]
     if rank == 0:
         write_run_config(cfg, run_dir, world_size, effective_batch_size=effective, steps=len(plan),
                          examples={s: len(e) for s, e in examples.items()})

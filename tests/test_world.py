@@ -1,5 +1,5 @@
 """The embedded world: deterministic, answered by its teacher in the LLM teacher's format, and built so that the
-held-out questions' knowledge is in training only inside rationales."""
+held-out questions' knowledge is in training only inside Key Information."""
 import collections
 import functools
 import json
@@ -14,7 +14,7 @@ import world
 def test_the_world_is_made_the_same_every_time():
     first, second = world.make_world(), world.make_world()
     assert (first.train, first.valid, first.test) == (second.train, second.valid, second.test)
-    assert len(first.train) == 336 and len(first.valid) == 48 and len(first.test) == 96
+    assert len(first.train) == 464 and len(first.valid) == 48 and len(first.test) == 96
 
 
 def test_every_teacher_completion_goes_through_the_llm_parser():
@@ -26,19 +26,23 @@ def test_every_teacher_completion_goes_through_the_llm_parser():
         assert sorted(record["explanations"]) == ["A", "B", "C", "D"]
 
 
-def test_held_out_habitats_appear_in_training_only_inside_rationales():
+def test_held_out_knowledge_is_in_training_only_inside_key_information():
     made = world.make_world()
-    asked_where = {made.animal[q.id][0] for q in made.train if made.animal[q.id][1] == "where"}
-    golds = collections.defaultdict(set)  # animal -> gold answer texts it has in training
+    asked = collections.defaultdict(set)  # animal -> kinds of training question
     for q in made.train:
-        golds[made.animal[q.id][0]].add(q.choices["ABCD".index(q.answer)])
-    rationales = " ".join(world.teacher_completion(made, q) for q in made.train)
+        asked[made.animal[q.id][0]].add(made.animal[q.id][1])
+    completions = [world.teacher_completion(made, q) for q in made.train]
+    key_information = " ".join(c.splitlines()[0] for c in completions)
+    explanations = " ".join(line for c in completions for line in c.splitlines()[1:])
     for q in made.valid + made.test:
         animal, kind = made.animal[q.id]
-        habitat = q.choices["ABCD".index(q.answer)]
-        assert kind == "where" and animal not in asked_where
-        assert habitat not in golds[animal]  # never a gold answer for this animal ...
-        assert f"the {animal} lives in the {habitat}" in rationales  # ... but stated in its rationales
+        food = q.choices["ABCD".index(q.answer)]
+        assert kind == "eat" and asked[animal] == {"where"}  # its food is never a gold answer in training ...
+        assert food == world.food_of(made.habitat[animal], made.size[animal])  # ... but follows by the rule
+        assert f"the {animal} lives in the {made.habitat[animal]} and is {made.size[animal]}." in key_information
+        assert animal not in explanations  # explanations say "it"; a "where" one states no size
+    where = next(q for q in made.train if made.animal[q.id][1] == "where")
+    assert made.size[made.animal[where.id][0]] not in "".join(world.teacher_completion(made, where).splitlines()[1:])
 
 
 def test_a_shrunken_demo_learns_the_held_out_habitats(tmp_path, monkeypatch):
