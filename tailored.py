@@ -62,10 +62,10 @@ class Config:
     workers: int = 8
 
 
-# The embedded world (as tinythinker.WORLD): round 1 learns from scratch, later rounds refine on the corrections.
-# Later rounds at lr 2e-3 (round 1's) undid round 1 within 4 steps (validation 75% -> 29%, the LM loss 0.04 -> 0.46);
-# at 1e-4 they moved validation by a question or two.
-WORLD = dict(model="scratch", batch_size=64, lr=2e-3, epochs=20, later_epochs=10, later_lr=1e-4, eval_every=50,
+# The embedded world: round 1 learns from scratch with tinythinker.WORLD's acquire settings (batch 64, lr 3e-3,
+# 30 epochs); later rounds refine on the corrections. At round 1's lr they undid it within 4 steps (on the previous
+# world: validation 75% -> 29%, the LM loss 0.04 -> 0.46); at 1e-4 they moved validation by a question or two.
+WORLD = dict(model="scratch", batch_size=64, lr=3e-3, epochs=30, later_epochs=10, later_lr=1e-4, eval_every=150,
              max_new_tokens=64)
 DECISIONS = {
     "T1 prompt": "encoder input = the official prompt without few-shot demos (T5's 512 tokens cannot hold them); "
