@@ -2,7 +2,7 @@
 (the world's built-in one), same held-out questions; held-out accuracy over seeds with each row's budget, written into
 BENCHMARKS.md.
 
-    python compare.py                       # seeds 1 2 3, two runs at a time (about 35 minutes of CPU on 2 cores)
+    python compare.py                       # seeds 1 2 3, two runs at a time (36 minutes on 2 cores)
     python compare.py --seeds 1 --jobs 1
     python compare.py --only tailored       # train only Tailored's runs; TinyThinker's enter the table if finished
 

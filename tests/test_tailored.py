@@ -265,7 +265,8 @@ def test_a_shrunken_world_through_every_round(tmp_path, monkeypatch, shrunken):
         log = tinythinker.read_jsonl(run / f"round_{k}" / "log.jsonl")
         assert sum(r.get("triplets", 0) for r in log) > 0 and any("sr" in r for r in log)
     summary = json.loads((run / "summary.json").read_text())
-    assert list(summary) == ["1", "2", "3"] and summary["1"]["requests"] == 112  # one per training question
+    assert list(summary) == ["1", "2", "3"]
+    assert summary["1"]["requests"] == len(world.make_world().train)  # one per training question
     assert summary["2"]["requests"] == summary["2"]["mistakes"] > 0  # one per mistake
     monkeypatch.setattr(sys, "argv", ["evaluate.py", str(run)])
     evaluate.main()
@@ -296,7 +297,7 @@ def test_a_killed_round_resumes_to_the_same_weights(tmp_path, monkeypatch, shrun
     tailored.main(tailored.parse_config(["--out", str(tmp_path / "killed"), *flags, "--resume"]))
     whole, resumed = (torch.load(tmp_path / run / "round_2" / "state.pt", weights_only=False)
                       for run in ("whole", "killed"))
-    assert whole["step"] == resumed["step"] >= 4
+    assert whole["step"] == resumed["step"] >= 3  # killed at step 3's validation, resumed from step 2
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
     for name in ("mistakes.jsonl", "corrections.jsonl", "log.jsonl"):
