@@ -75,7 +75,7 @@ REFLECT = dict(stages="recall_analyze", batch_size=32, lr=5e-6)  # run_dpo.sh
 # validation accuracy on a converged student; one epoch at 5e-5 (a few steps) left every prediction unchanged.
 WORLD = {
     "acquire": dict(model="scratch", batch_size=64, lr=3e-3, epochs=30, interval=1, eval_every=150, max_new_tokens=48),
-    "reflect": dict(batch_size=32, lr=5e-5, epochs=2, iterations=2, samples=4, temperature=1.2, max_new_tokens=48),
+    "reflect": dict(batch_size=32, lr=5e-5, epochs=2, iterations=2, samples=4, max_new_tokens=48),
 }
 # The method's open questions (METHOD 9) that move accuracy, recorded in every run's config (METHOD 10.15).
 DECISIONS = {
