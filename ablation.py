@@ -4,6 +4,7 @@ next to the control the paper lacks, acquire continued for as many steps as refl
 
     python ablation.py                      # 4 variants, reflect and control, seeds 1 2 3
     python ablation.py --seeds 1 --variants analyze_summarize recall_analyze_summarize
+    python ablation.py --variants recall_analyze_summarize --epochs 15    # reflect from a student that still errs
 
 Each run is the same command a user types (tinythinker.py, then evaluate.py), in its own process, under runs/ablation.
 """
@@ -21,7 +22,6 @@ import data
 from tinythinker import WORLD
 
 RUNS = os.path.join("runs", "ablation")
-BEGIN, END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
 
 
 def run(*args):
@@ -71,13 +71,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--variants", nargs="+", default=list(data.STAGES))
+    parser.add_argument("--epochs", type=int, help="acquire epochs (default: the demo's); fewer leave the student "
+                                                    "errors on its training questions for reflect to learn from")
     args = parser.parse_args()
+    tag = f"-epochs{args.epochs}" if args.epochs else ""
+    begin, end = f"<!-- ablation{tag}:begin -->", f"<!-- ablation{tag}:end -->"
     test, train = {}, {}
     for seed in args.seeds:
         for variant in args.variants:
-            out = os.path.join(RUNS, f"{variant}-seed{seed}")
+            out = os.path.join(RUNS, f"{variant}{tag}-seed{seed}")
             if not os.path.isfile(os.path.join(out, "best", "model.safetensors")):
-                run("tinythinker.py", "--phase", "acquire", "--stages", variant, "--seed", str(seed), "--out", out)
+                run("tinythinker.py", "--phase", "acquire", "--stages", variant, "--seed", str(seed), "--out", out,
+                    *(["--epochs", str(args.epochs)] if args.epochs else []))
             if variant != "recall_analyze_summarize":
                 test.setdefault(variant, []).append(accuracies(out, "test")["acquire"])
                 continue
@@ -89,21 +94,24 @@ def main():
                 test.setdefault(name, []).append(accuracies(run_dir, "test")[phase])
                 train.setdefault(name, []).append(accuracies(run_dir, "train")[phase])
             test.setdefault("reflect steps", []).append(reflect_budget(out)[0])
-    lines = [BEGIN, f"`python ablation.py --seeds {' '.join(map(str, args.seeds))}` (chance 25.0%; training "
-             f"accuracy: the same greedy chains on the training questions)", "",
-             "| stages | held-out accuracy, mean ± std (%) | per seed | training accuracy, mean ± std (%) | per seed |",
+    command = " ".join(["python ablation.py --seeds", *map(str, args.seeds), "--variants", *args.variants,
+                        *(["--epochs", str(args.epochs)] if args.epochs else [])])
+    lines = [begin, f"`{command}` (chance 25.0%; training accuracy: the same greedy chains on the training questions)",
+             "",
+             "| stages | held-out accuracy, mean ± std (%) | per seed | training accuracy, mean ± std (%) "
+             "| per seed |",
              "|---|---|---|---|---|"]
     steps = test.pop("reflect steps", None)
     for name, values in test.items():
         lines.append(f"| {name} | {summary(values)} | {summary(train[name]) if name in train else '| '} |")
     if steps:
-        lines += ["", f"Reflect took {', '.join(map(str, steps))} optimizer steps (per seed); the control took as many."]
-    lines.append(END)
+        lines += ["", f"Reflect took {', '.join(map(str, steps))} optimizer steps (per seed); the control as many."]
+    lines.append(end)
     table = "\n".join(lines)
     print(table)
     text = open("BENCHMARKS.md").read() if os.path.isfile("BENCHMARKS.md") else ""
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: table, text, flags=re.S)
+    if begin in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: table, text, flags=re.S)
     else:
         text += "\n## The paper's claims on the embedded world\n\n" + table + "\n"
     with open("BENCHMARKS.md", "w") as f:
