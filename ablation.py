@@ -1,13 +1,17 @@
-"""The paper's stage ablation, rerun on the embedded world: held-out accuracy of each stage variant after acquire,
-and of the full variant after reflect, over several seeds, written into BENCHMARKS.md.
+"""The paper's two claims, rerun on the embedded world over several seeds, written into BENCHMARKS.md:
+held-out accuracy of each stage variant after acquire (does recall help?), and of the full variant after reflect
+next to the control the paper lacks, acquire continued for as many steps as reflect took (does reflect help?).
 
-    python ablation.py                      # 4 variants + reflect, seeds 1 2 3 (about 40 minutes on 2 CPU cores)
-    python ablation.py --seeds 1 --variants summarize recall_analyze_summarize
+    python ablation.py                      # 4 variants, reflect and control, seeds 1 2 3
+    python ablation.py --seeds 1 --variants analyze_summarize recall_analyze_summarize
+    python ablation.py --variants recall_analyze_summarize --epochs 15    # reflect from a student that still errs
 
 Each run is the same command a user types (tinythinker.py, then evaluate.py), in its own process, under runs/ablation.
 """
 import argparse
+import glob
 import json
+import math
 import os
 import re
 import statistics
@@ -15,9 +19,9 @@ import subprocess
 import sys
 
 import data
+from tinythinker import WORLD
 
 RUNS = os.path.join("runs", "ablation")
-BEGIN, END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
 
 
 def run(*args):
@@ -25,48 +29,91 @@ def run(*args):
     subprocess.run([sys.executable, *args], check=True)
 
 
-def held_out_rows(run_dir):
-    """evaluate.py's report rows on the test questions, by phase: acquire, and reflect where the run has one."""
-    run("evaluate.py", run_dir, "--split", "test")
-    with open(os.path.join(run_dir, "report.json")) as f:
-        return {row["phase"]: row for row in json.load(f)}
+def accuracies(run_dir, split):
+    """evaluate.py's accuracy on `split` by phase: acquire, and reflect where the run has one."""
+    out = os.path.join(run_dir, f"report_{split}")
+    if not os.path.isfile(out + ".json"):
+        run("evaluate.py", run_dir, "--split", split, "--out", out)
+    with open(out + ".json") as f:
+        return {row["phase"]: row["accuracy"] for row in json.load(f)}
+
+
+def reflect_budget(run_dir):
+    """Optimizer steps and validations reflect took, summed over its iterations (from their logs)."""
+    steps = validations = 0
+    for path in glob.glob(os.path.join(run_dir, "reflect", "iter_*", "log.jsonl")):
+        with open(path) as f:
+            rows = [json.loads(line) for line in f]
+        steps += sum("loss" in r for r in rows)
+        validations += sum("valid_accuracy" in r for r in rows)
+    return steps, validations
+
+
+def control(run_dir, seed):
+    """A23: acquire continued from its best model for as many optimizer steps as reflect took, with reflect's batch
+    size and learning rate and as many validations, so only the training signal differs: the teacher's rationales
+    (SFT) instead of the student's own preferred chains (DPO + NLL)."""
+    out = os.path.join(run_dir, "control")
+    if not os.path.isdir(os.path.join(out, "best")):
+        steps, validations = reflect_budget(run_dir)
+        run("tinythinker.py", "--phase", "acquire", "--model", os.path.join(run_dir, "best"), "--out", out,
+            "--seed", str(seed), "--steps", str(steps), "--eval-every", str(math.ceil(steps / max(validations, 1))),
+            "--batch-size", str(WORLD["reflect"]["batch_size"]), "--lr", str(WORLD["reflect"]["lr"]))
+    return out
+
+
+def summary(values):
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {spread:.1f} | {', '.join(f'{v:.1f}' for v in values)}"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--variants", nargs="+", default=list(data.STAGES))
-    parser.add_argument("--no-reflect", action="store_true")
+    parser.add_argument("--epochs", type=int, help="acquire epochs (default: the demo's); fewer leave the student "
+                                                    "errors on its training questions for reflect to learn from")
     args = parser.parse_args()
-    results, chance = {}, None
+    tag = f"-epochs{args.epochs}" if args.epochs else ""
+    begin, end = f"<!-- ablation{tag}:begin -->", f"<!-- ablation{tag}:end -->"
+    test, train = {}, {}
     for seed in args.seeds:
         for variant in args.variants:
-            out = os.path.join(RUNS, f"{variant}-seed{seed}")
+            out = os.path.join(RUNS, f"{variant}{tag}-seed{seed}")
             if not os.path.isfile(os.path.join(out, "best", "model.safetensors")):
-                run("tinythinker.py", "--phase", "acquire", "--stages", variant, "--seed", str(seed), "--out", out)
-            reflects = variant == "recall_analyze_summarize" and not args.no_reflect
-            if reflects and not os.path.isdir(os.path.join(out, "reflect", "best")):
+                run("tinythinker.py", "--phase", "acquire", "--stages", variant, "--seed", str(seed), "--out", out,
+                    *(["--epochs", str(args.epochs)] if args.epochs else []))
+            if variant != "recall_analyze_summarize":
+                test.setdefault(variant, []).append(accuracies(out, "test")["acquire"])
+                continue
+            if not os.path.isdir(os.path.join(out, "reflect", "best")):
                 run("tinythinker.py", "--phase", "reflect", "--from", out, "--seed", str(seed))
-            rows = held_out_rows(out)  # one evaluate.py call scores both checkpoints
-            results.setdefault(variant, []).append(rows["acquire"]["accuracy"])
-            chance = rows["acquire"]["chance"]
-            if reflects:
-                results.setdefault("+ reflect", []).append(rows["reflect"]["accuracy"])
-    lines = [BEGIN, f"`python ablation.py --seeds {' '.join(map(str, args.seeds))}` "
-             f"(held-out test questions of the world; chance {chance:.1f}%)", "",
-             "| stages | held-out accuracy, mean ± std (%) | per seed | chance (%) |", "|---|---|---|---|"]
-    for name, accs in results.items():
-        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        lines.append(f"| {name} | {statistics.mean(accs):.1f} ± {spread:.1f} | {', '.join(f'{a:.1f}' for a in accs)} "
-                     f"| {chance:.1f} |")
-    lines.append(END)
+            continued = control(out, seed)
+            for name, phase, run_dir in [(variant, "acquire", out), ("+ reflect", "reflect", out),
+                                         ("+ continued acquire (control)", "acquire", continued)]:
+                test.setdefault(name, []).append(accuracies(run_dir, "test")[phase])
+                train.setdefault(name, []).append(accuracies(run_dir, "train")[phase])
+            test.setdefault("reflect steps", []).append(reflect_budget(out)[0])
+    command = " ".join(["python ablation.py --seeds", *map(str, args.seeds), "--variants", *args.variants,
+                        *(["--epochs", str(args.epochs)] if args.epochs else [])])
+    lines = [begin, f"`{command}` (chance 25.0%; training accuracy: the same greedy chains on the training questions)",
+             "",
+             "| stages | held-out accuracy, mean ± std (%) | per seed | training accuracy, mean ± std (%) "
+             "| per seed |",
+             "|---|---|---|---|---|"]
+    steps = test.pop("reflect steps", None)
+    for name, values in test.items():
+        lines.append(f"| {name} | {summary(values)} | {summary(train[name]) if name in train else '| '} |")
+    if steps:
+        lines += ["", f"Reflect took {', '.join(map(str, steps))} optimizer steps (per seed); the control as many."]
+    lines.append(end)
     table = "\n".join(lines)
     print(table)
     text = open("BENCHMARKS.md").read() if os.path.isfile("BENCHMARKS.md") else ""
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: table, text, flags=re.S)
+    if begin in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: table, text, flags=re.S)
     else:
-        text += "\n## Stage ablation on the embedded world\n\n" + table + "\n"
+        text += "\n## The paper's claims on the embedded world\n\n" + table + "\n"
     with open("BENCHMARKS.md", "w") as f:
         f.write(text)
 

@@ -321,3 +321,41 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int = 0):
     attention_mask = torch.tensor([[1] * len(x) + [0] * (width_in - len(x)) for x, _ in examples])
     labels = torch.tensor([y + [-100] * (width_out - len(y)) for _, y in examples])
     return input_ids, attention_mask, labels
+
+
+# ---------------------------------------------------------------- chain of thought (Tailored Learning, TAILORED 2.5, 3, 11)
+
+def yes_no(q: Question) -> bool:
+    """StrategyQA as _read_strategyqa builds it: options yes (A) and no (B)."""
+    return q.choices == ["yes", "no"]
+
+
+def cot_input(q: Question) -> str:
+    """The official prompt of the question without its few-shot demos (T1): the CSQA layout for multiple choice
+    (options lettered (a), (b), ...), the "Reasoning:" layout for yes/no questions."""
+    if yes_no(q):
+        return f"Question: {q.question}\nReasoning:"
+    options = "\n".join(f"({letter.lower()}) {text}" for letter, text in zip(LETTERS, q.choices))
+    return f"Question: {q.question}\nAnswer Choices:\n{options}\nAnswer:"
+
+
+def cot_target(rationale: str, q: Question) -> str:
+    """The rationale, and for yes/no questions the gold "Answer: Yes" line the official preprocessor appends (T2: a
+    space, not a newline, before it: T5's vocabulary has no newline)."""
+    return f"{rationale} Answer: {'Yes' if q.answer == 'A' else 'No'}" if yes_no(q) else rationale
+
+
+def parse_cot(text: str, q: Question) -> str | None:
+    """The letter a chain-of-thought text answers (TAILORED 2.5); None when nothing parses (counted wrong).
+    Multiple choice: the first "(x)" of the first line. Yes/no: the first yes/no after "Answer:", else the last one."""
+    if yes_no(q):
+        after = text.rsplit("Answer:", 1)[1] if "Answer:" in text else ""
+        words = re.findall(r"\b(yes|no)\b", after, re.I)[:1] or re.findall(r"\b(yes|no)\b", text, re.I)[-1:]
+        return ("A" if words[0].lower() == "yes" else "B") if words else None
+    line = text.strip().split("\n")[0]
+    letters = LETTERS[:len(q.choices)].lower()
+    match = re.search(rf"\(([{letters}])\)", line, re.I)
+    if match:
+        return match.group(1).upper()
+    bare = line.strip(" .()")  # the official parser also accepts a bare letter
+    return bare.upper() if len(bare) == 1 and bare.lower() in letters else None

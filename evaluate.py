@@ -12,6 +12,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import sys
 from dataclasses import asdict
 
@@ -100,6 +101,15 @@ def run_chains(model, tokenizer, questions, stages="recall_analyze_summarize", r
             for q, r, a, s in zip(questions, recalls, analyses, summaries)]
 
 
+@torch.no_grad()
+def run_cot(model, tokenizer, questions, temperature=0.0, batch_size=256, max_new_tokens=200, desc=None):
+    """A Tailored Learning run's single chain-of-thought stage (TAILORED 7): one rationale per question, its answer
+    parsed as the official code does; the rationale is the chain's summary."""
+    texts = generate_texts(model, tokenizer, [data.cot_input(q) for q in questions], temperature, batch_size,
+                           max_new_tokens, desc)
+    return [Chain(q.id, q.answer, None, None, t, data.parse_cot(t, q)) for q, t in zip(questions, texts)]
+
+
 def vote(predictions):
     """Self-consistency (METHOD 6): the most common prediction; an unparseable chain (None) is a vote too, and a tie
     goes to the answer seen first (Counter keeps first-seen order among equal counts)."""
@@ -110,15 +120,23 @@ def accuracy(model, tokenizer, questions, stages, samples=1, temperature=0.0, **
     """Accuracy (%) of the voted answers, and every chain. With samples > 1, recall and analyze are sampled at
     `temperature` and summarize stays greedy, as in the official generate.py's "random" mode."""
     repeated = [q for q in questions for _ in range(samples)]
-    chains = run_chains(model, tokenizer, repeated, stages, recall_temperature=temperature,
-                        analyze_temperature=temperature, **kwargs)
+    if stages == "cot":
+        chains = run_cot(model, tokenizer, repeated, temperature, **kwargs)
+    else:
+        chains = run_chains(model, tokenizer, repeated, stages, recall_temperature=temperature,
+                            analyze_temperature=temperature, **kwargs)
     votes = [vote([c.prediction for c in chains[i * samples:(i + 1) * samples]]) for i in range(len(questions))]
     correct = sum(v == q.answer for v, q in zip(votes, questions))
     return 100.0 * correct / max(len(questions), 1), chains
 
 
 def checkpoints(run_dir):
-    """The models a run directory holds, in training order: acquire's best, then reflect's best if it ran."""
+    """The models a run directory holds, in training order: acquire's best, then reflect's best if it ran; a Tailored
+    Learning run's best of every round."""
+    rounds = sorted((int(d.split("_")[1]), d) for d in os.listdir(run_dir) if re.fullmatch(r"round_\d+", d))
+    if rounds:
+        return [(f"round {k}", os.path.join(run_dir, d, "best")) for k, d in rounds
+                if os.path.isdir(os.path.join(run_dir, d, "best"))]
     found = [("acquire", os.path.join(run_dir, "best"))]
     if os.path.isdir(os.path.join(run_dir, "reflect", "best")):
         found.append(("reflect", os.path.join(run_dir, "reflect", "best")))
@@ -152,7 +170,7 @@ def main():
             model, tokenizer = T5.from_pretrained(path, device=device), Tokenizer.from_pretrained(path)
             model.amp_dtype = PRECISIONS[cfg.get("precision", "bf16")]  # as the run validated
             # Reflect trains recall and analyze inside the full chain, so its model is always evaluated on it.
-            stages = cfg["stages"] if phase == "acquire" else "recall_analyze_summarize"
+            stages = "recall_analyze_summarize" if phase == "reflect" else cfg["stages"]
             acc, chains = accuracy(model, tokenizer, split_questions, stages, args.samples, temperature,
                                    batch_size=args.batch_size, max_new_tokens=cfg["max_new_tokens"],
                                    desc=f"{phase} {args.split}")
@@ -167,6 +185,13 @@ def main():
     table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                       + ["| " + " | ".join(str(r[k]) for k in header) + " |" for r in rows])
     print(table)
+    # What was learned, in the student's own words: the last checkpoint's chain on the first question.
+    q, chain = split_questions[0], chains[0]
+    print(f"\n{phase} model on a {args.split} question: {q.question} {data.option_string(q)} (gold: {q.answer})")
+    for name, text in [("recall", chain.recall)] + [(f"analyze {k}", v) for k, v in (chain.analyses or {}).items()]:
+        if text is not None:
+            print(f"  {name}: {text}")
+    print(f"  summarize: {chain.summary}\n")
     out = args.out or os.path.join(args.runs[0], "report")
     with open(out + ".md", "w") as f:
         f.write(table + "\n")

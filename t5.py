@@ -384,6 +384,13 @@ class T5(nn.Module):
                          rows=rows)
         return rows.unpack(h), mask
 
+    def decoder_states(self, decoder_input_ids, encoder_states, mask):
+        """The decoder's final hidden states [B, T, d_model], after its final RMSNorm (and dropout), given `encode`'s
+        outputs: transformers' decoder_hidden_states[-1]. Tailored Learning's self-reflection loss reads them."""
+        with self.autocast(decoder_input_ids.device):
+            return self.decoder(self.shared(decoder_input_ids), self.decoder.position_bias(decoder_input_ids.shape[1]),
+                                self.decoder.cross_kv(encoder_states), mask)
+
     def lm_logits(self, h):
         if self.config.scale_decoder_outputs:
             h = h * self.config.d_model ** -0.5

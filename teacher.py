@@ -612,3 +612,137 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------- Tailored Learning's prompts (TAILORED 3, 4, 5.2)
+
+# The official few-shot demonstrations (Raibows/Learn-to-Reason, fewshot_demos.py, PROMPTS_CQA and PROMPTS_SQA;
+# TAILORED 3), quoted. The paper's teacher prompt was not retrievable (TAILORED 4): these demos, in the format the
+# official parser reads, are its best available form. OBQA and the world use the CSQA demos (T1).
+COT_DEMOS = {"multiple_choice": [
+    ("What do people use to absorb extra ink from a fountain pen?",
+     ["shirt pocket", "calligrapher’s hand", "inkwell", "desk drawer", "blotter"],
+     "The answer must be used to absorb extra ink. Blotters are designed to absorb liquids. Therefore, the answer is "
+     "blotter (e)."),
+    ("What home entertainment equipment requires cable?",
+     ["radio shack", "substation", "television", "cabinet", "desk"],
+     "The answer must require cable. Cable is used to provide satellite channels to televisions. Therefore, the answer "
+     "is television (c)."),
+    ("Sammy wanted to go to where the people were. Where might he go?",
+     ["populated areas", "race track", "desert", "apartment", "roadblock"],
+     "The answer must be a place with many people. Populated areas, by definition, have a lot of people. Therefore, "
+     "the answer is populated areas (a)."),
+    ("Where do you put your grapes just before checking out?",
+     ["mouth", "grocery cart", "super market", "fruit basket", "fruit market"],
+     "The answer should be the place where grocery items are placed before checking out. Of the above choices, grocery "
+     "cart makes the most sense for holding grocery items. Therefore, the answer is grocery cart (b)."),
+    ("Google Maps and other highway and street GPS services have replaced what?",
+     ["united states", "mexico", "countryside", "atlas", "oceans"],
+     "The answer must be something that used to do what Google Maps and GPS services do, which is give directions. "
+     "Atlases were also used to give directions. Therefore, the answer is atlas (d)."),
+], "yes_no": [
+    ("Are chinchillas cold-blooded?", ["yes", "no"],
+     "Chinchillas are rodents, which are mammals. All mammals are warm-blooded. So, the answer is No.\nAnswer: No"),
+    ("Would Janet Jackson avoid a dish with ham?", ["yes", "no"],
+     "Janet Jackson follows an Islamic practice. Islamic culture avoids eating pork. Ham is made from pork. So, the "
+     "answer is Yes.\nAnswer: Yes"),
+    ("Can a honey bee sting a human more than once?", ["yes", "no"],
+     "Human skin is tough, and the bee’s stinger gets lodged in the skin. The stinger becomes separated from the bee "
+     "which dies soon after. So, the answer is No.\nAnswer: No"),
+    ("Is average number of peas in a pod enough commas for a billion?", ["yes", "no"],
+     "The average number of peas in a pod is 6 or 7. A billion is a number that has only 3 commas in it. So, the "
+     "answer is Yes.\nAnswer: Yes"),
+]}
+COT_N = 4  # round-1 rationales per question (T3: not retrieved; the positive needs a second one)
+# RECONSTRUCTION, not the paper's text: the feedback prompt is in the paper's appendix, which could not be retrieved
+# (TAILORED 5.2). It carries what Figure 1 and the README describe: the question, the student's rationale marked
+# wrong, the gold answer, and a request to point out the error and then rationalise correctly in the demos' format.
+FEEDBACK = ("A student answered the last question with the rationale below, and it is wrong. The correct answer is "
+            "{gold}.\nStudent: {wrong}\nFirst point out the student's error in one line that starts with \"Error:\". "
+            "Then write a correct rationale for the last question in exactly the format of the examples.")
+
+
+def _cot_block(q: Question, completion: str = "") -> str:
+    """One demo in the official prompt layout: data.cot_input, then the completion the teacher is asked for."""
+    return data.cot_input(q) + " " + completion if completion else data.cot_input(q)
+
+
+def cot_message(q: Question) -> str:
+    """Round 1: the official demos, then the question, for the teacher to complete (no gold hint: T3)."""
+    demos = COT_DEMOS["yes_no" if data.yes_no(q) else "multiple_choice"]
+    shots = [_cot_block(Question("", question, choices, ""), rationale) for question, choices, rationale in demos]
+    return "\n\n".join(shots + [_cot_block(q)])
+
+
+def feedback_message(q: Question, wrong: str) -> str:
+    """Feedback (reconstructed, see FEEDBACK): the round-1 prompt, the student's wrong rationale, the gold answer."""
+    if data.yes_no(q):
+        gold = "Yes" if q.answer == "A" else "No"
+    else:
+        gold = f"{q.choices[LETTERS.index(q.answer)]} ({q.answer.lower()})"
+    return cot_message(q) + "\n\n" + FEEDBACK.format(gold=gold, wrong=wrong)
+
+
+def parse_cot_completion(text: str, q: Question) -> str:
+    """The rationale of a teacher completion whose answer is the gold one (TAILORED 4: only those are kept), as a
+    student target: one line; for multiple choice cut right after its first "(x)", for yes/no without its "Answer:"
+    line (the data pipeline appends the gold one). A feedback completion's "Error:" line and a repeated "Answer:" or
+    "Reasoning:" label are dropped first."""
+    lines = [line.strip() for line in text.split("\n") if line.strip() and not line.strip().startswith("Error:")]
+    text = "\n".join(lines)
+    for label in ("Answer:", "Reasoning:"):
+        text = text.removeprefix(label).strip()
+    if data.parse_cot(text, q) != q.answer:
+        raise InvalidCompletion("no answer or not the gold answer")
+    if data.yes_no(q):
+        return " ".join(text.split("Answer:")[0].split())
+    line = text.split("\n")[0]
+    end = re.search(r"\([a-e]\)", line, re.I).end()
+    return line[:end] + "."
+
+
+def ask(messages: list[dict], n: int, salt: str, cfg: TeacherConfig, client: Client, cache: Cache) -> list[str]:
+    """n completions of one chat request, through the cache: a paid response is on disk before it is used, and a
+    resumed run asks nothing twice. `salt` keeps Tailored's requests apart from TinyThinker's rounds."""
+    payload = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens,
+               "n": n}
+    key = hashlib.sha256(json.dumps([salt, payload], sort_keys=True).encode()).hexdigest()
+    response = cache.responses.get(key)
+    if response is None:
+        response = client.chat(payload)
+        cache.put(cfg.model, key, response)
+        usage = response.get("usage") or {}
+        client.meter.add(answered=1, prompt_tokens=usage.get("prompt_tokens", 0),
+                         completion_tokens=usage.get("completion_tokens", 0))
+    else:
+        client.meter.add(cached=1)
+    return [c["message"].get("content") or "" for c in response["choices"] if c.get("finish_reason") != "length"]
+
+
+def ask_all(jobs: list[tuple[Question, str | None]], cfg: TeacherConfig, client: Client, cache: Cache,
+            desc: str) -> list[list[str]]:
+    """Tailored's requests, in parallel: (q, None) asks for COT_N round-1 rationales of q, (q, wrong) for one
+    correction of the student's wrong rationale. Returns the kept rationales of each job (gold answer only);
+    a request that still fails after the client's retries gives none and is counted in client.meter."""
+    def one(job):
+        q, wrong = job
+        content = cot_message(q) if wrong is None else feedback_message(q, wrong)
+        try:
+            texts = ask([{"role": "user", "content": content}], COT_N if wrong is None else 1,
+                        "tailored-cot" if wrong is None else "tailored-feedback", cfg, client, cache)
+        except RequestFailed:
+            client.meter.add(failed=1)
+            return []
+        kept = []
+        for text in texts:
+            try:
+                kept.append(parse_cot_completion(text, q))
+            except InvalidCompletion:
+                client.meter.add(invalid=1)
+        return kept
+
+    pool = ThreadPoolExecutor(cfg.workers)
+    try:
+        return list(tqdm(pool.map(one, jobs), total=len(jobs), desc=desc, unit="request"))
+    finally:
+        pool.shutdown(cancel_futures=True)  # an error stops the run instead of draining the queue

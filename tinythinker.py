@@ -19,6 +19,7 @@ import random
 import shutil
 import sys
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -51,6 +52,7 @@ class Config:
     lr: float = 5e-4
     warmup: float = 0.1                 # fraction of the steps with a linear warm-up, then cosine decay to 0 (A3)
     epochs: int = 10
+    steps: int = 0                      # acquire: stop after this many optimizer steps (0 = all epochs; A23 control)
     interval: int = 100                 # recall batches per cycle of the staged schedule (METHOD 5.2)
     eval_every: int = 0                 # optimizer steps between validations; 0 = once per cycle, as the official code
     grad_clip: float = 1.0
@@ -74,15 +76,18 @@ REFLECT = dict(batch_size=32, lr=5e-6, warmup=0.1, epochs=10, eval_every=0, grad
                temperature=0.7, beta=0.5, alpha=0.5, max_length=200, max_new_tokens=200)
 # The embedded demo (world.py), sized so that acquire, reflect and evaluate together fit in 10 minutes on 2 CPU cores.
 # acquire: stages interleaved batch by batch (interval 1): with blocks of 10/40/10 batches the same model sat at
-# chance for 528 steps; interleaved, the full variant leaves chance between steps 300 and 400 and reaches 77-100%
-# validation by step 660 (the demo and the ablation's seeds). Validating every 6-step cycle would cost more than the
-# training, hence eval_every.
-# reflect: the student answers nearly all its training questions right, so at the method's temperature 0.7 it made 8
-# pairs from 336 questions; 1.2 gives hundreds. lr 5e-5: Adam's first steps move every weight by about lr, and two
-# steps at 2e-4 cost 6 points of validation accuracy; one epoch at 5e-5 (a few steps) left every prediction unchanged.
+# chance for 528 steps. Validating every 6-step cycle would cost more than the training, hence eval_every.
+# 30 epochs (1,350 steps): acquire leaves chance in a jump, between steps 450 and 750 on seeds 1-3, and the last 450
+# steps change nothing, so a seed or float rounding that moves the jump no longer moves the result (15 epochs stop
+# in the middle of it: BENCHMARKS.md).
+# reflect: lr 5e-5: Adam's first steps move every weight by about lr, and two steps at 2e-4 cost 6 points of
+# validation accuracy on a converged student; one epoch at 5e-5 (a few steps) left every prediction unchanged.
+# A24: the method's sampling temperature (0.7). The earlier world's demo sampled at 1.2 to get any pairs at all from a
+# converged student; chains the student would not write teach it about texts far from its own. Reflect's claim is
+# tested instead from a student that still errs (ablation.py --epochs 15: 98-132 steps of pairs against 4-24).
 WORLD = {
-    "acquire": dict(model="scratch", batch_size=64, lr=2e-3, epochs=20, interval=1, eval_every=66, max_new_tokens=48),
-    "reflect": dict(batch_size=32, lr=5e-5, epochs=2, iterations=2, samples=4, temperature=1.2, max_new_tokens=48),
+    "acquire": dict(model="scratch", batch_size=64, lr=3e-3, epochs=30, interval=1, eval_every=150, max_new_tokens=48),
+    "reflect": dict(batch_size=32, lr=5e-5, epochs=2, iterations=2, samples=4, max_new_tokens=48),
 }
 # The method's open questions that move accuracy (METHOD 9), recorded in every run's config.
 DECISIONS = {
@@ -279,8 +284,16 @@ class Plan:
 # ----------------------------------------------------------------------------------------------------------------
 # The loop both phases share
 
+class Runtime(NamedTuple):
+    """Where a run computes: its device, the CUDA autocast dtype (None = fp32), and its place among DDP processes."""
+    device: torch.device
+    amp: torch.dtype | None
+    rank: int
+    world_size: int
+
+
 def setup_device(cfg):
-    """Device, precision and DDP rank. torchrun sets LOCAL_RANK; a plain `python` run is rank 0 of 1."""
+    """The Runtime of this process. torchrun sets LOCAL_RANK; a plain `python` run is rank 0 of 1."""
     if "LOCAL_RANK" in os.environ:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -299,7 +312,7 @@ def setup_device(cfg):
     if amp == torch.float16:
         print("warning: T5's feed-forward activations overflow fp16 (transformers#9295); bf16 is the safe choice",
               file=sys.stderr)
-    return device, amp, rank, world_size
+    return Runtime(device, amp, rank, world_size)
 
 
 def learning_rate(cfg, step, total):
@@ -328,14 +341,14 @@ def save_atomic(obj, path):
     os.replace(path + ".tmp", path)
 
 
-def fit(cfg, run_dir, model, tokenizer, plan, train_step, validate, device, amp, rank, world_size, desc,
-        dropout=True):
+def fit(cfg, run_dir, model, tokenizer, plan, *, train_step, validate, runtime, desc, dropout=True):
     """AdamW over `plan`, one `train_step(stage, indices)` per optimizer step, with warm-up + cosine learning rate,
     gradient clipping, and a validation every cfg.eval_every (default plan.cycle) steps and at the end that keeps the
     best model in {run_dir}/best and writes the resumable state {run_dir}/state.pt atomically. Returns the best accuracy.
     Validation and generation put the model back in the mode they found it in, so train(dropout) holds throughout."""
+    rank, world_size = runtime.rank, runtime.world_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    scaler = torch.amp.GradScaler(enabled=amp == torch.float16)  # fp16 gradients underflow without loss scaling
+    scaler = torch.amp.GradScaler(enabled=runtime.amp == torch.float16)  # fp16 gradients underflow without loss scaling
     state_path, log_path = os.path.join(run_dir, "state.pt"), os.path.join(run_dir, "log.jsonl")
     start, best = 0, -1.0
     if cfg.resume and os.path.isfile(state_path):
@@ -404,7 +417,8 @@ def write_run_config(cfg, run_dir, world_size, **extra):
 # Phase 1: reasoning acquisition (METHOD 5)
 
 def acquire(cfg):
-    device, amp, rank, world_size = setup_device(cfg)
+    runtime = setup_device(cfg)
+    device, amp, rank, world_size = runtime
     run_dir = cfg.out
     effective = cfg.batch_size * cfg.grad_accum * world_size
     started = os.path.isfile(os.path.join(run_dir, "state.pt"))
@@ -425,6 +439,10 @@ def acquire(cfg):
     quotas = dict(recall=cfg.interval, analyze=cfg.interval * n_options, summarize=cfg.interval)
     lengths = {s: [len(x) for x, _ in e] for s, e in examples.items()}
     plan = Plan(lengths, effective, cfg.epochs, cfg.seed, quotas, world_size, cfg.group_by_length)
+    if cfg.steps:  # a budget in steps: as many epochs as it takes, cut at the step (ablation.py's control, A23)
+        epochs = math.ceil(cfg.steps * cfg.epochs / len(plan))
+        plan = Plan(lengths, effective, epochs, cfg.seed, quotas, world_size, cfg.group_by_length)
+        plan.steps = plan.steps[:cfg.steps]
     if rank == 0:
         if not started:  # a resumed run keeps the config.json it started with
             write_run_config(cfg, run_dir, world_size, effective_batch_size=effective, steps=len(plan),
@@ -456,8 +474,8 @@ def acquire(cfg):
 
     validate = lambda m: evaluate.accuracy(m, tokenizer, valid, cfg.stages, batch_size=cfg.eval_batch_size,
                                            max_new_tokens=cfg.max_new_tokens)[0]
-    best = fit(cfg, run_dir, model, tokenizer, plan, train_step, validate, device, amp, rank, world_size,
-               "acquire")
+    best = fit(cfg, run_dir, model, tokenizer, plan, train_step=train_step, validate=validate, runtime=runtime,
+               desc="acquire")
     if rank == 0:
         print(f"acquire: best validation accuracy {best:.2f}%, model in {os.path.join(run_dir, 'best')}")
     if dist.is_initialized():
@@ -529,7 +547,8 @@ def reflect_plan(cfg, pairs, seed):
 
 
 def reflect(cfg):
-    device, amp, rank, world_size = setup_device(cfg)
+    runtime = setup_device(cfg)
+    device, amp, _, world_size = runtime
     if world_size > 1:
         raise SystemExit("reflect runs on one device: its sampling dominates and the pairs are small")
     reflect_dir = os.path.join(cfg.out, "reflect")
@@ -588,8 +607,8 @@ def reflect(cfg):
 
         validate = lambda m: evaluate.accuracy(m, tokenizer, valid, "recall_analyze_summarize",
                                                batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens)[0]
-        results[iteration] = fit(cfg, iteration_dir, model, tokenizer, plan, train_step, validate, device,
-                                 amp, rank, world_size, f"reflect {iteration}", dropout=False)
+        results[iteration] = fit(cfg, iteration_dir, model, tokenizer, plan, train_step=train_step, validate=validate,
+                                 runtime=runtime, desc=f"reflect {iteration}", dropout=False)
         write_jsonl([dict(best=results[iteration])], done_path)
         previous = os.path.join(iteration_dir, "best")
     if results:

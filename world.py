@@ -2,28 +2,40 @@
 
 Every animal has a habitat and a size. What it eats follows from both by one general rule (food_of). Questions ask
 where an animal lives (options: the four habitats) or what it eats (options: the four foods); chance is 25%. The
-teacher writes in the LLM teacher's exact format (METHOD 3.3). Its reasons state the animal's habitat whatever the
-question: "the gonu lives in the cave (A)." or "the gonu lives in the cave and is big, so it eats fish (C)."
+teacher writes in the LLM teacher's exact format (METHOD 3.3). Its Key Information states the animal's facts, as
+CSQA's states the knowledge a question needs: "the gonu lives in the cave and is big." Its explanations use them
+and call the animal "it" (A22): "it lives in the cave (A)." or "it lives in the cave and is big, so it eats fish (C)."
 
-Held-out knowledge. The test and validation questions ask where *held-out* animals live. Training never asks that,
-so their habitat is never a gold answer. It appears only inside the rationales of the one "what does it eat"
-question each of them gets in training, whose gold answer is a food. Sizes are balanced within each habitat, so
-the food says nothing about the habitat (summarize-only stays at chance). Only a student that internalised
-"the gonu lives in the" -> "cave" from those rationales can answer: it is the exact prefix a test-time analysis
-needs, and it cannot be copied from an "eat" prompt, which names no habitat.
+Held-out knowledge, needed by the analyses and stated only in Key Information. The test and validation questions
+ask what *held-out* animals eat. In training each of them is asked only where it lives (in each wording), so its
+food is never a gold answer, and its size, which the rule needs, appears only in the Key Information of those
+questions (a "where" explanation states the habitat alone). Sizes are balanced within each habitat, so the habitat
+alone leaves the food at chance. A student answers only by recalling "the gonu lives in the cave and is big."
+(the recall stage, trained on Key Information, must retrieve it) and then applying the rule in its analyses, which
+condition on that recall. The analyze-summarize variant is never trained on Key Information, so it stays at chance on
+purpose: this world asks whether the student can retrieve and use the knowledge, the paper's case for a recall stage.
+
+Errors left for self-reflection. Every other ("known") animal is asked once where it lives and once what it eats,
+each in a random wording, and there are many of them (10 per habitat and size), so the training "eat" questions are
+better answered by applying the rule to what the student recalls, the skill the test needs, than by memorising
+animal -> food. Until it has learned that, it gets training questions wrong (a quarter of them after half the demo's
+acquire steps), mistakes for reflect to learn from; the converged demo student gets 0-3% wrong (BENCHMARKS.md).
 
 Why a T5 trained from scratch learns it in minutes on a CPU. Each point below answers a way an earlier world failed
 during development (TOY-WORLD-NOTES records the first):
 * No letter -> option lookup by position. The animal is named once, in the question, and the options are a fixed
   small list; a model that had to copy "the text after (B)" was still at chance after hundreds of analyze steps.
-* The fact is keyed by the token just before it: the decoder writes the animal's name, then its habitat.
+* The fact is keyed by the token just before it: recall writes the animal's name, then its habitat and size; an
+  analysis copies them from the recall, and the food follows from the two words it has just written.
 * Summarize copies a letter. Every analysis names the gold option as "(A)", so the gold letter appears five times
   in the summarize input. The cue is "(A)", not "option A": the analyze stage (4x the steps) would learn to predict
   the letter after "option" from its own context, which fights the summarize target "... option A.".
-* Each wording rotates the options. With one fixed order, summarize memorises animal -> letter and carries a
-  held-out animal's food letter over to its habitat question; with rotations it must read the analyses.
-* One Key Information template for both kinds of question, so copying the animal is a single skill that held-out
-  animals also practise (with two templates, recall tended to name a known animal for held-out ones).
+* Each wording rotates the options. With one fixed order, summarize memorises animal -> letter; with rotations it
+  must read the analyses.
+* One Key Information template for both kinds of question, so recalling an animal is a single skill that held-out
+  animals also practise.
+* Many known animals. With 3 per habitat and size, each asked in every wording, the analyses memorised animal ->
+  food and applied the rule to held-out animals only half the time (48 and 62% validation after 1,200 steps).
 Options in a fixed order per wording and analyses that name the gold letter make this far easier than real data,
 on purpose: a world a tiny model cannot learn in minutes is the wrong world.
 
@@ -32,9 +44,10 @@ VOCAB_SIZE and splits even "the" into characters, about doubling sequence length
 every word and name one piece.
 """
 import random
+import re
 from dataclasses import dataclass, field
 
-from data import LETTERS, Question
+from data import LETTERS, Question, parse_cot, with_period
 
 HABITATS = ["cave", "desert", "forest", "lake"]
 FOODS = ["fish", "insects", "nuts", "seeds"]
@@ -42,8 +55,9 @@ SIZES = ["tiny", "small", "big", "huge"]
 WHERE = ["Where does the {} live?", "What is the home of the {}?", "Where can you find the {}?"]
 EAT = ["What does the {} eat?", "What is the food of the {}?", "What does the {} feed on?"]
 
-# The student that learns this world: a small T5 from scratch and a (BPE) sentencepiece vocabulary of this size.
-MODEL = dict(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4, dropout_rate=0.0)
+# The student that learns this world: a small T5 from scratch (d_model 64, see BENCHMARKS.md for 128) and a (BPE)
+# sentencepiece vocabulary of this size.
+MODEL = dict(d_model=64, d_kv=16, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4, dropout_rate=0.0)
 VOCAB_SIZE = 400
 
 
@@ -71,10 +85,11 @@ def animal_names(count, rng):
     return sorted(names)
 
 
-def make_world(seed=0, per_habitat=24, known=12, valid=4):
-    """Per habitat: `known` animals are asked both questions in every wording in training; `valid` held-out animals
-    are asked where they live in validation, the rest in the test; each held-out animal gets one "eat" question in
-    training, the only place its habitat appears."""
+def make_world(seed=0, per_habitat=52, known=40, valid=4):
+    """Per habitat: `known` animals are asked once where they live and once what they eat in training; `valid`
+    held-out animals are asked what they eat in validation, the rest in the test, in every wording; in training each
+    held-out animal is asked only where it lives, in every wording, whose Key Information is the only place its size
+    appears."""
     rng = random.Random(seed)
     names = animal_names(per_habitat * len(HABITATS), rng)
     rng.shuffle(names)
@@ -98,29 +113,30 @@ def make_world(seed=0, per_habitat=24, known=12, valid=4):
         questions.append(q)
 
     for a in groups["known"]:
+        ask("train", a, "where", rng.randrange(len(WHERE)))
+        ask("train", a, "eat", rng.randrange(len(EAT)))
+    for a in groups["valid"] + groups["test"]:
         for wording in range(len(WHERE)):
             ask("train", a, "where", wording)
-            ask("train", a, "eat", wording)
-    for a in groups["valid"] + groups["test"]:
-        ask("train", a, "eat", rng.randrange(len(EAT)))
     rng.shuffle(world.train)
     for split in ("valid", "test"):
         for a in groups[split]:
-            for wording in range(len(WHERE)):
-                ask(split, a, "where", wording)
+            for wording in range(len(EAT)):
+                ask(split, a, "eat", wording)
     return world
 
 
 def teacher_completion(world, q):
     """The completion an LLM teacher would return for `q` (METHOD 3.3): Key Information, then the gold option's
-    explanation first and the others in letter order, as the user scaffold lays them out (METHOD 3.1)."""
+    explanation first and the others in letter order, as the user scaffold lays them out (METHOD 3.1). The Key
+    Information states the animal's facts; the explanations use them but refer to the animal as "it" (A22)."""
     a, kind = world.animal[q.id]
     habitat, size = world.habitat[a], world.size[a]
-    because = f"the {a} lives in the {habitat}"
+    because = f"it lives in the {habitat}"
     if kind == "eat":
         because += f" and is {size}, so it eats {food_of(habitat, size)}"
     because += f" ({q.answer})"
-    lines = [f"Key Information: the {a} has a home and a size."]
+    lines = [f"Key Information: the {a} lives in the {habitat} and is {size}."]
     for letter in [q.answer] + [x for x in LETTERS[:len(q.choices)] if x != q.answer]:
         if letter == q.answer:
             lines.append(f"{letter} is correct. Because {because}.")
@@ -128,6 +144,45 @@ def teacher_completion(world, q):
             lines.append(f"{letter} is incorrect. Because {because}, not this one.")
     lines[1] = "Explanations: " + lines[1]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- Tailored Learning's built-in teacher (tailored.py)
+# Both completions are read back from teacher_completion, so they say whatever the world's rationales say. They are
+# written in the official CSQA chain-of-thought format (TAILORED 2.5) and go through teacher.py's parser.
+
+def _reasons(world, q):
+    """(Key Information, {letter: reason}) of teacher_completion, read back from its METHOD 3.3 layout. Option
+    letters inside the text are dropped: the official format names the letter once, at the end, where it is parsed."""
+    text = re.sub(r" \([A-E]\)", "", teacher_completion(world, q))
+    key = " ".join(text.split("Explanations:")[0].replace("Key Information:", "").split())
+    reasons = dict(re.findall(r"([A-E]) is (?:correct|incorrect)\. Because (.*)", text))
+    return key, reasons
+
+
+def _rationale(world, q, wrong=None):
+    """Key Information, the gold option's reason, why option `wrong` is not the answer when given, the conclusion."""
+    key, reasons = _reasons(world, q)
+    parts = [with_period(key), with_period(reasons[q.answer])]
+    if wrong:
+        parts.append(f"Not {q.choices[LETTERS.index(wrong)]}: {with_period(reasons[wrong])}")
+    answer = q.choices[LETTERS.index(q.answer)]
+    return " ".join(parts + [f"Therefore, the answer is {answer} ({q.answer.lower()})."])
+
+
+def cot_completions(world, q, n):
+    """n distinct round-1 rationales (teacher.COT_N): the gold reason alone, then with one other option ruled out."""
+    others = [letter for letter in LETTERS[:len(q.choices)] if letter != q.answer]
+    return [_rationale(world, q, wrong) for wrong in [None, *others][:n]]
+
+
+def feedback_completion(world, q, wrong):
+    """The teacher's answer to a feedback request: the error named, then a rationale that rules out the very option
+    the student's wrong rationale chose."""
+    chose = parse_cot(wrong, q)
+    if chose is None:
+        return "Error: the rationale reaches no answer.\nAnswer: " + _rationale(world, q)
+    return (f"Error: the answer is not {q.choices[LETTERS.index(chose)]} ({chose.lower()}).\nAnswer: "
+            + _rationale(world, q, chose))
 
 
 if __name__ == "__main__":

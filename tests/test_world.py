@@ -1,5 +1,5 @@
 """The embedded world: deterministic, answered by its teacher in the LLM teacher's format, and built so that the
-held-out questions' knowledge is in training only inside rationales."""
+held-out questions' knowledge is in training only inside Key Information."""
 import collections
 import functools
 import json
@@ -14,7 +14,7 @@ import world
 def test_the_world_is_made_the_same_every_time():
     first, second = world.make_world(), world.make_world()
     assert (first.train, first.valid, first.test) == (second.train, second.valid, second.test)
-    assert len(first.train) == 336 and len(first.valid) == 48 and len(first.test) == 96
+    assert len(first.train) == 464 and len(first.valid) == 48 and len(first.test) == 96
 
 
 def test_every_teacher_completion_goes_through_the_llm_parser():
@@ -26,34 +26,41 @@ def test_every_teacher_completion_goes_through_the_llm_parser():
         assert sorted(record["explanations"]) == ["A", "B", "C", "D"]
 
 
-def test_held_out_habitats_appear_in_training_only_inside_rationales():
+def test_held_out_knowledge_is_in_training_only_inside_key_information():
     made = world.make_world()
-    asked_where = {made.animal[q.id][0] for q in made.train if made.animal[q.id][1] == "where"}
-    golds = collections.defaultdict(set)  # animal -> gold answer texts it has in training
+    asked = collections.defaultdict(set)  # animal -> kinds of training question
     for q in made.train:
-        golds[made.animal[q.id][0]].add(q.choices["ABCD".index(q.answer)])
-    rationales = " ".join(world.teacher_completion(made, q) for q in made.train)
+        asked[made.animal[q.id][0]].add(made.animal[q.id][1])
+    completions = [world.teacher_completion(made, q) for q in made.train]
+    key_information = " ".join(c.splitlines()[0] for c in completions)
+    explanations = " ".join(line for c in completions for line in c.splitlines()[1:])
     for q in made.valid + made.test:
         animal, kind = made.animal[q.id]
-        habitat = q.choices["ABCD".index(q.answer)]
-        assert kind == "where" and animal not in asked_where
-        assert habitat not in golds[animal]  # never a gold answer for this animal ...
-        assert f"the {animal} lives in the {habitat}" in rationales  # ... but stated in its rationales
+        food = q.choices["ABCD".index(q.answer)]
+        assert kind == "eat" and asked[animal] == {"where"}  # its food is never a gold answer in training ...
+        assert food == world.food_of(made.habitat[animal], made.size[animal])  # ... but follows by the rule
+        assert f"the {animal} lives in the {made.habitat[animal]} and is {made.size[animal]}." in key_information
+        assert animal not in explanations  # explanations say "it"; a "where" one states no size
+    where = next(q for q in made.train if made.animal[q.id][1] == "where")
+    assert made.size[made.animal[where.id][0]] not in "".join(world.teacher_completion(made, where).splitlines()[1:])
 
 
-def test_a_shrunken_demo_learns_the_held_out_habitats(tmp_path, monkeypatch):
-    """The README's first command end to end (acquire, reflect, evaluate) on a smaller world, 8 animals per habitat
-    (4 known, 1 for validation, 3 held out: 36 test questions), with a smaller student (d_model 64), 440 steps.
+def test_a_shrunken_demo_learns_the_held_out_foods(tmp_path, monkeypatch):
+    """The README's first command end to end (acquire, reflect, evaluate) on a smaller world, 24 animals per habitat
+    (20 known, 1 for validation, 3 held out: 36 test questions), with the demo's presets but 45 epochs (945 steps).
+    A smaller world has fewer steps per epoch, and acquire's jump comes after a number of epochs; with 16 known
+    animals per habitat and 30 epochs the student answered 33%.
     Margin: at chance each of the 36 answers is right with p = 1/4. Even counting the 12 held-out animals as the only
     independent units (all three wordings right or all wrong), P(>= 8 of 12 right) = 0.003, so 60% is far outside
-    what an untrained or stage-blind student reaches. This run gave 86% after acquire and after reflect, in 33 s."""
-    monkeypatch.setattr(world, "make_world", functools.partial(world.make_world, per_habitat=8, known=4, valid=1))
-    monkeypatch.setattr(world, "MODEL", dict(world.MODEL, d_model=64, d_kv=16, d_ff=256))
+    what an untrained or recall-blind student reaches. This run gave 64% on the test (83% validation) after acquire
+    and 67% after reflect; the test took 4 min on the 2 cores while other jobs held them (load average 5)."""
+    monkeypatch.setattr(world, "make_world", functools.partial(world.make_world, per_habitat=24, known=20, valid=1))
     run = tmp_path / "run"
-    tinythinker.acquire(tinythinker.parse_config(["--phase", "acquire", "--out", str(run), "--epochs", "20",
-                                                  "--batch-size", "32", "--lr", "3e-3", "--eval-every", "220"]))
+    tinythinker.acquire(tinythinker.parse_config(["--phase", "acquire", "--out", str(run), "--epochs", "45",
+                                                  "--eval-every", "945"]))
+    # Sampled hotter than the demo's 0.7, at which this student's two samples per question were all right: no pairs.
     tinythinker.reflect(tinythinker.parse_config(["--phase", "reflect", "--from", str(run), "--samples", "2",
-                                                  "--iterations", "1", "--epochs", "1"]))
+                                                  "--temperature", "1.5", "--iterations", "1", "--epochs", "1"]))
     monkeypatch.setattr(sys, "argv", ["evaluate.py", str(run)])
     evaluate.main()
     report = {row["phase"]: row for row in json.loads((run / "report.json").read_text())}
