@@ -63,7 +63,7 @@ def tinythinker_rows(seed, stages, train):
         run("tinythinker.py", "--phase", "reflect", "--from", out, "--seed", str(seed))
     rows = report(out)
     with open(os.path.join(out, "config.json")) as f:
-        acquire_steps = json.load(f)["steps"]
+        acquire_steps = json.load(f)["total_steps"]
     requests = len(world.make_world().train)  # the built-in teacher answers one request per training question
     if not full:
         return {"answer-only fine-tuning": (rows["acquire"]["accuracy"], acquire_steps, requests)}

@@ -323,7 +323,7 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int = 0):
     return input_ids, attention_mask, labels
 
 
-# ---------------------------------------------------------------- chain of thought (Tailored Learning, TAILORED 2.5, 3, 11)
+# ---------------------------------------------------------------- chain of thought (Tailored Learning, METHOD 11.2)
 
 def yes_no(q: Question) -> bool:
     """StrategyQA as _read_strategyqa builds it: options yes (A) and no (B)."""
@@ -331,7 +331,7 @@ def yes_no(q: Question) -> bool:
 
 
 def cot_input(q: Question) -> str:
-    """The official prompt of the question without its few-shot demos (T1): the CSQA layout for multiple choice
+    """The official prompt of the question without its few-shot demos (TL1): the CSQA layout for multiple choice
     (options lettered (a), (b), ...), the "Reasoning:" layout for yes/no questions."""
     if yes_no(q):
         return f"Question: {q.question}\nReasoning:"
@@ -340,13 +340,13 @@ def cot_input(q: Question) -> str:
 
 
 def cot_target(rationale: str, q: Question) -> str:
-    """The rationale, and for yes/no questions the gold "Answer: Yes" line the official preprocessor appends (T2: a
+    """The rationale, and for yes/no questions the gold "Answer: Yes" line the official preprocessor appends (TL2: a
     space, not a newline, before it: T5's vocabulary has no newline)."""
     return f"{rationale} Answer: {'Yes' if q.answer == 'A' else 'No'}" if yes_no(q) else rationale
 
 
 def parse_cot(text: str, q: Question) -> str | None:
-    """The letter a chain-of-thought text answers (TAILORED 2.5); None when nothing parses (counted wrong).
+    """The letter a chain-of-thought text answers (METHOD 11.2); None when nothing parses (counted wrong).
     Multiple choice: the first "(x)" of the first line. Yes/no: the first yes/no after "Answer:", else the last one."""
     if yes_no(q):
         after = text.rsplit("Answer:", 1)[1] if "Answer:" in text else ""

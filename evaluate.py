@@ -103,7 +103,7 @@ def run_chains(model, tokenizer, questions, stages="recall_analyze_summarize", r
 
 @torch.no_grad()
 def run_cot(model, tokenizer, questions, temperature=0.0, batch_size=256, max_new_tokens=200, desc=None):
-    """A Tailored Learning run's single chain-of-thought stage (TAILORED 7): one rationale per question, its answer
+    """A Tailored Learning run's single chain-of-thought stage (METHOD 11.7): one rationale per question, its answer
     parsed as the official code does; the rationale is the chain's summary."""
     texts = generate_texts(model, tokenizer, [data.cot_input(q) for q in questions], temperature, batch_size,
                            max_new_tokens, desc)

@@ -8,7 +8,7 @@ Round 1: the teacher writes chain-of-thought rationales for every training quest
 answer is the gold one are kept and the student is fine-tuned on them (standard distillation). Each later round:
 the student takes an exam (4 sampled rationales per training question, T 1.0, top-k 50); its wrong ones go back to
 the teacher with the gold answer, which corrects them; the student, from the previous round's model, trains on the
-corrections with L = L_LM + lam * L_SR (triplet.py). TAILORED.md is the reference, T1..T9 the adaptations to T5.
+corrections with L = L_LM + lam * L_SR (triplet.py). METHOD.md section 11 is the method, TL1..TL9 its adaptations to T5.
 """
 import argparse
 import dataclasses
@@ -38,7 +38,7 @@ class Config:
     out: str = ""                       # run directory (default runs/tailored_{data})
     resume: bool = False                # continue a killed round from its last state.pt
     seed: int = 42
-    rounds: int = 3                     # Figure 1 shows rounds 1-3 (TAILORED 5.3)
+    rounds: int = 3                     # Figure 1 shows rounds 1-3 (METHOD 11.4)
     lam: float = 0.5                    # weight of L_SR; 0 = the LM loss alone (the paper's ablation)
     margin: float = 1.0
     sr_max_length: int = 192            # tokens of each triplet continuation
@@ -46,16 +46,16 @@ class Config:
     exam_temperature: float = 1.0
     exam_top_k: int = 50
     batch_size: int = 16                # the official effective batch (8 GPUs x 2)
-    lr: float = 3e-4                    # re-tuned for T5 (TAILORED 11); the official 7e-6 was for GPT-J-6B
+    lr: float = 3e-4                    # re-tuned for T5 (METHOD 11.8); the official 7e-6 was for GPT-J-6B
     warmup: float = 0.1
-    epochs: int = 10                    # per round (TAILORED 6.4)
+    epochs: int = 10                    # per round (METHOD 11.6)
     later_epochs: int = 0               # rounds 2..K; 0 = epochs
     later_lr: float = 0.0               # rounds 2..K; 0 = lr
     eval_every: int = 0                 # optimizer steps between validations; 0 = once per epoch
     grad_clip: float = 1.0
     precision: str = "fp32"             # CUDA autocast dtype, as tinythinker's --precision (A20)
     eval_batch_size: int = 256
-    max_new_tokens: int = 128           # the official StrategyQA cap; CSQA's is 96 (TAILORED 7)
+    max_new_tokens: int = 128           # the official StrategyQA cap; CSQA's is 96 (METHOD 11.7)
     base_url: str = "https://api.openai.com/v1"  # the teacher (real data only); see teacher.py
     teacher_model: str = "gpt-4o-2024-05-13"
     api_key_env: str = "OPENAI_API_KEY"
@@ -68,24 +68,24 @@ class Config:
 WORLD = dict(model="scratch", batch_size=64, lr=3e-3, epochs=30, later_epochs=10, later_lr=1e-4, eval_every=150,
              max_new_tokens=64)
 DECISIONS = {
-    "T1 prompt": "encoder input = the official prompt without few-shot demos (T5's 512 tokens cannot hold them); "
+    "TL1 prompt": "encoder input = the official prompt without few-shot demos (T5's 512 tokens cannot hold them); "
                  "OBQA and the world use the CSQA layout, StrategyQA the Reasoning/Answer layout",
-    "T2 newlines": "the yes/no target's 'Answer:' line follows a space: T5's vocabulary has no newline",
-    "T3 round-1 teacher": "the official demos, no gold hint, teacher.COT_N = 4 completions per question; only "
+    "TL2 newlines": "the yes/no target's 'Answer:' line follows a space: T5's vocabulary has no newline",
+    "TL3 round-1 teacher": "the official demos, no gold hint, teacher.COT_N = 4 completions per question; only "
                           "rationales reaching the gold answer are kept (the prompt and count were not retrievable)",
-    "T4 representation": "decoder final hidden state (after the final layer norm) at the position reading eos, "
+    "TL4 representation": "decoder final hidden state (after the final layer norm) at the position reading eos, "
                          "decoder input = start + target: GPT-J's last-token state; continuations cut to 192 tokens "
                          "keeping eos",
-    "T5 passes": "prompt encoded once without gradients; anchor, positive, negative in one decoder pass with "
+    "TL5 passes": "prompt encoded once without gradients; anchor, positive, negative in one decoder pass with "
                  "gradients and dropout off (GPT-J has no dropout)",
-    "T6 round data": "round k trains on round k's corrections only (the README's --teacher_data = the new file); "
+    "TL6 round data": "round k trains on round k's corrections only (the README's --teacher_data = the new file); "
                      "positives come from every teacher rationale of the question so far, negatives from round k's "
                      "exam (positives from the new file alone would leave a once-corrected question without one)",
-    "T7 round 1": "LM loss only, no round-0 exam: a T5 has no few-shot ability, so its untrained samples are noise; "
+    "TL7 round 1": "LM loss only, no round-0 exam: a T5 has no few-shot ability, so its untrained samples are noise; "
                   "round 1 is then the standard distillation baseline",
-    "T8 optimisation": "the loop TinyThinker uses (tinythinker.fit): AdamW without weight decay, warm-up + cosine, "
+    "TL8 optimisation": "the loop TinyThinker uses (tinythinker.fit): AdamW without weight decay, warm-up + cosine, "
                        "clip 1.0, best-by-validation model per round; the official: wd 0.01, warm-up then constant",
-    "T9 rounds chain": "round k starts from round k-1's best-validation model",
+    "TL9 rounds chain": "round k starts from round k-1's best-validation model",
 }
 
 
@@ -145,7 +145,7 @@ def rationales_file(path, make):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The exam (TAILORED 5.1)
+# The exam (METHOD 11.4)
 
 @torch.no_grad()
 def exam(cfg, model, tokenizer, questions, desc):
@@ -170,7 +170,7 @@ def exam(cfg, model, tokenizer, questions, desc):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Batches of distinct questions (TAILORED 6.3)
+# Batches of distinct questions (METHOD 11.6)
 
 def unique_batches(groups, batch_size, seed, epoch):
     """One epoch's batches as index lists: every example once, no two examples of one question in a batch. Questions

@@ -614,11 +614,11 @@ if __name__ == "__main__":
     main()
 
 
-# ---------------------------------------------------------------- Tailored Learning's prompts (TAILORED 3, 4, 5.2)
+# ---------------------------------------------------------------- Tailored Learning's prompts (METHOD 11.3)
 
 # The official few-shot demonstrations (Raibows/Learn-to-Reason, fewshot_demos.py, PROMPTS_CQA and PROMPTS_SQA;
-# TAILORED 3), quoted. The paper's teacher prompt was not retrievable (TAILORED 4): these demos, in the format the
-# official parser reads, are its best available form. OBQA and the world use the CSQA demos (T1).
+# METHOD 11.3), quoted. The paper's teacher prompt was not retrievable: these demos, in the format the
+# official parser reads, are its best available form. OBQA and the world use the CSQA demos (TL1).
 COT_DEMOS = {"multiple_choice": [
     ("What do people use to absorb extra ink from a fountain pen?",
      ["shirt pocket", "calligrapher’s hand", "inkwell", "desk drawer", "blotter"],
@@ -653,9 +653,9 @@ COT_DEMOS = {"multiple_choice": [
      "The average number of peas in a pod is 6 or 7. A billion is a number that has only 3 commas in it. So, the "
      "answer is Yes.\nAnswer: Yes"),
 ]}
-COT_N = 4  # round-1 rationales per question (T3: not retrieved; the positive needs a second one)
+COT_N = 4  # round-1 rationales per question (TL3: not retrieved; the positive needs a second one)
 # RECONSTRUCTION, not the paper's text: the feedback prompt is in the paper's appendix, which could not be retrieved
-# (TAILORED 5.2). It carries what Figure 1 and the README describe: the question, the student's rationale marked
+# (METHOD 11.3). It carries what Figure 1 and the README describe: the question, the student's rationale marked
 # wrong, the gold answer, and a request to point out the error and then rationalise correctly in the demos' format.
 FEEDBACK = ("A student answered the last question with the rationale below, and it is wrong. The correct answer is "
             "{gold}.\nStudent: {wrong}\nFirst point out the student's error in one line that starts with \"Error:\". "
@@ -668,7 +668,7 @@ def _cot_block(q: Question, completion: str = "") -> str:
 
 
 def cot_message(q: Question) -> str:
-    """Round 1: the official demos, then the question, for the teacher to complete (no gold hint: T3)."""
+    """Round 1: the official demos, then the question, for the teacher to complete (no gold hint: TL3)."""
     demos = COT_DEMOS["yes_no" if data.yes_no(q) else "multiple_choice"]
     shots = [_cot_block(Question("", question, choices, ""), rationale) for question, choices, rationale in demos]
     return "\n\n".join(shots + [_cot_block(q)])
@@ -684,7 +684,7 @@ def feedback_message(q: Question, wrong: str) -> str:
 
 
 def parse_cot_completion(text: str, q: Question) -> str:
-    """The rationale of a teacher completion whose answer is the gold one (TAILORED 4: only those are kept), as a
+    """The rationale of a teacher completion whose answer is the gold one (METHOD 11.3: only those are kept), as a
     student target: one line; for multiple choice cut right after its first "(x)", for yes/no without its "Answer:"
     line (the data pipeline appends the gold one). A feedback completion's "Error:" line and a repeated "Answer:" or
     "Reasoning:" label are dropped first."""

@@ -77,9 +77,9 @@ REFLECT = dict(batch_size=32, lr=5e-6, warmup=0.1, epochs=10, eval_every=0, grad
 # The embedded demo (world.py), sized so that acquire, reflect and evaluate together fit in 10 minutes on 2 CPU cores.
 # acquire: stages interleaved batch by batch (interval 1): with blocks of 10/40/10 batches the same model sat at
 # chance for 528 steps. Validating every 6-step cycle would cost more than the training, hence eval_every.
-# 30 epochs (1,350 steps): acquire leaves chance in a jump, between steps 450 and 750 on seeds 1-3, and the last 450
-# steps change nothing, so a seed or float rounding that moves the jump no longer moves the result (15 epochs stop
-# in the middle of it: BENCHMARKS.md).
+# 30 epochs (1,350 steps): acquire leaves chance in a jump, between steps 450 and 750 on seeds 1-3 (one thread), and
+# the last 450 steps move validation by 2 points at most; 15 epochs stop in the middle of it. Not every run is past it:
+# seed 42 with two threads jumped later and ended at 79% validation (BENCHMARKS.md).
 # reflect: lr 5e-5: Adam's first steps move every weight by about lr, and two steps at 2e-4 cost 6 points of
 # validation accuracy on a converged student; one epoch at 5e-5 (a few steps) left every prediction unchanged.
 # A24: the method's sampling temperature (0.7). The earlier world's demo sampled at 1.2 to get any pairs at all from a
@@ -445,7 +445,7 @@ def acquire(cfg):
         plan.steps = plan.steps[:cfg.steps]
     if rank == 0:
         if not started:  # a resumed run keeps the config.json it started with
-            write_run_config(cfg, run_dir, world_size, effective_batch_size=effective, steps=len(plan),
+            write_run_config(cfg, run_dir, world_size, effective_batch_size=effective, total_steps=len(plan),
                              examples={s: len(e) for s, e in examples.items()})
         print(f"acquire: {', '.join(f'{len(e)} {s}' for s, e in examples.items())} examples; effective batch "
               f"{effective} = {cfg.batch_size} x {cfg.grad_accum} accumulation x {world_size} devices; "

@@ -1,4 +1,4 @@
-"""Tailored Learning's self-reflection loss (TAILORED 6.2 and 11): a triplet margin loss on the decoder's final hidden
+"""Tailored Learning's self-reflection loss (METHOD 11.5): a triplet margin loss on the decoder's final hidden
 state at the eos position, beside the LM loss,
 
     L = L_LM + lam * mean over kept rows of max(0, cos(a, n) - cos(a, p) + margin)
@@ -25,7 +25,7 @@ def triplet_loss(anchor, positive, negative, margin=1.0):
 def eos_states(model, encoder_states, mask, targets):
     """[N, d_model]: the decoder's final hidden state at the position that reads each target's eos. The decoder input
     is the start token then the target (eos included), right-padded: a causal decoder's state at eos ignores the padding
-    after it (T4: the state after reading the whole rationale, as GPT-J's last-token state)."""
+    after it (TL4: the state after reading the whole rationale, as GPT-J's last-token state)."""
     width = max(map(len, targets)) + 1
     ids = torch.full((len(targets), width), model.config.pad_token_id, dtype=torch.long)
     ids[:, 0] = model.config.decoder_start_token_id
@@ -38,7 +38,7 @@ def eos_states(model, encoder_states, mask, targets):
 def triplets(anchors, positives, negatives, rng):
     """(rows, positive, negative) for the rows of a batch that have both: positives[i] are the other teacher
     rationales of row i's question (the anchor's own text excluded), negatives[i] the student's wrong ones; one of
-    each is drawn with `rng`. Rows missing either are left out (the mask of TAILORED 6.2)."""
+    each is drawn with `rng`. Rows missing either are left out (the mask of METHOD 11.5)."""
     kept, chosen_p, chosen_n = [], [], []
     for i, anchor in enumerate(anchors):
         others = [p for p in positives[i] if p != anchor]
@@ -50,14 +50,14 @@ def triplets(anchors, positives, negatives, rng):
 
 
 def cut(target, max_length, eos_id=1):
-    """At most max_length tokens, still ending in eos, so the representation stays the eos state (TAILORED 11: 192)."""
+    """At most max_length tokens, still ending in eos, so the representation stays the eos state (METHOD 11.5: 192)."""
     return target if len(target) <= max_length else target[:max_length - 1] + [eos_id]
 
 
 def self_reflection_loss(model, input_ids, attention_mask, anchors, positives, negatives, margin=1.0, max_length=192):
     """L_SR of a batch's kept rows (token lists, eos included). The prompt is encoded once without gradients, as the
     official code caches its prefix; the three continuations go through one concatenated decoder pass with gradients.
-    Dropout is off throughout (T5: GPT-J, the official student, has none)."""
+    Dropout is off throughout (TL5: GPT-J, the official student, has none)."""
     targets = [cut(t, max_length) for t in anchors + positives + negatives]
     with eval_mode(model):
         with torch.no_grad(), model.autocast(input_ids.device):

@@ -148,7 +148,7 @@ def teacher_completion(world, q):
 
 # ---------------------------------------------------------------- Tailored Learning's built-in teacher (tailored.py)
 # Both completions are read back from teacher_completion, so they say whatever the world's rationales say. They are
-# written in the official CSQA chain-of-thought format (TAILORED 2.5) and go through teacher.py's parser.
+# written in the official CSQA chain-of-thought format (METHOD 11.2) and go through teacher.py's parser.
 
 def _reasons(world, q):
     """(Key Information, {letter: reason}) of teacher_completion, read back from its METHOD 3.3 layout. Option
