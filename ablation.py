@@ -109,11 +109,17 @@ def main():
     lines.append(end)
     table = "\n".join(lines)
     print(table)
+    write_benchmarks(table, begin, end, "The paper's claims on the embedded world")
+
+
+def write_benchmarks(table, begin, end, heading):
+    """Put `table` (which starts with `begin` and ends with `end`) into BENCHMARKS.md in place of the one there, or
+    under a new `heading`."""
     text = open("BENCHMARKS.md").read() if os.path.isfile("BENCHMARKS.md") else ""
     if begin in text:
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: table, text, flags=re.S)
     else:
-        text += "\n## The paper's claims on the embedded world\n\n" + table + "\n"
+        text += f"\n## {heading}\n\n{table}\n"
     with open("BENCHMARKS.md", "w") as f:
         f.write(text)
 

@@ -22,6 +22,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import ablation
 import world
 
 RUNS = os.path.join("runs", "compare")
@@ -140,13 +141,7 @@ def main():
     lines.append(END)
     text = "\n".join(lines)
     print(text)
-    benchmarks = open("BENCHMARKS.md").read() if os.path.isfile("BENCHMARKS.md") else ""
-    if BEGIN in benchmarks:
-        benchmarks = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: text, benchmarks, flags=re.S)
-    else:
-        benchmarks += "\n## Tailored Learning against TinyThinker on the embedded world\n\n" + text + "\n"
-    with open("BENCHMARKS.md", "w") as f:
-        f.write(benchmarks)
+    ablation.write_benchmarks(text, BEGIN, END, "Tailored Learning against TinyThinker on the embedded world")
 
 
 if __name__ == "__main__":

@@ -115,6 +115,16 @@ def text_lines(path: Path):
             raise DataError(f"{path}:{number}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
 
 
+def jsonl_objects(path: Path):
+    """(line number, parsed value) of every non-blank line of a JSONL file; a line that is not JSON is named."""
+    for number, line in text_lines(path):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+
+
 def _multiple_choice(obj, where: str) -> Question:
     """CSQA / OBQA record: {"id", "question": {"stem", "choices": [{"label", "text"}]}, "answerKey"}."""
     try:
@@ -153,13 +163,7 @@ def _unique(questions: list[Question], where: list[str], path: Path) -> list[Que
 
 def _read_jsonl(path: Path) -> list[Question]:
     questions, lines = [], []
-    for number, line in text_lines(path):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    for number, obj in jsonl_objects(path):
         questions.append(_multiple_choice(obj, f"{path}:{number}"))
         lines.append(f"line {number}")
     return _unique(questions, lines, path)

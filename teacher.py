@@ -202,13 +202,7 @@ RECORD_FIELDS = {"id": str, "question": str, "choices": list, "answer": str, "ke
 def read_records(path) -> list[dict]:
     """Teacher records from a JSONL file, each checked against the schema (data.DataError names file, line, field)."""
     records = []
-    for number, line in data.text_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    for number, record in data.jsonl_objects(path):
         if not isinstance(record, dict):
             raise DataError(f"{path}:{number}: not a JSON object")
         for name, kind in RECORD_FIELDS.items():
