@@ -347,17 +347,14 @@ class Client:
         self.meter.add(sent=1)
         deadline = time.monotonic() + self.cfg.timeout
         try:
-            with requests.post(self.url, json=payload, headers=self.headers, timeout=self.cfg.timeout,
-                               stream=True) as response:
-                raw = read_body(response, deadline)
+            status, headers, raw = self._exchange(payload, deadline)
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
                 requests.exceptions.ContentDecodingError) as e:  # dropped mid-body: ChunkedEncodingError
             raise TransientError(type(e).__name__) from None
         except requests.RequestException as e:  # an invalid URL or the like: no request can succeed
             raise Fatal(f"{self.url}: {e}") from None
-        status = response.status_code
         if status in (408, 429) or status >= 500:
-            raise TransientError(f"HTTP {status}", response.headers.get("Retry-After"))
+            raise TransientError(f"HTTP {status}", headers.get("Retry-After"))
         if status in FATAL_STATUS:  # the key, the permissions, the URL or the model: no request can succeed
             self.meter.stop.set()  # the other workers send nothing more
             raise Fatal(f"{self.url}: HTTP {status}: {error_message(raw)}")
@@ -371,6 +368,28 @@ class Client:
         if not usable(body):
             raise TransientError("malformed response")
         return body
+
+    def _exchange(self, payload: dict, deadline: float):
+        """(status, headers, body) of one POST, or its exception, by the deadline. read_body's watchdog ends a
+        trickling body; headers trickled before requests hands over the socket cannot be cut, so at the deadline
+        their daemon thread is left behind (it dies with the process) and the request counts as timed out."""
+        outcome = {}
+
+        def send():
+            try:
+                with requests.post(self.url, json=payload, headers=self.headers, timeout=self.cfg.timeout,
+                                   stream=True) as response:
+                    outcome["value"] = response.status_code, response.headers, read_body(response, deadline)
+            except Exception as e:  # re-raised in the caller's thread
+                outcome["error"] = e
+        thread = threading.Thread(target=send, daemon=True)
+        thread.start()
+        thread.join(max(0.0, deadline - time.monotonic()) + 1.0)  # the extra second lets the watchdog report first
+        if thread.is_alive():
+            raise TransientError("deadline exceeded")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
 
     def _delay(self, error: TransientError, attempt: int) -> float:
         try:

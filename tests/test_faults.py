@@ -95,6 +95,17 @@ def trickle(content):
     return answer
 
 
+def trickled_headers(handler):
+    """The status line and headers a byte every 50 ms, before requests has a response to hand over."""
+    content = body([completion(gold="C")])
+    head = f"HTTP/1.0 200 OK\r\nContent-Length: {len(content)}\r\n\r\n".encode()
+    for i in range(len(head)):
+        handler.wfile.write(head[i:i + 1])
+        handler.wfile.flush()
+        time.sleep(0.05)
+    handler.wfile.write(content)
+
+
 def huge(handler):
     """1 MB of valid JSON, no Content-Length: only counting the bytes read can stop it."""
     handler.send_response(200)
@@ -126,6 +137,7 @@ FIRST_TRY = {  # each fault once, on the first request of its question; then a n
     "qretry_inf": (429, {"Retry-After": "inf"}, b"{}"),
     "qretry_hour": (503, {"Retry-After": "3600"}, b"{}"),
     "qtrickle": trickle(body([completion(gold="C")])),
+    "qtrickle_headers": trickled_headers,
     "qhuge": huge,
     # cut off inside its thinking: by max_tokens, and with a "stop" that left <think> open
     "qthink_cut": answer_with([choice("<think>\nFirst, A is correct. Because", "length"),
@@ -168,7 +180,7 @@ def test_teacher_survives_misbehaving_endpoints_and_a_rerun_is_identical(tmp_pat
 
     assert {s: first.count(s) for s in STEMS} == {**{s: 2 for s in FIRST_TRY}, "q400": 1, "qthink": 1, "qreasoning": 1}
     assert summary["errors"] == {"ChunkedEncodingError": 1, "malformed response": 3, "HTTP 429": 1, "HTTP 503": 1,
-                                 "deadline exceeded": 1, "response too large": 1, "HTTP 400": 1}
+                                 "deadline exceeded": 2, "response too large": 1, "HTTP 400": 1}
     assert pauses.count(5.0) == 2 and all(p < 0.01 for p in pauses if p != 5.0)  # inf and 3600 capped at 5 s
     records = [json.loads(line) for line in output["t.jsonl"].splitlines()]
     assert {s: sum(r["id"] == s for r in records) for s in STEMS} == {**{s: 3 for s in STEMS}, "q400": 0}
@@ -178,7 +190,7 @@ def test_teacher_survives_misbehaving_endpoints_and_a_rerun_is_identical(tmp_pat
     thinking = next(r for r in records if r["id"] == "qthink")
     assert thinking["key_information"] == "fish need water." and thinking["explanations"]["C"] == "reason for C."
     cache = (tmp_path / "t.cache.jsonl").read_text().splitlines()
-    assert all(teacher.usable(json.loads(line)["response"]) for line in cache) and len(cache) == 12
+    assert all(teacher.usable(json.loads(line)["response"]) for line in cache) and len(cache) == 13
     assert (tmp_path / "t.cache.jsonl").stat().st_size < 64 << 10  # the 1 MB answer was never stored
 
 
