@@ -3,13 +3,17 @@ held-out questions' knowledge is in training only inside Key Information."""
 import collections
 import functools
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import evaluate
 import teacher
 import tinythinker
 import world
 
+ROOT = Path(__file__).resolve().parent.parent
 
 def test_the_world_is_made_the_same_every_time():
     first, second = world.make_world(), world.make_world()
@@ -68,3 +72,22 @@ def test_a_shrunken_demo_learns_the_held_out_foods(tmp_path, monkeypatch):
     assert report["acquire"]["accuracy"] >= 60.0
     assert report["reflect"]["accuracy"] >= 60.0  # DPO on its own samples has not undone what acquire learned
     assert (run / "reflect" / "iter_1" / "recall_pairs.jsonl").is_file()
+
+
+def test_the_readme_demo_line_runs_as_typed(tmp_path):
+    """The README's first command, read from the README, each step as a subprocess from a fresh directory, with only
+    sizes shrunk: one acquire epoch and one reflect iteration of one cycle (the learning is test_a_shrunken_demo's)."""
+    first_line = (ROOT / "README.md").read_text().split("```bash\n", 1)[1].splitlines()[0]
+    steps = [step.split() for step in first_line.split(" && ") if step.startswith("python ")]
+    assert [s[:3] for s in steps] == [["python", "tinythinker.py", "--phase"]] * 2 + [["python", "evaluate.py"]]
+    sizes = {"acquire": ["--epochs", "1", "--eval-every", "45"], "reflect": ["--iterations", "1", "--epochs", "1",
+                                                                          "--samples", "1"]}
+    for _, script, *args in steps:
+        extra = sizes.get(args[1], []) if args else []
+        out = subprocess.run([sys.executable, str(ROOT / script), *args, *extra], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "runs" / "world" / "report.json").read_text())
+    assert [(r["phase"], r["data"], r["split"], r["questions"]) for r in report] == [
+        ("acquire", "world", "test", 96), ("reflect", "world", "test", 96)]
+    assert "summarize: " in out.stdout  # the demo ends by showing one held-out question's chain
