@@ -425,7 +425,7 @@ def acquire(cfg):
     if started:
         check_resume(cfg, run_dir, effective_batch_size=effective)
     os.makedirs(run_dir, exist_ok=True)
-    if cfg.data == "world" and rank == 0:
+    if cfg.data == "world" and cfg.model == "scratch" and rank == 0:
         print("demo: acquiring on the embedded world with a T5 from scratch; a real run: "
               "python teacher.py --data csqa --split train && python tinythinker.py --phase acquire --data csqa")
     records = teacher_records(cfg)
