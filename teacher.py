@@ -471,6 +471,22 @@ class Cache:
 
 # ---------------------------------------------------------------- one question, the whole run
 
+def cached_chat(payload: dict, salt, client: Client, cache: Cache) -> dict:
+    """The response to `payload`, from the cache or else from the endpoint and then on disk before it is used, so a
+    resumed run pays for no answered request twice. `salt` keeps apart requests whose payloads are equal."""
+    key = hashlib.sha256(json.dumps([salt, payload], sort_keys=True).encode()).hexdigest()
+    response = cache.responses.get(key)
+    if response is not None:
+        client.meter.add(cached=1)
+        return response
+    response = client.chat(payload)
+    cache.put(payload["model"], key, response)
+    usage = response.get("usage") or {}
+    client.meter.add(answered=1, prompt_tokens=usage.get("prompt_tokens", 0),
+                     completion_tokens=usage.get("completion_tokens", 0))
+    return response
+
+
 def teach(q: Question, system: str, cfg: TeacherConfig, client: Client, cache: Cache) -> tuple[list[dict], list[str]]:
     """The request rounds of METHOD 3.4 for one question: records of all rounds pooled, and the failure reasons
     of the completions still invalid after the last round."""
@@ -479,20 +495,10 @@ def teach(q: Question, system: str, cfg: TeacherConfig, client: Client, cache: C
     for round_ in range(cfg.rounds):
         payload = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature,
                    "max_tokens": max_tokens, "n": n}
-        # the round is part of the key: a retry may repeat the previous round's payload and needs fresh samples
-        key = hashlib.sha256(json.dumps([round_, payload], sort_keys=True).encode()).hexdigest()
-        response = cache.responses.get(key)
-        if response is None:
-            try:
-                response = client.chat(payload)
-            except RequestFailed as e:
-                return records, [str(e)]
-            cache.put(cfg.model, key, response)
-            usage = response.get("usage") or {}
-            client.meter.add(answered=1, prompt_tokens=usage.get("prompt_tokens", 0),
-                             completion_tokens=usage.get("completion_tokens", 0))
-        else:
-            client.meter.add(cached=1)
+        try:  # the round salts the key: a retry may repeat the previous round's payload and needs fresh samples
+            response = cached_chat(payload, round_, client, cache)
+        except RequestFailed as e:
+            return records, [str(e)]
         choices = response["choices"]
         texts = [c["message"].get("content") or "" for c in choices]
         # truncated: cut off by max_tokens, or (a reasoning model) while still thinking
@@ -516,21 +522,28 @@ def _write_jsonl(path: Path, rows: list[dict]):
     tmp.replace(path)
 
 
-def run(cfg: TeacherConfig) -> dict:
-    """Teach every question of the split; write records and failures in question order; return the summary."""
+def prompt_and_questions(cfg: TeacherConfig) -> tuple[str, list[Question]]:
+    """The data set's system message and the questions to ask (the split, cut to --limit), for a run or its bill."""
     if cfg.data not in N:
         raise Fatal(f"--data must be one of {sorted(N)}, not {cfg.data!r}")
-    if cfg.split not in ("train", "valid", "test") or min(cfg.workers, cfg.max_attempts) < 1 or not cfg.timeout > 0:
-        raise Fatal("--split must be train, valid or test, --workers and --max-attempts at least 1, --timeout above 0")
+    if cfg.split not in ("train", "valid", "test"):
+        raise Fatal(f"--split must be train, valid or test, not {cfg.split!r}")
+    prompts = json.loads(PROMPTS.read_text())
+    system = system_message(prompts["instruction"], prompts["exemplars"][cfg.data], cfg.prompt_seed)
+    return system, data.load(cfg.data, cfg.split, cfg.data_dir)[:cfg.limit]
+
+
+def run(cfg: TeacherConfig) -> dict:
+    """Teach every question of the split; write records and failures in question order; return the summary."""
+    if min(cfg.workers, cfg.max_attempts) < 1 or not cfg.timeout > 0:
+        raise Fatal("needs --workers and --max-attempts at least 1, --timeout above 0")
+    system, questions = prompt_and_questions(cfg)
     api_key = os.environ.get(cfg.api_key_env)
     if not api_key and urlparse(cfg.base_url).hostname == "api.openai.com":  # say so before any request goes out
         raise Fatal(f"{cfg.api_key_env} is not set: {cfg.base_url} needs an API key (export {cfg.api_key_env}=..., "
                     f"or --base-url for a local server)")
     cfg.n, cfg.rounds = cfg.n or N[cfg.data], cfg.rounds or ROUNDS[cfg.data]
     out = Path(cfg.out or Path(cfg.data_dir or data.DEFAULT_DIR) / cfg.data / f"teacher_{cfg.split}.jsonl")
-    prompts = json.loads(PROMPTS.read_text())
-    system = system_message(prompts["instruction"], prompts["exemplars"][cfg.data], cfg.prompt_seed)
-    questions = data.load(cfg.data, cfg.split, cfg.data_dir)[:cfg.limit]
     cache = Cache(Path(cfg.cache or out.with_suffix(".cache.jsonl")))
     meter = Meter()
     client = Client(cfg, api_key, meter)
@@ -579,14 +592,10 @@ def estimate(cfg: TeacherConfig) -> dict:
     cfg.price_in/price_out, sending nothing. Prompt tokens are billed once per request whatever n is; a completion
     is estimated as long as the few-shot exemplars' answers (Key Information and explanations), capped at max_tokens.
     Retry rounds re-request only the invalid completions (at most cfg.rounds - 1 more requests per question)."""
-    if cfg.data not in N:
-        raise ValueError(f"--data must be one of {sorted(N)}")
+    system, questions = prompt_and_questions(cfg)
     n, rounds = cfg.n or N[cfg.data], cfg.rounds or ROUNDS[cfg.data]
-    prompts = json.loads(PROMPTS.read_text())
-    system = system_message(prompts["instruction"], prompts["exemplars"][cfg.data], cfg.prompt_seed)
-    questions = data.load(cfg.data, cfg.split, cfg.data_dir)[:cfg.limit]
     answers = [f"Key Information: {e['Key Information']}\nExplanations: " + "\n".join(e["Explanations"])
-               for e in prompts["exemplars"][cfg.data]]
+               for e in json.loads(PROMPTS.read_text())["exemplars"][cfg.data]]
     completion = min(cfg.max_tokens, sum(map(len, answers)) / len(answers) / CHARS_PER_TOKEN)
     prompt_tokens = round(sum(len(system) + len(user_message(q)) for q in questions) / CHARS_PER_TOKEN)
     completion_tokens = round(len(questions) * n * completion)
@@ -596,35 +605,6 @@ def estimate(cfg: TeacherConfig) -> dict:
             "cost_usd_est": round(prompt_tokens * cfg.price_in + completion_tokens * cfg.price_out, 2),
             "prices_per_token": {"prompt": cfg.price_in, "completion": cfg.price_out}, "model": cfg.model,
             "tokens": f"estimated at {CHARS_PER_TOKEN} characters per token; the first round only"}
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Teacher rationales (METHOD section 3).")
-    parser.add_argument("--make-prompts", metavar="DATASETS_DIR", help="regenerate prompts.json and exit")
-    parser.add_argument("--dry-run", action="store_true", help="print the questions, requests, tokens and cost "
-                        "a run would need, and send nothing")
-    for f in fields(TeacherConfig):
-        kind = f.type if isinstance(f.type, type) else f.type.__args__[0]  # `int | None` -> int
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
-    args = vars(parser.parse_args(argv))
-    datasets_dir, dry_run = args.pop("make_prompts"), args.pop("dry_run")
-    if datasets_dir:
-        return make_prompts(datasets_dir)
-    try:
-        if dry_run:
-            return print(json.dumps(estimate(TeacherConfig(**args)), indent=1))
-        run(TeacherConfig(**args))
-    except KeyboardInterrupt:
-        print("\ninterrupted; run the same command again to continue (answered requests are cached)",
-              file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(130)  # at once: a worker may be inside a request, and every answer received is already on disk
-    except (Fatal, DataError) as e:
-        raise SystemExit(f"teacher.py: {e}") from None
-
-
-if __name__ == "__main__":
-    main()
 
 
 # ---------------------------------------------------------------- Tailored Learning's prompts (METHOD 11.3)
@@ -715,20 +695,11 @@ def parse_cot_completion(text: str, q: Question) -> str:
 
 
 def ask(messages: list[dict], n: int, salt: str, cfg: TeacherConfig, client: Client, cache: Cache) -> list[str]:
-    """n completions of one chat request, through the cache: a paid response is on disk before it is used, and a
-    resumed run asks nothing twice. `salt` keeps Tailored's requests apart from TinyThinker's rounds."""
+    """n completions of one chat request, through the cache (cached_chat). `salt` keeps Tailored's requests apart from
+    TinyThinker's rounds."""
     payload = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens,
                "n": n}
-    key = hashlib.sha256(json.dumps([salt, payload], sort_keys=True).encode()).hexdigest()
-    response = cache.responses.get(key)
-    if response is None:
-        response = client.chat(payload)
-        cache.put(cfg.model, key, response)
-        usage = response.get("usage") or {}
-        client.meter.add(answered=1, prompt_tokens=usage.get("prompt_tokens", 0),
-                         completion_tokens=usage.get("completion_tokens", 0))
-    else:
-        client.meter.add(cached=1)
+    response = cached_chat(payload, salt, client, cache)
     return [c["message"].get("content") or "" for c in response["choices"] if c.get("finish_reason") != "length"]
 
 
@@ -759,3 +730,32 @@ def ask_all(jobs: list[tuple[Question, str | None]], cfg: TeacherConfig, client:
         return list(tqdm(pool.map(one, jobs), total=len(jobs), desc=desc, unit="request"))
     finally:
         pool.shutdown(cancel_futures=True)  # an error stops the run instead of draining the queue
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Teacher rationales (METHOD section 3).")
+    parser.add_argument("--make-prompts", metavar="DATASETS_DIR", help="regenerate prompts.json and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the questions, requests, tokens and cost "
+                        "a run would need, and send nothing")
+    for f in fields(TeacherConfig):
+        kind = f.type if isinstance(f.type, type) else f.type.__args__[0]  # `int | None` -> int
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
+    args = vars(parser.parse_args(argv))
+    datasets_dir, dry_run = args.pop("make_prompts"), args.pop("dry_run")
+    if datasets_dir:
+        return make_prompts(datasets_dir)
+    try:
+        if dry_run:
+            return print(json.dumps(estimate(TeacherConfig(**args)), indent=1))
+        run(TeacherConfig(**args))
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to continue (answered requests are cached)",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # at once: a worker may be inside a request, and every answer received is already on disk
+    except (Fatal, DataError) as e:
+        raise SystemExit(f"teacher.py: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -249,6 +249,8 @@ def test_a_second_run_on_the_same_cache_is_refused_naming_the_holder(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--data", "foo"], "--data must be one of"), (["--split", "habitat"], "--split must be train, valid or test"),
     (["--workers", "0"], "--workers and --max-attempts at least 1"), (["--timeout", "0"], "--timeout above 0"),
+    (["--data", "foo", "--dry-run"], "--data must be one of"),
+    (["--split", "habitat", "--dry-run"], "--split must be train, valid or test"),
 ])
 def test_teacher_argument_mistakes_get_one_line(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
