@@ -163,11 +163,10 @@ def check(cfg):
             and cfg.grad_clip > 0 and cfg.alpha >= 0):
         raise SystemExit("--lr, --temperature, --beta and --grad-clip must be above 0, --warmup in [0, 1), "
                          "--eval-every and --alpha at least 0")
-    if cfg.phase == "reflect":  # reflect starts from an acquired model and reads the acquire run's settings
+    if cfg.phase == "reflect":  # reflect starts from an acquired model (parse_config has read the run's settings)
         if not os.path.isdir(os.path.join(cfg.out, "best")):
             raise SystemExit(f"{cfg.out}: no acquired model ({os.path.join(cfg.out, 'best')}); "
                              f"run python tinythinker.py --phase acquire first (--from names its --out)")
-        evaluate.read_run_config(cfg.out)
 
 
 # Settings a resumed run may change: they move no step of the schedule.
@@ -438,11 +437,8 @@ def acquire(cfg):
     n_options = max(len(r["explanations"]) for r in records)
     quotas = dict(recall=cfg.interval, analyze=cfg.interval * n_options, summarize=cfg.interval)
     lengths = {s: [len(x) for x, _ in e] for s, e in examples.items()}
-    plan = Plan(lengths, effective, cfg.epochs, cfg.seed, quotas, world_size, cfg.group_by_length)
-    if cfg.steps:  # a budget in steps: as many epochs as it takes, cut at the step (ablation.py's control, A23)
-        epochs = math.ceil(cfg.steps * cfg.epochs / len(plan))
-        plan = Plan(lengths, effective, epochs, cfg.seed, quotas, world_size, cfg.group_by_length)
-        plan.steps = plan.steps[:cfg.steps]
+    # --steps: a budget in steps instead of epochs, the last epoch cut short (ablation.py's control, A23)
+    plan = Plan(lengths, effective, cfg.epochs, cfg.seed, quotas, world_size, cfg.group_by_length, cfg.steps or None)
     if rank == 0:
         if not started:  # a resumed run keeps the config.json it started with
             write_run_config(cfg, run_dir, world_size, effective_batch_size=effective, total_steps=len(plan),

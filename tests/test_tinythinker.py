@@ -104,6 +104,15 @@ def test_plan_trains_every_example_once_per_epoch():
     assert plan[0] != plan[len(plan) // 2]  # a new shuffle every epoch
 
 
+def test_a_step_budget_is_the_full_plan_cut_at_that_step():
+    """acquire --steps (ablation.py's control): as many epochs as the budget needs, the same steps, cut at it."""
+    lengths, quotas = dict(recall=[3] * 10, analyze=[5] * 31, summarize=[7] * 10), dict(recall=1, analyze=3, summarize=1)
+    full = tinythinker.Plan(lengths, batch=4, epochs=3, seed=1, quotas=quotas)
+    cut = tinythinker.Plan(lengths, batch=4, epochs=1, seed=1, quotas=quotas, max_steps=len(full) - 5)
+    assert len(cut) == len(full) - 5 > 2 * 14  # into the third epoch, whatever `epochs` says
+    assert [cut[i] for i in range(len(cut))] == [full[i] for i in range(len(cut))]
+
+
 # ---------------------------------------------------------------------------------------------- phase 1
 
 def test_acquire_learns_the_handful_through_all_three_stages(world, tmp_path):
