@@ -384,12 +384,14 @@ class T5(nn.Module):
                          rows=rows)
         return rows.unpack(h), mask
 
-    def decoder_states(self, decoder_input_ids, encoder_states, mask):
+    def decoder_states(self, decoder_input_ids, encoder_states, mask, rows=None):
         """The decoder's final hidden states [B, T, d_model], after its final RMSNorm (and dropout), given `encode`'s
-        outputs: transformers' decoder_hidden_states[-1]. Tailored Learning's self-reflection loss reads them."""
+        outputs: transformers' decoder_hidden_states[-1]; with `rows`, only theirs, packed [N, d_model]. Tailored
+        Learning's self-reflection loss reads them."""
+        embedded = self.shared(decoder_input_ids if rows is None else rows.pack(decoder_input_ids))
         with self.autocast(decoder_input_ids.device):
-            return self.decoder(self.shared(decoder_input_ids), self.decoder.position_bias(decoder_input_ids.shape[1]),
-                                self.decoder.cross_kv(encoder_states), mask)
+            return self.decoder(embedded, self.decoder.position_bias(decoder_input_ids.shape[1]),
+                                self.decoder.cross_kv(encoder_states), mask, rows=rows)
 
     def lm_logits(self, h):
         if self.config.scale_decoder_outputs:
@@ -412,9 +414,7 @@ class T5(nn.Module):
         rows = Rows(keep)
         with self.autocast(input_ids.device):
             encoder_states, mask = self.encode(input_ids, attention_mask)
-            h = self.decoder(self.shared(rows.pack(decoder_input_ids)),
-                             self.decoder.position_bias(decoder_input_ids.shape[1]),
-                             self.decoder.cross_kv(encoder_states), mask, rows=rows)
+            h = self.decoder_states(decoder_input_ids, encoder_states, mask, rows)
             if labels is None:
                 return self.lm_logits(h).view(*keep.shape, -1), None
             labels = rows.pack(labels)
