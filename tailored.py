@@ -92,12 +92,7 @@ DECISIONS = {
 def parse_config(argv=None):
     """Defaults, then the world's presets, then the command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in dataclasses.fields(Config):
-        flags = ["--" + field.name.replace("_", "-")]
-        if isinstance(field.default, bool):
-            parser.add_argument(*flags, action="store_true", default=None)
-        else:
-            parser.add_argument(*flags, type=type(field.default), default=None, help=f"default {field.default!r}")
+    tinythinker.add_flags(parser, Config)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     cfg = Config(**{**(WORLD if given.get("data", Config.data) == "world" else {}), **given})
     cfg.out = cfg.out or os.path.join("runs", f"tailored_{cfg.data}")

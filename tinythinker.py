@@ -105,20 +105,26 @@ DECISIONS = {
 }
 
 
-def parse_config(argv=None):
-    """Defaults, then the phase's and the world's, then the command line, in that order. A reflect run continues the
-    acquire run in --from: its data set, data directory and stage variant come from that run's config.json, then
-    the method's reflect values (REFLECT), then the world's if that run was on the world, then the command line.
-    cfg.sources records where each setting came from; it is written to config.json."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in dataclasses.fields(Config):
-        if field.name == "sources":
+def add_flags(parser, config):
+    """One --flag per setting of the `config` dataclass (a bool is a switch), None when not given, so that the
+    command line can be layered over presets. A field without a plain default (Config.sources) is no setting."""
+    for field in dataclasses.fields(config):
+        if field.default is dataclasses.MISSING:
             continue
         flags = ["--" + field.name.replace("_", "-")]
         if isinstance(field.default, bool):
             parser.add_argument(*flags, action="store_true", default=None)
         else:
             parser.add_argument(*flags, type=type(field.default), default=None, help=f"default {field.default!r}")
+
+
+def parse_config(argv=None):
+    """Defaults, then the phase's and the world's, then the command line, in that order. A reflect run continues the
+    acquire run in --from: its data set, data directory and stage variant come from that run's config.json, then
+    the method's reflect values (REFLECT), then the world's if that run was on the world, then the command line.
+    cfg.sources records where each setting came from; it is written to config.json."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(parser, Config)
     parser.add_argument("--from", dest="out", help="reflect: the acquire run directory (same as --out)")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     phase, name = given.get("phase", Config.phase), given.get("data", Config.data)
