@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,5 +314,24 @@ def main(cfg):
     print(f"next: python evaluate.py {cfg.out}")
 
 
+def check(cfg):
+    """One clear line for a setting that cannot work, before anything is loaded or written."""
+    if cfg.data not in ("world", *data.FILES):
+        raise SystemExit(f"--data must be world or one of {', '.join(data.FILES)}, not {cfg.data!r}")
+    for name in ("rounds", "epochs", "batch_size", "exam_samples", "eval_batch_size", "max_new_tokens", "workers"):
+        if getattr(cfg, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
+    if not (cfg.lr > 0 and cfg.lam >= 0 and cfg.exam_temperature > 0):
+        raise SystemExit("--lr and --exam-temperature must be above 0, --lam at least 0")
+
+
 if __name__ == "__main__":
-    main(parse_config())
+    try:
+        config = parse_config()
+        check(config)
+        main(config)
+    except data.DataError as e:  # a data set or teacher file that cannot be read: it is named in the message
+        raise SystemExit(str(e)) from None
+    except KeyboardInterrupt:
+        print("\ninterrupted; continue with --resume", file=sys.stderr)
+        sys.exit(130)

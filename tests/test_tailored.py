@@ -305,6 +305,17 @@ def test_a_killed_round_resumes_to_the_same_weights(tmp_path, monkeypatch, shrun
             (tmp_path / "killed" / "round_2" / name).read_text()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--data", "foo"], "--data must be world or one of"), (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--lam", "-1"], "--lam at least 0"),
+])
+def test_command_line_mistakes_get_one_line(tmp_path, flags, message):
+    out = subprocess.run([sys.executable, "tailored.py", "--out", str(tmp_path / "run"), *flags], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
 def test_readme_commands_run(tmp_path):
     """`python tailored.py` and `python evaluate.py RUN` as a user types them (one round of one epoch on the full
     world; every round is run by test_a_shrunken_world_through_every_round)."""
