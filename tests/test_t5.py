@@ -179,6 +179,21 @@ def test_ragged_generation_keeps_every_greedy_token(name, monkeypatch):
     assert torch.equal(model.generate(ids, mask, 30, num_return_sequences=2), ragged)
 
 
+@pytest.mark.parametrize("name", ["relu", "gated"])
+def test_prefill_in_chunks_and_once_per_distinct_prompt_keeps_every_greedy_token(name, monkeypatch):
+    """T5.prefill encodes identical prompts once and, on CPU, in chunks of PREFILL_TOKENS: neither changes a token,
+    whether each prompt is its own chunk or the batch is one."""
+    model = t5.T5.from_pretrained(FIXTURES / f"t5_{name}")
+    ids, mask, _ = ragged_case(model)
+    greedy = model.generate(ids, mask, 30)
+    for tokens in (1, 10**9):
+        monkeypatch.setattr(t5, "PREFILL_TOKENS", tokens)
+        assert torch.equal(model.generate(ids, mask, 30), greedy)
+    copies = torch.tensor([3, 0, 3, 1, 3, 3, 0])  # repeated, and out of order
+    out, expected = model.generate(ids[copies], mask[copies], 30), greedy[copies]
+    assert torch.equal(out, expected[:, :out.shape[1]]) and not expected[:, out.shape[1]:].any()
+
+
 def test_ragged_sampling_keeps_the_distribution(monkeypatch):
     """Rows sampled after others left the batch follow the exact distribution: the second token of 20,000 samples
     (those whose first token was not </s>) against sum_x p(x) p(y | x) over first tokens x != </s>."""
