@@ -9,7 +9,6 @@ from collections import defaultdict
 import torch.nn.functional as F
 
 from data import LETTERS, Chain, analyze_input, collate, recall_input, summary_target
-from t5 import shift_right
 
 MAX_LENGTH = 200  # prompt and each completion are truncated to 200 tokens, </s> included (METHOD 7.4)
 
@@ -20,9 +19,13 @@ MAX_LENGTH = 200  # prompt and each completion are truncated to 200 tokens, </s>
 def token_logprobs(model, input_ids, attention_mask, labels):
     """log p(y_t | y_<t, x) = log_softmax(logits)[y_t] for every target position, 0 where labels == -100 (that is
     -cross_entropy with reduction="none"). Decoder inputs = shift_right(labels). In fp32 whatever the model's dtype:
-    the sums over up to 200 tokens and their differences are what DPO compares."""
-    logits, _ = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=shift_right(labels))
-    return -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view_as(labels)
+    the sums over up to 200 tokens and their differences are what DPO compares. The model computes logits for the
+    labelled positions only (T5.forward with labels), so the padding of a pair batch, whose chosen and rejected
+    completions differ in length, costs no lm_head and no softmax."""
+    logits, _ = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    labelled = labels != -100
+    scored = -F.cross_entropy(logits.float(), labels[labelled], reduction="none")
+    return scored.new_zeros(labels.shape).masked_scatter(labelled, scored)
 
 
 def sequence_logprobs(model, input_ids, attention_mask, labels):
