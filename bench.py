@@ -6,6 +6,8 @@ same device and precision, in one process.
     python bench.py --sizes base --batch 8 --gen-batch 16      # smaller batches for a CPU run
     python bench.py --only train --sizes small --profile       # + torch.profiler top entries of each side
     python bench.py --only chain --sizes small --data-dir /work/shared/datasets   # three-stage chains on CSQA
+    python bench.py --only chain --chain-samples 10 --data-dir /work/shared/datasets   # reflect's recall pass
+    python bench.py --only dpo --sizes small --data-dir /work/shared/datasets     # reflect's DPO step
     python bench.py --only project --data-dir /work/shared/datasets  # the whole method's wall time, projected
 
 Method: transformers builds the model (its own random initialisation) and saves it; ours loads those files. Each
@@ -14,7 +16,8 @@ hits both alike) and keeps the median. Peak memory is measured in a fresh proces
 Precision: fp32 on CPU; on CUDA fp32 weights under bf16 autocast on both sides, training eager and torch.compile'd.
 Batches are padded like the method's: row lengths drawn between half and the full length; token counts include the
 padding (transformers computes it, ours skips it). `chain` runs evaluate.run_chains on CSQA test questions with each
-side's generate, outputs ending with the length spread of the official exemplars' rationales (EndAtRealLengths).
+side's generate, outputs ending with the length spread of the official exemplars' rationales (EndAtRealLengths);
+`dpo` runs reflect's step, dpo.concatenated_logprobs on CSQA analyze pairs, with each side's forward.
 `project` times ours alone on CSQA-shaped work and scales it by the method's step and chain counts (METHOD_WORK).
 Results are merged into bench.json (--out) and BENCHMARKS.md's results section is rewritten from it, each table under
 the command that produced it (the projection has its own section). Timings never go into tests.
@@ -45,7 +48,8 @@ from t5 import T5, Tokenizer
 SIZES = {"small": dict(d_model=512, d_ff=2048, num_heads=8, num_layers=6),  # original T5 configs: relu, tied
          "base": dict(d_model=768, d_ff=3072, num_heads=12, num_layers=12)}
 PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)]  # dense, by name
-GOALS = {"train": {"cpu": ">= 1.2", "cuda": ">= 1.5"}, "generate": ">= 3", "memory": "<= 1", "chain": ">= 2"}
+GOALS = {"train": {"cpu": ">= 1.2", "cuda": ">= 1.5"}, "generate": ">= 3", "memory": "<= 1", "chain": ">= 2",
+         "dpo": "> 1"}
 MARK_BEGIN, MARK_END = "<!-- results: written by bench.py from bench.json -->", "<!-- end of results -->"
 PROJECTION_BEGIN = "<!-- projection: written by bench.py --only project -->"
 PROJECTION_END = "<!-- end of projection -->"
@@ -218,6 +222,8 @@ def bench_size(size, args, device, variants):
                                  ours=peaks["ours"], theirs=peaks["theirs"]))
         if "chain" in args.only:
             rows += bench_chain(size, args, directory)
+        if "dpo" in args.only:
+            rows += bench_dpo(size, args, directory)
         if not {"generate", "train"} & set(args.only):
             return rows
         models = {impl: load(impl, directory, device) for impl in ("ours", "theirs")}
@@ -262,6 +268,82 @@ def bench_size(size, args, device, variants):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# CSQA-shaped work: a tokenizer of CSQA's words, the official exemplars' texts as what the teacher would write
+
+def csqa_tokenizer(train, directory):
+    """A BPE vocabulary of 8,000 pieces trained on the CSQA training prompts (T5's own sentencepiece model is not
+    downloaded here); lengths are in its tokens, which split a word about as often as T5's."""
+    summarize = [data.summarize_input(q, "Recall.", {x: "analysis." for x in "ABCDE"}) for q in train[:100]]
+    return Tokenizer.train([data.recall_input(q) for q in train] + summarize, 8000, Path(directory) / "tokenizer")
+
+
+def official_exemplars(data_dir):
+    return [ex for name in ("csqa", "obqa") for ex in
+            json.loads((Path(data_dir) / name / "prompt" / f"{name}_cot.json").read_text())]
+
+
+def dpo_batch(tokenizer, questions, exemplars, rng, pairs=32):
+    """A reflect batch (collate_pairs) of analyze pairs: real CSQA prompts under an exemplar's Key Information, the
+    chosen and rejected completions two exemplar explanations, so their lengths (and the padding) are real ones."""
+    pairs = [dict(prompt=data.analyze_input(q, data.with_period(rng.choice(exemplars)["Key Information"]), "A"),
+                  chosen=rng.choice(rng.choice(exemplars)["Explanations"]),
+                  rejected=rng.choice(rng.choice(exemplars)["Explanations"])) for q in rng.sample(questions, pairs)]
+    return dpo.collate_pairs(dpo.tokenize_pairs(pairs, tokenizer))
+
+
+@torch.no_grad()
+def reference_logprobs(model, batch):
+    """(log pi_ref(chosen), log pi_ref(rejected)) of the model as it is, in eval mode: reflect's reference is the
+    policy it starts from, so its first steps see margins near 0. A fixed reference far from the policy (zeros, say)
+    saturates the sigmoid, and the rejected rows' gradients, ~1e-11 of normal, go denormal in the backward, which is
+    slow on a CPU: with a zero reference, `python bench.py --only project --sizes small` measured a DPO step of
+    39.8 s on a 2-core Xeon, one thread; with this one, 15.8 s."""
+    return dpo.concatenated_logprobs(model.eval(), *batch)[:2]
+
+
+class TheirsForDPO(torch.nn.Module):
+    """transformers' model behind T5.forward's labelled-positions signature, so dpo.concatenated_logprobs drives it
+    unchanged: it computes logits at every position of the padded targets (as TRL does) and the labelled ones are
+    picked afterwards."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        return out.logits[labels != -100], out.loss
+
+
+def bench_dpo(size, args, directory):
+    """Rows for `dpo`: pairs/s of reflect's step (concatenated log-probs of 32 analyze pairs, DPO + NLL loss against
+    the starting model as reference, backward, AdamW step; dropout off, as reflect trains), ours against
+    transformers."""
+    rng = random.Random(0)
+    tokenizer = csqa_tokenizer(data.load("csqa", "train", args.data_dir), directory)
+    batch = dpo_batch(tokenizer, data.load("csqa", "train", args.data_dir), official_exemplars(args.data_dir), rng)
+    models = {"ours": T5.from_pretrained(directory), "theirs": TheirsForDPO(
+        T5ForConditionalGeneration.from_pretrained(directory))}
+    logprobs = {impl: reference_logprobs(m, batch) for impl, m in models.items()}
+    def step(model):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        def call():
+            chosen, rejected, nll = dpo.concatenated_logprobs(model, *batch)
+            dpo.dpo_loss(chosen, rejected, *logprobs["ours"], nll)[0].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return call
+    seconds, times = race({impl: step(m) for impl, m in models.items()}, torch.device("cpu"), args.warmup,
+                          args.repeats)
+    labels = batch[2]
+    diff = max((a - b).abs().max().item() for a, b in zip(logprobs["ours"], logprobs["theirs"]))
+    return [dict(size=size, bench="dpo", variant="eager", unit="pairs/s",
+                 shape=f"32 CSQA analyze pairs, targets {int((labels != -100).sum(1).min())}-{labels.shape[1]} tokens "
+                       f"({(labels == -100).float().mean():.0%} padding)",
+                 ours=32 / seconds["ours"], theirs=32 / seconds["theirs"], logprob_diff=diff, seconds=times)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # chain: evaluate.run_chains on CSQA questions, our generate against transformers' generate, with real output lengths
 
 STAGE_OF_PROMPT = {"Recall:": "recall", "Summarize:": "summarize"}  # otherwise "...Analyze: For option X,"
@@ -300,11 +382,14 @@ class EndAtRealLengths(torch.nn.Module):
     even where a random model repeats one hidden state), a function of the row's own hidden state (so the same on
     both sides, whatever the batch holds), and continuous in it, so the ~1e-7 fp32 differences between the two
     implementations flip it about once in 10^5 steps. The step is counted in calls (both sides call lm_head once
-    per step); the stage is read from the prompt when generate starts."""
+    per step); the stage is read from the prompt when generate starts. Pad, unk and the ids past the tokenizer's
+    pieces are never chosen: decode drops them, and a random model picks them nearly always (a recall decoded to
+    "", the next stage's prompts far shorter than a real chain's), so now each output decodes to text of its drawn
+    length and the next stage's prompts are as long as a real chain's."""
 
-    def __init__(self, head, stage_hazards, eos, seed=0):
+    def __init__(self, head, stage_hazards, eos, pieces, seed=0):
         super().__init__()
-        self.head, self.hazards, self.eos = head, stage_hazards, eos
+        self.head, self.hazards, self.eos, self.pieces = head, stage_hazards, eos, pieces
         steps = len(next(iter(stage_hazards.values())))
         r = torch.randn(steps, head.weight.shape[1], generator=torch.Generator().manual_seed(seed))
         self.register_buffer("r", r / r.norm(dim=1, keepdim=True))
@@ -316,6 +401,7 @@ class EndAtRealLengths(torch.nn.Module):
 
     def forward(self, h):
         logits = self.head(h)
+        logits[..., :3] = logits[..., self.pieces:] = -1e4  # pad, eos (set below), unk, and past the pieces
         u = torch.frac(300 * (h.float() @ self.r[self.step]) / h.float().norm(dim=-1)).abs()
         end = u < self.hazards[self.stage][self.step].to(h.device)
         logits[..., self.eos] = torch.where(end, 1e4, -1e4).to(logits.dtype)
@@ -339,7 +425,7 @@ def chain_setup(model, tokenizer, stage_hazards, log):
     """Install EndAtRealLengths on `model` (ours or TheirsForChains) and wrap its generate to set the stage from the
     prompt, and to log (stage, seconds, rows, output lengths) of every call into `log`."""
     inner = model.model if isinstance(model, TheirsForChains) else model
-    head = inner.lm_head = EndAtRealLengths(inner.lm_head, stage_hazards, tokenizer.sp.eos_id())
+    head = inner.lm_head = EndAtRealLengths(inner.lm_head, stage_hazards, tokenizer.sp.eos_id(), tokenizer.spm_size)
     generate = model.generate
 
     def logged(input_ids, attention_mask, **kwargs):
@@ -359,11 +445,7 @@ def bench_chain(size, args, directory):
     """Rows for `chain`: questions/s of evaluate.run_chains (greedy, recall -> analyze -> summarize) on the first
     --chain-questions CSQA test questions at --chain-batch, ours against transformers, and the ideal gain."""
     questions = data.load("csqa", "test", args.data_dir)[:args.chain_questions]
-    # A BPE vocabulary of 8,000 pieces trained on the CSQA training prompts (T5's own sentencepiece model is not
-    # downloaded here); lengths below are in its tokens, which split a word about as often as T5's.
-    train = data.load("csqa", "train", args.data_dir)
-    summarize = [data.summarize_input(q, "Recall.", {x: "analysis." for x in "ABCDE"}) for q in train[:100]]
-    tokenizer = Tokenizer.train([data.recall_input(q) for q in train] + summarize, 8000, Path(directory) / "tokenizer")
+    tokenizer = csqa_tokenizer(data.load("csqa", "train", args.data_dir), directory)
     lengths = exemplar_lengths(args.data_dir, tokenizer)
     stage_hazards = {stage: hazards(v, args.chain_max_new_tokens) for stage, v in lengths.items()}
     logs = {"ours": [], "theirs": []}
@@ -371,15 +453,19 @@ def bench_chain(size, args, directory):
               "theirs": TheirsForChains(T5ForConditionalGeneration.from_pretrained(directory).eval())}
     for impl, model in models.items():
         chain_setup(model, tokenizer, stage_hazards, logs[impl])
+    # --chain-samples N: reflect's recall pass instead (METHOD 7.1): every question N times, recall sampled at the
+    # method's temperature, analyze and summarize greedy; chains then differ between the two sides by their draws.
+    repeated = [q for q in questions for _ in range(args.chain_samples)]
+    temperature = 0.7 if args.chain_samples > 1 else 0.0
     def run(impl):
-        return evaluate.run_chains(models[impl], tokenizer, questions, batch_size=args.chain_batch,
-                                   max_new_tokens=args.chain_max_new_tokens)
+        return evaluate.run_chains(models[impl], tokenizer, repeated, recall_temperature=temperature,
+                                   batch_size=args.chain_batch, max_new_tokens=args.chain_max_new_tokens)
     chains = {}
     def timed(impl):  # no warm-up: nothing is compiled or cached, and one chain takes minutes
         chains[impl] = run(impl)
     seconds, times = race({impl: lambda impl=impl: timed(impl) for impl in models}, torch.device("cpu"), 0,
                           args.repeats)
-    same = sum(a == b for a, b in zip(chains["ours"], chains["theirs"])) / len(questions)
+    same = sum(a == b for a, b in zip(chains["ours"], chains["theirs"])) / len(repeated)
     per_stage = {}
     for stage in ("recall", "analyze", "summarize"):
         calls = {impl: [c for c in log if c[0] == stage] for impl, log in logs.items()}
@@ -390,9 +476,12 @@ def bench_chain(size, args, directory):
                                 max_length=max(drawn), exemplar_mean=statistics.mean(lengths[stage]))
     steps = {impl: sum(rows * max(n) for _, _, rows, n in log) for impl, log in logs.items()}
     ideal = steps["theirs"] / sum(sum(n) for *_, n in logs["theirs"])
-    return [dict(size=size, bench="chain", variant="greedy", unit="questions/s",
-                 shape=f"{len(questions)} CSQA questions, batch {args.chain_batch}, <= {args.chain_max_new_tokens} new",
-                 ours=len(questions) / seconds["ours"], theirs=len(questions) / seconds["theirs"], ideal=ideal,
+    shape = f"{len(questions)} CSQA questions, batch {args.chain_batch}, <= {args.chain_max_new_tokens} new"
+    if args.chain_samples > 1:
+        shape = f"{len(questions)} CSQA questions x {args.chain_samples} samples (recall T 0.7), " + shape.split(", ", 1)[1]
+    return [dict(size=size, bench="chain", variant="greedy" if args.chain_samples == 1 else "reflect recall pass",
+                 unit="questions/s" if args.chain_samples == 1 else "chains/s", shape=shape,
+                 ours=len(repeated) / seconds["ours"], theirs=len(repeated) / seconds["theirs"], ideal=ideal,
                  same_chains=same, stages=per_stage, seconds=times)]
 
 
@@ -421,10 +510,8 @@ def project(size, args, directory):
     output lengths) and scale by METHOD_WORK. Returns (rates, hours by phase)."""
     rng = random.Random(0)
     train = data.load("csqa", "train", args.data_dir)
-    exemplars = [ex for name in ("csqa", "obqa") for ex in
-                 json.loads((Path(args.data_dir) / name / "prompt" / f"{name}_cot.json").read_text())]
-    summarize = [data.summarize_input(q, "Recall.", {x: "analysis." for x in "ABCDE"}) for q in train[:100]]
-    tokenizer = Tokenizer.train([data.recall_input(q) for q in train] + summarize, 8000, Path(directory) / "tokenizer")
+    exemplars = official_exemplars(args.data_dir)
+    tokenizer = csqa_tokenizer(train, directory)
     model = T5.from_pretrained(directory)
     def seconds(fn, warmup=1):
         return race({"ours": fn}, torch.device("cpu"), warmup, args.repeats)[0]["ours"]
@@ -438,15 +525,12 @@ def project(size, args, directory):
             opt.step()
             opt.zero_grad(set_to_none=True)
         rates[f"acquire {stage} step"] = seconds(step)
-    pairs = [dict(prompt=data.analyze_input(q, data.with_period(rng.choice(exemplars)["Key Information"]), "A"),
-                  chosen=rng.choice(rng.choice(exemplars)["Explanations"]),
-                  rejected=rng.choice(rng.choice(exemplars)["Explanations"])) for q in rng.sample(train, 32)]
-    batch = dpo.collate_pairs(dpo.tokenize_pairs(pairs, tokenizer))
-    reference = torch.zeros(32)
+    batch = dpo_batch(tokenizer, train, exemplars, rng)
+    reference = reference_logprobs(model, batch)
     def dpo_step():
         model.eval()  # dropout off, as reflect trains
         chosen, rejected, nll = dpo.concatenated_logprobs(model, *batch)
-        dpo.dpo_loss(chosen, rejected, reference, reference, nll)[0].backward()
+        dpo.dpo_loss(chosen, rejected, *reference, nll)[0].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     rates["DPO step"] = seconds(dpo_step)
@@ -534,11 +618,15 @@ def render(runs):
                 notes.append(f"{r['same_tokens']:.1%} of tokens identical")
             if "ideal" in r:
                 share = r["ours"] / r["theirs"] / r["ideal"]
+                same = f"{r['same_chains']:.0%} of chains identical" if r["variant"] == "greedy" else \
+                    "sampled, so chains differ by their draws"
                 notes.append(f"ideal gain {r['ideal']:.2f}x, measured {share:.0%} of it; "
-                             f"{r['same_chains']:.0%} of chains identical; per stage, gain / ideal (output length "
+                             f"{same}; per stage, gain / ideal (output length "
                              "mean, max; exemplars' mean): " + ", ".join(
                                  f"{k} {v['gain']:.2f}x / {v['ideal']:.2f}x ({v['mean_length']:.0f}, "
                                  f"{v['max_length']}; {v['exemplar_mean']:.0f})" for k, v in r["stages"].items()))
+            if "logprob_diff" in r:
+                notes.append(f"largest log-prob difference {r['logprob_diff']:.1e} (sequence sums, dropout off)")
             if "loss_diff" in r:
                 notes.append(f"loss difference {r['loss_diff']:.1e} (dropout off)")
             if "ours_tflops" in r:
@@ -580,7 +668,8 @@ def save(run, out, markdown):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="train,generate,memory,chain", help="comma list of train, generate, memory, chain")
+    p.add_argument("--only", default="train,generate,memory,chain,dpo",
+                   help="comma list of train, generate, memory, chain, dpo; or project alone")
     p.add_argument("--sizes", default="small,base", help="comma list of small, base")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=32, help="training batch (sequences)")
@@ -594,6 +683,8 @@ def main():
     p.add_argument("--chain-questions", type=int, default=256, help="chain: CSQA test questions")
     p.add_argument("--chain-batch", type=int, default=256, help="chain: prompts per generate call (the method's)")
     p.add_argument("--chain-max-new-tokens", type=int, default=200, help="chain: the method's max_new_tokens")
+    p.add_argument("--chain-samples", type=int, default=1, help="chain: > 1 times reflect's recall pass instead, "
+                   "each question that many times with the recall sampled (the method's: 10)")
     p.add_argument("--data-dir", default=None, help="chain: holds csqa/original/*.jsonl and {csqa,obqa}/prompt/"
                    "*_cot.json (default: data.py's folder, downloading the questions)")
     p.add_argument("--no-compile", action="store_true", help="CUDA: skip the torch.compile rows")
@@ -606,9 +697,9 @@ def main():
     args.only = args.only.split(",")
     args.gen_batches = [int(b) for b in args.gen_batch.split(",")]
     args.gen_batch = args.gen_batches[-1]
-    benches = {"train", "generate", "memory", "chain", "project"}
+    benches = {"train", "generate", "memory", "chain", "dpo", "project"}
     if set(args.only) - benches or set(args.sizes.split(",")) - SIZES.keys():
-        p.error(f"--only {','.join(args.only)} / --sizes {args.sizes}: expected train, generate, memory, chain / "
+        p.error(f"--only {','.join(args.only)} / --sizes {args.sizes}: expected train, generate, memory, chain, dpo / "
                 "small, base")
     torch.set_num_threads(args.threads)
     if args.memory_child:
