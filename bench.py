@@ -476,9 +476,8 @@ def bench_chain(size, args, directory):
                                 max_length=max(drawn), exemplar_mean=statistics.mean(lengths[stage]))
     steps = {impl: sum(rows * max(n) for _, _, rows, n in log) for impl, log in logs.items()}
     ideal = steps["theirs"] / sum(sum(n) for *_, n in logs["theirs"])
-    shape = f"{len(questions)} CSQA questions, batch {args.chain_batch}, <= {args.chain_max_new_tokens} new"
-    if args.chain_samples > 1:
-        shape = f"{len(questions)} CSQA questions x {args.chain_samples} samples (recall T 0.7), " + shape.split(", ", 1)[1]
+    sampled = f" x {args.chain_samples} samples (recall T 0.7)" if args.chain_samples > 1 else ""
+    shape = f"{len(questions)} CSQA questions{sampled}, batch {args.chain_batch}, <= {args.chain_max_new_tokens} new"
     return [dict(size=size, bench="chain", variant="greedy" if args.chain_samples == 1 else "reflect recall pass",
                  unit="questions/s" if args.chain_samples == 1 else "chains/s", shape=shape,
                  ours=len(repeated) / seconds["ours"], theirs=len(repeated) / seconds["theirs"], ideal=ideal,
