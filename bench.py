@@ -282,12 +282,12 @@ def official_exemplars(data_dir):
             json.loads((Path(data_dir) / name / "prompt" / f"{name}_cot.json").read_text())]
 
 
-def dpo_batch(tokenizer, questions, exemplars, rng, pairs=32):
-    """A reflect batch (collate_pairs) of analyze pairs: real CSQA prompts under an exemplar's Key Information, the
+def dpo_batch(tokenizer, questions, exemplars, rng):
+    """A reflect batch (collate_pairs) of 32 analyze pairs: real CSQA prompts under an exemplar's Key Information, the
     chosen and rejected completions two exemplar explanations, so their lengths (and the padding) are real ones."""
     pairs = [dict(prompt=data.analyze_input(q, data.with_period(rng.choice(exemplars)["Key Information"]), "A"),
                   chosen=rng.choice(rng.choice(exemplars)["Explanations"]),
-                  rejected=rng.choice(rng.choice(exemplars)["Explanations"])) for q in rng.sample(questions, pairs)]
+                  rejected=rng.choice(rng.choice(exemplars)["Explanations"])) for q in rng.sample(questions, 32)]
     return dpo.collate_pairs(dpo.tokenize_pairs(pairs, tokenizer))
 
 
@@ -319,9 +319,9 @@ def bench_dpo(size, args, directory):
     """Rows for `dpo`: pairs/s of reflect's step (concatenated log-probs of 32 analyze pairs, DPO + NLL loss against
     the starting model as reference, backward, AdamW step; dropout off, as reflect trains), ours against
     transformers."""
-    rng = random.Random(0)
-    tokenizer = csqa_tokenizer(data.load("csqa", "train", args.data_dir), directory)
-    batch = dpo_batch(tokenizer, data.load("csqa", "train", args.data_dir), official_exemplars(args.data_dir), rng)
+    train = data.load("csqa", "train", args.data_dir)
+    batch = dpo_batch(csqa_tokenizer(train, directory), train, official_exemplars(args.data_dir), random.Random(0))
+    labels, pairs = batch[2], len(batch[2]) // 2
     models = {"ours": T5.from_pretrained(directory), "theirs": TheirsForDPO(
         T5ForConditionalGeneration.from_pretrained(directory))}
     logprobs = {impl: reference_logprobs(m, batch) for impl, m in models.items()}
@@ -335,12 +335,11 @@ def bench_dpo(size, args, directory):
         return call
     seconds, times = race({impl: step(m) for impl, m in models.items()}, torch.device("cpu"), args.warmup,
                           args.repeats)
-    labels = batch[2]
     diff = max((a - b).abs().max().item() for a, b in zip(logprobs["ours"], logprobs["theirs"]))
     return [dict(size=size, bench="dpo", variant="eager", unit="pairs/s",
-                 shape=f"32 CSQA analyze pairs, targets {int((labels != -100).sum(1).min())}-{labels.shape[1]} tokens "
-                       f"({(labels == -100).float().mean():.0%} padding)",
-                 ours=32 / seconds["ours"], theirs=32 / seconds["theirs"], logprob_diff=diff, seconds=times)]
+                 shape=f"{pairs} CSQA analyze pairs, targets {int((labels != -100).sum(1).min())}-{labels.shape[1]} "
+                       f"tokens ({(labels == -100).float().mean():.0%} padding)",
+                 ours=pairs / seconds["ours"], theirs=pairs / seconds["theirs"], logprob_diff=diff, seconds=times)]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -384,7 +383,7 @@ class EndAtRealLengths(torch.nn.Module):
     implementations flip it about once in 10^5 steps. The step is counted in calls (both sides call lm_head once
     per step); the stage is read from the prompt when generate starts. Pad, unk and the ids past the tokenizer's
     pieces are never chosen: decode drops them, and a random model picks them nearly always (a recall decoded to
-    "", the next stage's prompts far shorter than a real chain's), so now each output decodes to text of its drawn
+    "", the next stage's prompts far shorter than a real chain's), so each output decodes to text of its drawn
     length and the next stage's prompts are as long as a real chain's."""
 
     def __init__(self, head, stage_hazards, eos, pieces, seed=0):

@@ -434,9 +434,9 @@ class T5(nn.Module):
         transformers', the whole chain from 1.31x to 1.51x. A GPU's caching allocator has no such cost, so there the
         batch is encoded at once."""
         prompts, copy_of = torch.unique(torch.cat([input_ids, attention_mask], 1), dim=0, return_inverse=True)
-        ids, keep = prompts.split(input_ids.shape[1], 1)
+        ids, real = prompts.split(input_ids.shape[1], 1)
         chunk = len(ids) if ids.is_cuda else max(1, PREFILL_TOKENS // ids.shape[1])
-        states = torch.cat([self.encode(ids[i:i + chunk], keep[i:i + chunk])[0] for i in range(0, len(ids), chunk)])
+        states = torch.cat([self.encode(ids[i:i + chunk], real[i:i + chunk])[0] for i in range(0, len(ids), chunk)])
         cross_kv = self.decoder.cross_kv(states[copy_of.repeat_interleave(copies)])
         return cross_kv, additive_mask(attention_mask.repeat_interleave(copies, 0))
 
@@ -446,10 +446,10 @@ class T5(nn.Module):
         """Greedy or sampled decoding -> [B * n, L <= max_new_tokens] new tokens (no start token); the n rows of an
         input are adjacent; each row ends with its </s> and is padded with 0 after it. Runs in eval mode.
         Prefill (T5.prefill): the encoder runs once per distinct prompt and every block's cross-attention keys/values
-        are projected once. Decode: one
-        token per step through static self-attention caches written by index; the decoder position bias is computed
-        once for all positions and step t reads its row t. Ragged: finished rows leave the running batch (with their
-        cache rows), so the work follows the rows still writing. The loop stops when every row has produced </s>."""
+        are projected once. Decode: one token per step through static self-attention caches written by index; the
+        decoder position bias is computed once for all positions and step t reads its row t. Ragged: finished rows
+        leave the running batch (with their cache rows), so the work follows the rows still writing. The loop stops
+        when every row has produced </s>."""
         c = self.config
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
