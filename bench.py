@@ -107,18 +107,21 @@ def train_step(model, batch, device):
     return step
 
 
-def generate_call(model, impl, ids, mask, new_tokens):
+def generate_call(model, impl, ids, mask, new_tokens, variant):
     """Exactly `new_tokens` greedy tokens per row on both sides, with the same arithmetic: neither side knows an end
     token (ours: eos_token_id -1, an id argmax never returns, so no row finishes; theirs: eos_token_id=None, so only
-    the length stops it). No logits processor on either side; in fp32 the two must pick the same tokens."""
+    the length stops it). No logits processor on either side; in fp32 the two must pick the same tokens. The compile
+    variant: ours decodes through its compiled static step (T5.generate(compiled=True)), theirs through its static
+    cache, which transformers' generate compiles by itself on CUDA."""
     model.eval()
     if impl == "ours":
         model.config.eos_token_id = -1
-        return lambda: model.generate(ids, mask, max_new_tokens=new_tokens)
+        return lambda: model.generate(ids, mask, max_new_tokens=new_tokens, compiled=variant == "compile")
+    static = dict(cache_implementation="static") if variant == "compile" else {}
     def call():
         with autocast(ids.device):
             return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=None,
-                                  do_sample=False)[:, 1:]  # drop the decoder start token, which ours omits
+                                  do_sample=False, **static)[:, 1:]  # drop the decoder start token, which ours omits
     return call
 
 
@@ -229,19 +232,20 @@ def bench_size(size, args, device, variants):
         models = {impl: load(impl, directory, device) for impl in ("ours", "theirs")}
         for gen_batch in args.gen_batches if "generate" in args.only else []:  # before training moves the weights
             gen = make_batch(gen_batch, args.src, 1, device, seed=1)
-            calls = {impl: generate_call(m, impl, gen["input_ids"], gen["attention_mask"], args.new_tokens)
-                     for impl, m in models.items()}
-            outputs = {impl: call() for impl, call in calls.items()}
-            assert all(o.shape == (gen_batch, args.new_tokens) for o in outputs.values())
-            same = (outputs["ours"] == outputs["theirs"]).float().mean().item()
-            seconds, times = race(calls, device, args.warmup, args.repeats)
-            new_tokens = gen_batch * args.new_tokens
-            rows.append(dict(size=size, bench="generate", variant="eager", unit="new tokens/s",
-                             shape=f"{gen_batch} x {args.new_tokens} new (input {args.src})",
-                             ours=new_tokens / seconds["ours"], theirs=new_tokens / seconds["theirs"],
-                             same_tokens=same, seconds=times))
-            if args.profile:
-                profile(calls, device)
+            for variant in variants:
+                calls = {impl: generate_call(m, impl, gen["input_ids"], gen["attention_mask"], args.new_tokens,
+                                             variant) for impl, m in models.items()}
+                outputs = {impl: call() for impl, call in calls.items()}  # and each side's compilation
+                assert all(o.shape == (gen_batch, args.new_tokens) for o in outputs.values())
+                same = (outputs["ours"] == outputs["theirs"]).float().mean().item()
+                seconds, times = race(calls, device, args.warmup, args.repeats)
+                new_tokens = gen_batch * args.new_tokens
+                rows.append(dict(size=size, bench="generate", variant=variant, unit="new tokens/s",
+                                 shape=f"{gen_batch} x {args.new_tokens} new (input {args.src})",
+                                 ours=new_tokens / seconds["ours"], theirs=new_tokens / seconds["theirs"],
+                                 same_tokens=same, seconds=times))
+                if args.profile:
+                    profile(calls, device)
         if "train" in args.only:
             batch = make_batch(args.batch, args.src, args.tgt, device)
             flops = train_flops(size, args.batch, args.src, args.tgt)
@@ -422,20 +426,27 @@ class TheirsForChains(torch.nn.Module):
 
 def chain_setup(model, tokenizer, stage_hazards, log):
     """Install EndAtRealLengths on `model` (ours or TheirsForChains) and wrap its generate to set the stage from the
-    prompt, and to log (stage, seconds, rows, output lengths) of every call into `log`."""
+    prompt, and to log {stage, seconds, encoder (seconds inside the encoder stack), rows, lengths (of the outputs)}
+    of every call into `log`."""
     inner = model.model if isinstance(model, TheirsForChains) else model
     head = inner.lm_head = EndAtRealLengths(inner.lm_head, stage_hazards, tokenizer.sp.eos_id(), tokenizer.spm_size)
     generate = model.generate
+    encoder = []  # perf_counter at each entry and exit of the encoder stack (ours enters it once per chunk)
+    inner.encoder.register_forward_pre_hook(lambda *_: encoder.append(-time.perf_counter()))
+    inner.encoder.register_forward_hook(lambda *_: encoder.append(time.perf_counter()))
 
     def logged(input_ids, attention_mask, **kwargs):
         head.stage = next((v for k, v in STAGE_OF_PROMPT.items() if tokenizer.decode(input_ids[0]).endswith(k)),
                           "analyze")
         head.step = 0
+        encoder.clear()
         start = time.perf_counter()
         out = generate(input_ids, attention_mask, **kwargs)
+        seconds = time.perf_counter() - start
         ended = (out == head.eos).int()
         lengths = torch.where(ended.any(1), ended.argmax(1) + 1, out.shape[1])
-        log.append((head.stage, time.perf_counter() - start, len(out), lengths.tolist()))
+        log.append(dict(stage=head.stage, seconds=seconds, encoder=sum(encoder), rows=len(out),
+                        lengths=lengths.tolist()))
         return out
     model.generate = logged
 
@@ -465,21 +476,27 @@ def bench_chain(size, args, directory):
     seconds, times = race({impl: lambda impl=impl: timed(impl) for impl in models}, torch.device("cpu"), 0,
                           args.repeats)
     same = sum(a == b for a, b in zip(chains["ours"], chains["theirs"])) / len(repeated)
+    def gains(calls):
+        """The ideal gain of these calls (theirs), the measured one, and the measured one of decoding alone."""
+        total = {impl: sum(c["seconds"] for c in cs) for impl, cs in calls.items()}
+        decode = {impl: total[impl] - sum(c["encoder"] for c in cs) for impl, cs in calls.items()}
+        ideal = sum(c["rows"] * max(c["lengths"]) for c in calls["theirs"]) / \
+            sum(sum(c["lengths"]) for c in calls["theirs"])
+        return dict(ideal=ideal, gain=total["theirs"] / total["ours"], decode_gain=decode["theirs"] / decode["ours"],
+                    encoder_share=1 - decode["ours"] / total["ours"])
     per_stage = {}
     for stage in ("recall", "analyze", "summarize"):
-        calls = {impl: [c for c in log if c[0] == stage] for impl, log in logs.items()}
-        ideal = sum(rows * max(n) for _, _, rows, n in calls["theirs"]) / sum(sum(n) for *_, n in calls["theirs"])
-        gain = sum(c[1] for c in calls["theirs"]) / sum(c[1] for c in calls["ours"])
-        drawn = [x for *_, n in calls["ours"] for x in n]
-        per_stage[stage] = dict(gain=gain, ideal=ideal, mean_length=statistics.mean(drawn),
-                                max_length=max(drawn), exemplar_mean=statistics.mean(lengths[stage]))
-    steps = {impl: sum(rows * max(n) for _, _, rows, n in log) for impl, log in logs.items()}
-    ideal = steps["theirs"] / sum(sum(n) for *_, n in logs["theirs"])
+        calls = {impl: [c for c in log if c["stage"] == stage] for impl, log in logs.items()}
+        drawn = [x for c in calls["ours"] for x in c["lengths"]]
+        per_stage[stage] = dict(gains(calls), mean_length=statistics.mean(drawn), max_length=max(drawn),
+                                exemplar_mean=statistics.mean(lengths[stage]))
+    overall = gains(logs)
     sampled = f" x {args.chain_samples} samples (recall T 0.7)" if args.chain_samples > 1 else ""
     shape = f"{len(questions)} CSQA questions{sampled}, batch {args.chain_batch}, <= {args.chain_max_new_tokens} new"
     return [dict(size=size, bench="chain", variant="greedy" if args.chain_samples == 1 else "reflect recall pass",
                  unit="questions/s" if args.chain_samples == 1 else "chains/s", shape=shape,
-                 ours=len(repeated) / seconds["ours"], theirs=len(repeated) / seconds["theirs"], ideal=ideal,
+                 ours=len(repeated) / seconds["ours"], theirs=len(repeated) / seconds["theirs"],
+                 ideal=overall["ideal"], decode_gain=overall["decode_gain"], encoder_share=overall["encoder_share"],
                  same_chains=same, stages=per_stage, seconds=times)]
 
 
@@ -614,11 +631,17 @@ def render(runs):
             notes = []
             if "same_tokens" in r:
                 notes.append(f"{r['same_tokens']:.1%} of tokens identical")
+            eager = [e for e in run["rows"] if r["variant"] == "compile" and e["variant"] == "eager" and
+                     (e["size"], e["bench"], e["shape"]) == (r["size"], r["bench"], r["shape"])]
+            if eager:  # the issue's goal for compiled decoding is against transformers' default generate
+                notes.append(f"against transformers' eager: {r['ours'] / eager[0]['theirs']:.2f}x")
             if "ideal" in r:
                 share = r["ours"] / r["theirs"] / r["ideal"]
                 same = f"{r['same_chains']:.0%} of chains identical" if r["variant"] == "greedy" else \
                     "sampled, so chains differ by their draws"
-                notes.append(f"ideal gain {r['ideal']:.2f}x, measured {share:.0%} of it; "
+                decoding = (f"; decoding alone {r['decode_gain']:.2f}x ({r['decode_gain'] / r['ideal']:.0%} of the "
+                            f"ideal), the encoder {r['encoder_share']:.0%} of ours" if "decode_gain" in r else "")
+                notes.append(f"ideal gain {r['ideal']:.2f}x, measured {share:.0%} of it{decoding}; "
                              f"{same}; per stage, gain / ideal (output length "
                              "mean, max; exemplars' mean): " + ", ".join(
                                  f"{k} {v['gain']:.2f}x / {v['ideal']:.2f}x ({v['mean_length']:.0f}, "

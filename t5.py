@@ -216,7 +216,11 @@ class T5Block(nn.Module):
         attn = self.layer[0]
         x = attn.layer_norm(h)
         k, v = attn.SelfAttention.project_kv(x, rows)
-        if cache is not None:  # write the new key/value at `position`, attend to positions 0..position
+        if torch.is_tensor(position):  # StaticDecoder: fixed shapes, the whole cache, the future masked by `bias`
+            cache[0].index_copy_(2, position, k)
+            cache[1].index_copy_(2, position, v)
+            k, v = cache
+        elif cache is not None:  # write the new key/value at `position`, attend to positions 0..position
             cache[0][:, :, position:position + 1] = k
             cache[1][:, :, position:position + 1] = v
             k, v = cache[0][:, :, :position + 1], cache[1][:, :, :position + 1]
@@ -323,6 +327,52 @@ def keep_rows(buffer, keep, length):
     return buffer[:len(keep)]
 
 
+COMPILE_OPTIONS = dict(mode="reduce-overhead", fullgraph=True)  # StaticDecoder's step; on CUDA: CUDA graphs
+
+
+class StaticDecoder:
+    """gpt-fast's decode path, for small batches on a GPU, where a step is ~100 kernel launches of little work each.
+    Every tensor the step reads sits at a fixed address in a fixed shape (each block's cross-attention keys/values,
+    the mask, the self-attention caches of all max_new_tokens positions, the position), so the torch.compile'd step
+    (COMPILE_OPTIONS) is captured once as a CUDA graph and replayed as one launch. The step attends to the whole
+    cache, the future masked by the decoder's position bias, instead of a slice that grows; the caches start at zero
+    so the unwritten future is finite (a stale value from an earlier call is masked the same way). Finished rows stay
+    in the batch. One per shape (rows, prompt length, max_new_tokens) and dtype, kept by the model: a new shape
+    compiles anew."""
+
+    def __init__(self, model, cross_kv, mask, max_new_tokens):
+        c, (rows, dtype, device) = model.config, (mask.shape[0], cross_kv[0][0].dtype, mask.device)
+        self.model = model
+        self.cross_kv = [(k.clone(), v.clone()) for k, v in cross_kv]
+        self.mask = mask.clone()
+        self.cache = [tuple(torch.zeros(rows, c.num_heads, max_new_tokens, c.d_kv, dtype=dtype, device=device)
+                            for _ in "kv") for _ in model.decoder.block]
+        self.bias = model.decoder.position_bias(max_new_tokens)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        for tensor in [self.mask, self.bias, self.position, *sum(self.cross_kv + self.cache, ())]:
+            torch._dynamo.mark_static_address(tensor)  # inputs a CUDA graph may keep and write, not copy
+        self.step = torch.compile(self.logits, **COMPILE_OPTIONS)
+
+    def load(self, cross_kv, mask):
+        for (k, v), (new_k, new_v) in zip(self.cross_kv, cross_kv):
+            k.copy_(new_k)
+            v.copy_(new_v)
+        self.mask.copy_(mask)
+        return self
+
+    def logits(self, token):
+        m = self.model
+        h = m.decoder(m.shared(token[:, None]), self.bias.index_select(2, self.position), self.cross_kv, self.mask,
+                      self.cache, self.position)
+        return m.lm_logits(h[:, 0])
+
+    def __call__(self, token, t):
+        """logits [rows, vocab] of the token at position t, given tokens 0..t-1 of this call."""
+        self.position.fill_(t)
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are no longer read
+        return self.step(token)
+
+
 @contextlib.contextmanager
 def eval_mode(model):
     """Switch dropout off for a while (generate may be called from a training loop)."""
@@ -348,6 +398,7 @@ class T5(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.shared.weight
         self.init_weights()
+        self.static_decoders = {}  # generate(compiled=True)'s StaticDecoder per shape
 
     @torch.no_grad()
     def init_weights(self):
@@ -442,14 +493,15 @@ class T5(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=200, do_sample=False, temperature=1.0,
-                 top_k=0, top_p=1.0, num_return_sequences=1):
+                 top_k=0, top_p=1.0, num_return_sequences=1, compiled=False):
         """Greedy or sampled decoding -> [B * n, L <= max_new_tokens] new tokens (no start token); the n rows of an
         input are adjacent; each row ends with its </s> and is padded with 0 after it. Runs in eval mode.
         Prefill (T5.prefill): the encoder runs once per distinct prompt and every block's cross-attention keys/values
         are projected once. Decode: one token per step through static self-attention caches written by index; the
         decoder position bias is computed once for all positions and step t reads its row t. Ragged: finished rows
         leave the running batch (with their cache rows), so the work follows the rows still writing. The loop stops
-        when every row has produced </s>."""
+        when every row has produced </s>. compiled: decode through StaticDecoder's compiled fixed-shape step
+        instead (every row to the end, CUDA graphs on a GPU), for small batches on a GPU."""
         c = self.config
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -458,18 +510,27 @@ class T5(nn.Module):
         with self.autocast(input_ids.device), eval_mode(self):
             cross_kv, mask = self.prefill(input_ids, attention_mask, num_return_sequences)
             rows, dtype = mask.shape[0], cross_kv[0][0].dtype
-            cache = [(torch.empty(rows, c.num_heads, max_new_tokens, c.d_kv, dtype=dtype, device=mask.device),
-                      torch.empty(rows, c.num_heads, max_new_tokens, c.d_kv, dtype=dtype, device=mask.device))
-                     for _ in self.decoder.block]
-            bias = self.decoder.position_bias(max_new_tokens)
+            if compiled:
+                shape = (rows, mask.shape[-1], max_new_tokens, dtype, mask.device)
+                if shape not in self.static_decoders:
+                    self.static_decoders[shape] = StaticDecoder(self, cross_kv, mask, max_new_tokens)
+                static = self.static_decoders[shape].load(cross_kv, mask)
+            else:
+                cache = [(torch.empty(rows, c.num_heads, max_new_tokens, c.d_kv, dtype=dtype, device=mask.device),
+                          torch.empty(rows, c.num_heads, max_new_tokens, c.d_kv, dtype=dtype, device=mask.device))
+                         for _ in self.decoder.block]
+                bias = self.decoder.position_bias(max_new_tokens)
             out = input_ids.new_zeros(rows, max_new_tokens)
             running = torch.arange(rows, device=mask.device)  # the row of `out` each running row writes
             done = torch.zeros(rows, dtype=torch.bool, device=mask.device)
             token = out.new_full((rows,), c.decoder_start_token_id)
             idle = 0  # row-steps spent on finished rows since the last compaction
             for t in range(max_new_tokens):
-                h = self.decoder(self.shared(token[:, None]), bias[:, :, t:t + 1, :t + 1], cross_kv, mask, cache, t)
-                logits = self.lm_logits(h[:, 0])
+                if compiled:
+                    logits = static(token, t)
+                else:
+                    h = self.decoder(self.shared(token[:, None]), bias[:, :, t:t + 1, :t + 1], cross_kv, mask, cache, t)
+                    logits = self.lm_logits(h[:, 0])
                 token = sample(logits, temperature, top_k, top_p) if do_sample else logits.argmax(-1)
                 token = token.masked_fill(done, c.pad_token_id)
                 out[running, t] = token
@@ -483,7 +544,7 @@ class T5(nn.Module):
                 # chunks: 1.54x transformers' (bench.py chain, 128 questions; 80% of the ideal, as a step's weight
                 # reads do not shrink with its rows).
                 idle += finished
-                if idle >= len(done) * DROP_FINISHED_AFTER:
+                if idle >= len(done) * DROP_FINISHED_AFTER and not compiled:
                     keep = (~done).nonzero()[:, 0]
                     running, token, done, mask = running[keep], token[keep], done[keep], mask[keep]
                     cross_kv = [(keep_rows(k, keep, k.shape[2]), keep_rows(v, keep, v.shape[2])) for k, v in cross_kv]

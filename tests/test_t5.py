@@ -194,6 +194,22 @@ def test_prefill_in_chunks_and_once_per_distinct_prompt_keeps_every_greedy_token
     assert torch.equal(out, expected[:, :out.shape[1]]) and not expected[:, out.shape[1]:].any()
 
 
+@pytest.mark.parametrize("name", ["relu", "gated"])
+def test_compiled_static_decode_keeps_every_greedy_token(name, monkeypatch):
+    """generate(compiled=True): StaticDecoder's fixed-shape step, traced as one graph (fullgraph) and functionalized
+    (aot_eager: what inductor and CUDA graphs receive, without their compile time), gives the plain path's tokens;
+    a second call of the same shape reuses it, the first call's cache masked as the future."""
+    monkeypatch.setattr(t5, "COMPILE_OPTIONS", dict(backend="aot_eager", fullgraph=True))
+    model = t5.T5.from_pretrained(FIXTURES / f"t5_{name}")
+    ids, mask, _ = ragged_case(model)
+    for prompts in (ids, ids.flip(0)):
+        plain = model.generate(prompts, mask, 30, num_return_sequences=2)
+        assert torch.equal(model.generate(prompts, mask, 30, num_return_sequences=2, compiled=True), plain)
+        assert torch.equal(model.generate(prompts, mask, 30, do_sample=True, top_k=1, num_return_sequences=2,
+                                          compiled=True), plain)
+    assert len(model.static_decoders) == 1
+
+
 def test_ragged_sampling_keeps_the_distribution(monkeypatch):
     """Rows sampled after others left the batch follow the exact distribution: the second token of 20,000 samples
     (those whose first token was not </s>) against sum_x p(x) p(y | x) over first tokens x != </s>."""
@@ -493,6 +509,50 @@ def test_relative_position_bucket_matches_transformers(hf):
             assert torch.equal(t5.relative_position_bucket(relative, bidirectional, num_buckets, max_distance),
                                T5Attention._relative_position_bucket(relative, bidirectional, num_buckets,
                                                                      max_distance))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU): the same numbers as on the CPU in fp32, and the compiled decode path under CUDA graphs
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("name", ["relu", "gated"])
+def test_cuda_fp32_matches_the_cpu_and_bf16_generates(name):
+    cpu = t5.T5.from_pretrained(FIXTURES / f"t5_{name}")
+    gpu = t5.T5.from_pretrained(FIXTURES / f"t5_{name}", device="cuda")
+    ids, mask, labels = batch(cpu.config.vocab_size)
+    logits, loss = cpu(ids, mask, labels=labels)
+    gpu.amp_dtype = None
+    gpu_logits, gpu_loss = gpu(ids.cuda(), mask.cuda(), labels=labels.cuda())
+    assert max_diff(gpu_logits.cpu(), logits) <= 1e-4 and abs(gpu_loss.item() - loss.item()) <= 1e-5
+    ids, mask, _ = ragged_case(cpu)
+    gpu.config.eos_token_id = cpu.config.eos_token_id
+    assert torch.equal(gpu.generate(ids.cuda(), mask.cuda(), 30).cpu(), cpu.generate(ids, mask, 30))
+    gpu.amp_dtype = torch.bfloat16
+    out = gpu.generate(ids.cuda(), mask.cuda(), 30)
+    assert out.shape[0] == len(ids) and (out < cpu.config.vocab_size).all()
+
+
+@cuda
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
+def test_cuda_graph_decode_keeps_every_greedy_token(amp_dtype):
+    """generate(compiled=True) with the real COMPILE_OPTIONS (inductor, CUDA graphs) against the plain path on the
+    same GPU, twice per shape (the second call replays the captured graph). Every token in fp32; in bf16, where
+    inductor's fused kernels round differently from the eager ones, nearly every token."""
+    ids, mask, eos = ragged_case(t5.T5.from_pretrained(FIXTURES / "t5_gated"))
+    model = t5.T5.from_pretrained(FIXTURES / "t5_gated", device="cuda")
+    model.amp_dtype, model.config.eos_token_id = amp_dtype, eos
+    ids, mask = ids.cuda(), mask.cuda()
+    for prompts in (ids, ids.flip(0)):
+        plain, compiled = model.generate(prompts, mask, 30), model.generate(prompts, mask, 30, compiled=True)
+        if amp_dtype is None:
+            assert torch.equal(compiled, plain)
+        else:
+            n = min(plain.shape[1], compiled.shape[1])
+            assert (compiled[:, :n] == plain[:, :n]).float().mean() >= 0.9
+    assert len(model.static_decoders) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------------
