@@ -7,6 +7,7 @@ same device and precision, in one process.
     python bench.py --only train --sizes small --profile       # + torch.profiler top entries of each side
     python bench.py --only chain --sizes small --data-dir /work/shared/datasets   # three-stage chains on CSQA
     python bench.py --only chain --chain-samples 10 --data-dir /work/shared/datasets   # reflect's recall pass
+    python bench.py --only chain --chain-samples 10 --chain-pass analyze --data-dir /work/shared/datasets
     python bench.py --only dpo --sizes small --data-dir /work/shared/datasets     # reflect's DPO step
     python bench.py --only project --data-dir /work/shared/datasets  # the whole method's wall time, projected
 
@@ -178,7 +179,7 @@ def peak_memory_child(impl, bench, directory, args):
         call = train_step(model, batch, device)
     else:
         gen = make_batch(args.gen_batch, args.src, 1, device, seed=1)
-        call = generate_call(model, impl, gen["input_ids"], gen["attention_mask"], args.new_tokens)
+        call = generate_call(model, impl, gen["input_ids"], gen["attention_mask"], args.new_tokens, "eager")
     call()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -463,13 +464,20 @@ def bench_chain(size, args, directory):
               "theirs": TheirsForChains(T5ForConditionalGeneration.from_pretrained(directory).eval())}
     for impl, model in models.items():
         chain_setup(model, tokenizer, stage_hazards, logs[impl])
-    # --chain-samples N: reflect's recall pass instead (METHOD 7.1): every question N times, recall sampled at the
-    # method's temperature, analyze and summarize greedy; chains then differ between the two sides by their draws.
+    # --chain-samples N: one of reflect's sampling passes instead (METHOD 7.1), every question N times; chains then
+    # differ between the two sides by their draws. Recall pass: recall sampled at the method's temperature, analyze
+    # and summarize greedy. Analyze pass: each question's recall fixed (an official exemplar's Key Information, as
+    # reflect fixes a chosen one), analyses sampled, summarize greedy.
     repeated = [q for q in questions for _ in range(args.chain_samples)]
-    temperature = 0.7 if args.chain_samples > 1 else 0.0
+    sampled = 0.7 if args.chain_samples > 1 else 0.0
+    rng = random.Random(0)
+    recalls = [data.with_period(rng.choice(official_exemplars(args.data_dir))["Key Information"]) for _ in questions]
+    passes = dict(recall=dict(recall_temperature=sampled),
+                  analyze=dict(recalls=[r for r in recalls for _ in range(args.chain_samples)],
+                               analyze_temperature=sampled))
     def run(impl):
-        return evaluate.run_chains(models[impl], tokenizer, repeated, recall_temperature=temperature,
-                                   batch_size=args.chain_batch, max_new_tokens=args.chain_max_new_tokens)
+        return evaluate.run_chains(models[impl], tokenizer, repeated, batch_size=args.chain_batch,
+                                   max_new_tokens=args.chain_max_new_tokens, **passes[args.chain_pass])
     chains = {}
     def timed(impl):  # no warm-up: nothing is compiled or cached, and one chain takes minutes
         chains[impl] = run(impl)
@@ -487,13 +495,16 @@ def bench_chain(size, args, directory):
     per_stage = {}
     for stage in ("recall", "analyze", "summarize"):
         calls = {impl: [c for c in log if c["stage"] == stage] for impl, log in logs.items()}
+        if not calls["ours"]:  # the analyze pass's recalls are given
+            continue
         drawn = [x for c in calls["ours"] for x in c["lengths"]]
         per_stage[stage] = dict(gains(calls), mean_length=statistics.mean(drawn), max_length=max(drawn),
                                 exemplar_mean=statistics.mean(lengths[stage]))
     overall = gains(logs)
-    sampled = f" x {args.chain_samples} samples (recall T 0.7)" if args.chain_samples > 1 else ""
+    sampled = f" x {args.chain_samples} samples ({args.chain_pass} T 0.7)" if args.chain_samples > 1 else ""
     shape = f"{len(questions)} CSQA questions{sampled}, batch {args.chain_batch}, <= {args.chain_max_new_tokens} new"
-    return [dict(size=size, bench="chain", variant="greedy" if args.chain_samples == 1 else "reflect recall pass",
+    variant = "greedy" if args.chain_samples == 1 else f"reflect {args.chain_pass} pass"
+    return [dict(size=size, bench="chain", variant=variant,
                  unit="questions/s" if args.chain_samples == 1 else "chains/s", shape=shape,
                  ours=len(repeated) / seconds["ours"], theirs=len(repeated) / seconds["theirs"],
                  ideal=overall["ideal"], decode_gain=overall["decode_gain"], encoder_share=overall["encoder_share"],
@@ -704,8 +715,11 @@ def main():
     p.add_argument("--chain-questions", type=int, default=256, help="chain: CSQA test questions")
     p.add_argument("--chain-batch", type=int, default=256, help="chain: prompts per generate call (the method's)")
     p.add_argument("--chain-max-new-tokens", type=int, default=200, help="chain: the method's max_new_tokens")
-    p.add_argument("--chain-samples", type=int, default=1, help="chain: > 1 times reflect's recall pass instead, "
-                   "each question that many times with the recall sampled (the method's: 10)")
+    p.add_argument("--chain-samples", type=int, default=1, help="chain: > 1 times one of reflect's passes instead, "
+                   "each question that many times (the method's: 10; --chain-pass says which)")
+    p.add_argument("--chain-pass", default="recall", choices=["recall", "analyze"],
+                   help="chain: with --chain-samples, which of reflect's passes (analyze: recalls fixed, analyses "
+                   "sampled)")
     p.add_argument("--data-dir", default=None, help="chain: holds csqa/original/*.jsonl and {csqa,obqa}/prompt/"
                    "*_cot.json (default: data.py's folder, downloading the questions)")
     p.add_argument("--no-compile", action="store_true", help="CUDA: skip the torch.compile rows")
