@@ -490,8 +490,9 @@ def bench_chain(size, args, directory):
         decode = {impl: total[impl] - sum(c["encoder"] for c in cs) for impl, cs in calls.items()}
         ideal = sum(c["rows"] * max(c["lengths"]) for c in calls["theirs"]) / \
             sum(sum(c["lengths"]) for c in calls["theirs"])
+        encoder = {impl: total[impl] - decode[impl] for impl in calls}
         return dict(ideal=ideal, gain=total["theirs"] / total["ours"], decode_gain=decode["theirs"] / decode["ours"],
-                    encoder_share=1 - decode["ours"] / total["ours"])
+                    encoder_share=encoder["ours"] / total["ours"], encoder_gain=encoder["theirs"] / encoder["ours"])
     per_stage = {}
     for stage in ("recall", "analyze", "summarize"):
         calls = {impl: [c for c in log if c["stage"] == stage] for impl, log in logs.items()}
@@ -507,7 +508,7 @@ def bench_chain(size, args, directory):
     return [dict(size=size, bench="chain", variant=variant,
                  unit="questions/s" if args.chain_samples == 1 else "chains/s", shape=shape,
                  ours=len(repeated) / seconds["ours"], theirs=len(repeated) / seconds["theirs"],
-                 ideal=overall["ideal"], decode_gain=overall["decode_gain"], encoder_share=overall["encoder_share"],
+                 **{k: overall[k] for k in ("ideal", "decode_gain", "encoder_share", "encoder_gain")},
                  same_chains=same, stages=per_stage, seconds=times)]
 
 
@@ -652,6 +653,7 @@ def render(runs):
                     "sampled, so chains differ by their draws"
                 decoding = (f"; decoding alone {r['decode_gain']:.2f}x ({r['decode_gain'] / r['ideal']:.0%} of the "
                             f"ideal), the encoder {r['encoder_share']:.0%} of ours" if "decode_gain" in r else "")
+                decoding += f", {r['encoder_gain']:.2f}x as fast as theirs" if "encoder_gain" in r else ""
                 notes.append(f"ideal gain {r['ideal']:.2f}x, measured {share:.0%} of it{decoding}; "
                              f"{same}; per stage, gain / ideal (output length "
                              "mean, max; exemplars' mean): " + ", ".join(

@@ -272,8 +272,8 @@ class Rows:
     """The real positions of a padded [B, T] batch. The linear layers, norms and dropout run on those N tokens only,
     packed as [N, d]; attention scatters them back to [B, T] (the unpadding of ModernBERT and MosaicBERT). Padded keys
     are masked (encoder) or in the future (decoder), so their zeros never reach a real token. Training step on CPU,
-    t5-small, 16 x (200 + 100), rows padded to between half and all of it: 1.37x transformers' (bench.py train). In a
-    one-off comparison at 8 x (200 + 100) (19% / 16% padding): 5.06 s with lm_head on every position, 4.79 s with
+    t5-small, 16 x (200 + 100), rows padded to between half and all of it: 1.37-1.43x transformers' (bench.py train).
+    In a one-off comparison at 8 x (200 + 100) (19% / 16% padding): 5.06 s with lm_head on every position, 4.79 s with
     lm_head and loss on the labelled positions only, 4.32 s unpadded throughout."""
 
     def __init__(self, keep):
@@ -541,8 +541,8 @@ class T5(nn.Module):
                 # Drop the finished rows once the steps they idled cost as much as copying the others' caches (about
                 # one step); moved to the front of the same buffers, so a row's arithmetic is unchanged. CPU,
                 # t5-small, greedy CSQA chains at batch 256 with real output and prompt lengths, with prefill's
-                # chunks: 1.54x transformers' (bench.py chain, 128 questions; 80% of the ideal, as a step's weight
-                # reads do not shrink with its rows).
+                # chunks: 1.54-1.67x transformers' (bench.py chain, 128 questions; 80-87% of the ideal, as a step's
+                # weight reads do not shrink with its rows).
                 idle += finished
                 if idle >= len(done) * DROP_FINISHED_AFTER and not compiled:
                     keep = (~done).nonzero()[:, 0]
