@@ -7,10 +7,8 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -20,60 +18,13 @@ import evaluate
 import teacher
 import tinythinker
 from data import Question
-from test_teacher import body, completion, write_obqa
+from test_teacher import Server, body, completion, write_obqa
 from test_tinythinker import args, read_log, world  # noqa: F401  (world: the handful fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# ---------------------------------------------------------------- a server that misbehaves like real endpoints
-
-class Server:
-    """Answers each POST with script(stem, count, payload): (status, headers, body), or a function that writes the
-    raw response itself (a dropped connection, a trickle, a body without Content-Length)."""
-
-    def __init__(self, script):
-        self.script, self.log, self.counts, self.lock = script, [], {}, threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                stem = payload["messages"][1]["content"].split("\n")[0]
-                with outer.lock:
-                    count = outer.counts.get(stem, 0)
-                    outer.counts[stem] = count + 1
-                    outer.log.append({"stem": stem, "n": payload["n"], "max_tokens": payload["max_tokens"]})
-                answer = outer.script(stem, count, payload)
-                try:
-                    if callable(answer):
-                        return answer(self)
-                    status, headers, content = answer
-                    self.send_response(status)
-                    for k, v in {"Content-Length": str(len(content)), **headers}.items():
-                        self.send_header(k, v)
-                    self.end_headers()
-                    self.wfile.write(content)
-                except OSError:  # the client gave up
-                    pass
-
-            def log_message(self, *a):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def __enter__(self):
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def stems(self):
-        return [e["stem"] for e in self.log]
-
+# -------------------------------------------------- how real endpoints misbehave (test_teacher.Server serves them)
 
 def dropped_mid_body(handler):
     """Chunked transfer, connection closed inside a chunk: requests raises ChunkedEncodingError."""

@@ -139,7 +139,10 @@ def body(texts, truncated=()):
 
 
 class Server:
-    """Runs `script(stem, count, payload) -> (status, headers, body, delay)` per request and logs every request."""
+    """An OpenAI-compatible endpoint on 127.0.0.1: answers each POST with script(stem, count, payload) and logs every
+    request. The script returns (status, headers, body), with a delay in seconds as an optional fourth item (status
+    None: answer nothing, as to a killed client), or a function that writes the raw response itself (test_faults: a
+    dropped connection, a trickle, a body without Content-Length)."""
 
     def __init__(self, script):
         self.script, self.log, self.counts, self.lock = script, [], {}, threading.Lock()
@@ -156,18 +159,20 @@ class Server:
                     outer.log.append({"stem": stem, "n": payload["n"], "max_tokens": payload["max_tokens"],
                                       "auth": self.headers.get("Authorization"),
                                       "hash": hashlib.sha256(raw).hexdigest()})
-                status, headers, content, delay = outer.script(stem, count, payload)
-                threading.Event().wait(delay)
-                if status is None:  # the hook killed the client: answer nothing
-                    return
+                answer = outer.script(stem, count, payload)
                 try:
+                    if callable(answer):
+                        return answer(self)
+                    status, headers, content, *delay = answer
+                    threading.Event().wait(delay[0] if delay else 0)
+                    if status is None:
+                        return
                     self.send_response(status)
-                    for k, v in headers.items():
+                    for k, v in {"Content-Length": str(len(content)), **headers}.items():
                         self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(content)))
                     self.end_headers()
                     self.wfile.write(content)
-                except OSError:  # the client gave up (timeout) before the slow answer
+                except OSError:  # the client gave up (a timeout) before the answer
                     pass
 
             def log_message(self, *args):
@@ -183,6 +188,9 @@ class Server:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def stems(self):
+        return [e["stem"] for e in self.log]
 
     def requests_for(self, stem):
         return [e for e in self.log if e["stem"] == stem]
