@@ -283,8 +283,14 @@ def csqa_tokenizer(train, directory):
 
 
 def official_exemplars(data_dir):
-    return [ex for name in ("csqa", "obqa") for ex in
-            json.loads((Path(data_dir) / name / "prompt" / f"{name}_cot.json").read_text())]
+    """The official few-shot exemplars of CSQA and OBQA (prompt/*_cot.json), in that order."""
+    exemplars = []
+    for name in ("csqa", "obqa"):
+        path = Path(data_dir) / name / "prompt" / f"{name}_cot.json"
+        if not path.exists():
+            raise SystemExit(f"{path}: the official few-shot exemplars are needed (chain, dpo and project)")
+        exemplars += json.loads(path.read_text())
+    return exemplars
 
 
 def dpo_batch(tokenizer, questions, exemplars, rng):
@@ -357,14 +363,10 @@ def exemplar_lengths(data_dir, tokenizer):
     """{stage: token lengths (</s> included)} of the official few-shot targets of CSQA and OBQA (prompt/*_cot.json):
     recall = Key Information, analyze = each option's explanation, summarize = "So the answer is option X."."""
     lengths = {"recall": [], "analyze": [], "summarize": []}
-    for name in ("csqa", "obqa"):
-        path = Path(data_dir) / name / "prompt" / f"{name}_cot.json"
-        if not path.exists():
-            raise SystemExit(f"{path}: the official few-shot exemplars are needed to draw output lengths")
-        for ex in json.loads(path.read_text()):
-            lengths["recall"].append(len(tokenizer.encode(ex["Key Information"])))
-            lengths["analyze"] += [len(tokenizer.encode(e)) for e in ex["Explanations"]]
-            lengths["summarize"] += [len(tokenizer.encode(data.summary_target(letter))) for letter in "ABCDE"]
+    for ex in official_exemplars(data_dir):
+        lengths["recall"].append(len(tokenizer.encode(ex["Key Information"])))
+        lengths["analyze"] += [len(tokenizer.encode(e)) for e in ex["Explanations"]]
+        lengths["summarize"] += [len(tokenizer.encode(data.summary_target(letter))) for letter in "ABCDE"]
     return lengths
 
 
@@ -469,12 +471,12 @@ def bench_chain(size, args, directory):
     # and summarize greedy. Analyze pass: each question's recall fixed (an official exemplar's Key Information, as
     # reflect fixes a chosen one), analyses sampled, summarize greedy.
     repeated = [q for q in questions for _ in range(args.chain_samples)]
-    sampled = 0.7 if args.chain_samples > 1 else 0.0
-    rng = random.Random(0)
-    recalls = [data.with_period(rng.choice(official_exemplars(args.data_dir))["Key Information"]) for _ in questions]
-    passes = dict(recall=dict(recall_temperature=sampled),
+    temperature = 0.7 if args.chain_samples > 1 else 0.0
+    rng, exemplars = random.Random(0), official_exemplars(args.data_dir)
+    recalls = [data.with_period(rng.choice(exemplars)["Key Information"]) for _ in questions]
+    passes = dict(recall=dict(recall_temperature=temperature),
                   analyze=dict(recalls=[r for r in recalls for _ in range(args.chain_samples)],
-                               analyze_temperature=sampled))
+                               analyze_temperature=temperature))
     def run(impl):
         return evaluate.run_chains(models[impl], tokenizer, repeated, batch_size=args.chain_batch,
                                    max_new_tokens=args.chain_max_new_tokens, **passes[args.chain_pass])
@@ -487,10 +489,10 @@ def bench_chain(size, args, directory):
     def gains(calls):
         """The ideal gain of these calls (theirs), the measured one, and the measured one of decoding alone."""
         total = {impl: sum(c["seconds"] for c in cs) for impl, cs in calls.items()}
-        decode = {impl: total[impl] - sum(c["encoder"] for c in cs) for impl, cs in calls.items()}
+        encoder = {impl: sum(c["encoder"] for c in cs) for impl, cs in calls.items()}
+        decode = {impl: total[impl] - encoder[impl] for impl in calls}
         ideal = sum(c["rows"] * max(c["lengths"]) for c in calls["theirs"]) / \
             sum(sum(c["lengths"]) for c in calls["theirs"])
-        encoder = {impl: total[impl] - decode[impl] for impl in calls}
         return dict(ideal=ideal, gain=total["theirs"] / total["ours"], decode_gain=decode["theirs"] / decode["ours"],
                     encoder_share=encoder["ours"] / total["ours"], encoder_gain=encoder["theirs"] / encoder["ours"])
     per_stage = {}
@@ -502,8 +504,8 @@ def bench_chain(size, args, directory):
         per_stage[stage] = dict(gains(calls), mean_length=statistics.mean(drawn), max_length=max(drawn),
                                 exemplar_mean=statistics.mean(lengths[stage]))
     overall = gains(logs)
-    sampled = f" x {args.chain_samples} samples ({args.chain_pass} T 0.7)" if args.chain_samples > 1 else ""
-    shape = f"{len(questions)} CSQA questions{sampled}, batch {args.chain_batch}, <= {args.chain_max_new_tokens} new"
+    samples = f" x {args.chain_samples} samples ({args.chain_pass} T 0.7)" if args.chain_samples > 1 else ""
+    shape = f"{len(questions)} CSQA questions{samples}, batch {args.chain_batch}, <= {args.chain_max_new_tokens} new"
     variant = "greedy" if args.chain_samples == 1 else f"reflect {args.chain_pass} pass"
     return [dict(size=size, bench="chain", variant=variant,
                  unit="questions/s" if args.chain_samples == 1 else "chains/s", shape=shape,

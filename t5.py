@@ -343,8 +343,8 @@ class StaticDecoder:
     def __init__(self, model, cross_kv, mask, max_new_tokens):
         c, (rows, dtype, device) = model.config, (mask.shape[0], cross_kv[0][0].dtype, mask.device)
         self.model = model
-        self.cross_kv = [(k.clone(), v.clone()) for k, v in cross_kv]
-        self.mask = mask.clone()
+        self.cross_kv = [(torch.empty_like(k), torch.empty_like(v)) for k, v in cross_kv]  # filled by load
+        self.mask = torch.empty_like(mask)
         self.cache = [tuple(torch.zeros(rows, c.num_heads, max_new_tokens, c.d_kv, dtype=dtype, device=device)
                             for _ in "kv") for _ in model.decoder.block]
         self.bias = model.decoder.position_bias(max_new_tokens)
