@@ -164,14 +164,15 @@ class T5Attention(nn.Module):
         return self.split_heads(rows.unpack(self.k(x))), self.split_heads(rows.unpack(self.v(x)))
 
     def forward(self, x, k, v, bias, rows=None):
-        """x [B, T, d_model], or the [N, d_model] real tokens of `rows`, which attention scatters back to [B, T]."""
+        """x [B, T, d_model]; or, with `rows`, tokens x [..., d_model] that rows places in the [B, T] grid of k and v
+        for attention and gathers back (the real tokens of a padded batch, or the decoding copies of each prompt)."""
         q = self.split_heads(self.q(x) if rows is None else rows.unpack(self.q(x)))
         # SDPA wherever it is valid: not in fp16, where the float32-min mask becomes -inf and a fully masked row NaN;
         # and not for training on CPU, where the eager form runs its backward ~10% faster (measured, t5-small shape).
         sdpa = q.dtype != torch.float16 and (q.is_cuda or not torch.is_grad_enabled())
         out = attention(q, k, v, bias, self.dropout if self.training else 0.0, sdpa).transpose(1, 2)
         out = out.reshape(*out.shape[:2], -1)
-        return self.o(out if rows is None else rows.pack(out))
+        return self.o(out if rows is None else rows.pack(out).view(*x.shape[:-1], -1))
 
 
 class T5DenseReluDense(nn.Module):
@@ -210,9 +211,11 @@ class T5Block(nn.Module):
         self.layer = nn.ModuleList(sublayers)
         self.dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, h, bias, cross_kv=None, cross_mask=None, cache=None, position=None, rows=None):
+    def forward(self, h, bias, cross_kv=None, cross_mask=None, cache=None, position=None, rows=None,
+                cross_rows=None):
         """cache: this block's static (k, v) buffers [B, H, max_len, d_kv] when decoding the token at `position`.
-        rows: h holds only the real tokens of these Rows; every sublayer but attention is per token."""
+        rows: h holds only the real tokens of these Rows; every sublayer but attention is per token. cross_rows:
+        where h's rows sit among cross_kv's prompts, if not `rows` (T5.generate's copies of one prompt)."""
         attn = self.layer[0]
         x = attn.layer_norm(h)
         k, v = attn.SelfAttention.project_kv(x, rows)
@@ -227,7 +230,8 @@ class T5Block(nn.Module):
         h = h + self.dropout(attn.SelfAttention(x, k, v, bias, rows))
         if cross_kv is not None:
             cross = self.layer[1]
-            h = h + self.dropout(cross.EncDecAttention(cross.layer_norm(h), *cross_kv, cross_mask, rows))
+            h = h + self.dropout(cross.EncDecAttention(cross.layer_norm(h), *cross_kv, cross_mask,
+                                                       rows if cross_rows is None else cross_rows))
         ff = self.layer[-1]
         return h + self.dropout(ff.DenseReluDense(ff.layer_norm(h)))
 
@@ -261,10 +265,11 @@ class T5Stack(nn.Module):
         """Keys and values of every block's cross-attention, computed once from the encoder output."""
         return [block.layer[1].EncDecAttention.project_kv(encoder_states) for block in self.block]
 
-    def forward(self, h, bias, cross_kv=None, cross_mask=None, cache=None, position=None, rows=None):
+    def forward(self, h, bias, cross_kv=None, cross_mask=None, cache=None, position=None, rows=None,
+                cross_rows=None):
         h = self.dropout(h)
         for i, block in enumerate(self.block):
-            h = block(h, bias, cross_kv and cross_kv[i], cross_mask, cache and cache[i], position, rows)
+            h = block(h, bias, cross_kv and cross_kv[i], cross_mask, cache and cache[i], position, rows, cross_rows)
         return self.dropout(self.final_layer_norm(h))
 
 
@@ -283,8 +288,19 @@ class Rows:
     def pack(self, x):  # [B, T, ...] -> [N, ...]
         return x.flatten(0, 1)[self.index]
 
-    def unpack(self, x):  # [N, k] -> [B, T, k] with zeros at the padding
+    def unpack(self, x):  # [N, k] (or any [..., k] of N tokens) -> [B, T, k] with zeros at the padding
+        x = x.reshape(-1, x.shape[-1])
         return x.new_zeros(self.shape.numel(), x.shape[1]).index_copy(0, self.index, x).view(*self.shape, -1)
+
+    @classmethod
+    def copies(cls, prompt):
+        """The [P, G] grid of decoding rows whose prompts are `prompt` (sorted ids 0..P-1, every one present): row p
+        holds prompt p's copies, G the most copies of any prompt. Cross-attention then reads each prompt's keys and
+        values once for all its copies, as G queries (no position bias or causal mask there, so the same sums)."""
+        count = torch.bincount(prompt)
+        copy = torch.arange(len(prompt), device=prompt.device) - (count.cumsum(0) - count)[prompt]
+        keep = torch.zeros(len(count), int(count.max()), dtype=torch.bool, device=prompt.device)
+        return cls(keep.index_put_((prompt, copy), torch.ones_like(prompt, dtype=torch.bool)))
 
 
 def shift_right(labels, decoder_start_token_id=0, pad_token_id=0):
@@ -473,23 +489,22 @@ class T5(nn.Module):
             logits = self.lm_logits(h[labels != -100])
         return logits, F.cross_entropy(logits.float(), labels[labels != -100])
 
-    def prefill(self, input_ids, attention_mask, copies=1):
-        """Every decoder block's cross-attention (keys, values) [B * copies, H, S, d_kv] of the encoded prompts, each
-        prompt's `copies` rows adjacent, and the additive mask [B * copies, 1, 1, S] for attending to them.
-        Identical prompts are encoded once: reflect samples every chain `samples` times (METHOD 7.1), so its sampling
-        passes repeat each recall and each analyze prompt ten times. On CPU the encoder runs on chunks of about
+    def prefill(self, input_ids, attention_mask):
+        """Every decoder block's cross-attention (keys, values) [P, H, S, d_kv] of the P distinct prompts among the
+        rows of input_ids, their additive mask [P, 1, 1, S], and the prompt of each row [B]. Identical prompts are
+        encoded and projected once: reflect samples every chain `samples` times (METHOD 7.1), so its sampling passes
+        repeat each recall and each analyze prompt ten times. On CPU the encoder runs on chunks of about
         PREFILL_TOKENS tokens, because a pass over a whole batch allocates intermediates of up to hundreds of MB,
         which glibc maps fresh from the kernel every time and the kernel zero-fills page by page on first touch.
         Measured with `python bench.py --only chain --sizes small --threads 1 --chain-questions 64 --repeats 1` on a
         2-core Xeon, before and after: the summarize stage (prompts of ~360 tokens, 8 new) went from 1.10x to 1.69x
         transformers', the whole chain from 1.31x to 1.51x. A GPU's caching allocator has no such cost, so there the
         batch is encoded at once."""
-        prompts, copy_of = torch.unique(torch.cat([input_ids, attention_mask], 1), dim=0, return_inverse=True)
+        prompts, prompt_of = torch.unique(torch.cat([input_ids, attention_mask], 1), dim=0, return_inverse=True)
         ids, real = prompts.split(input_ids.shape[1], 1)
         chunk = len(ids) if ids.is_cuda else max(1, PREFILL_TOKENS // ids.shape[1])
         states = torch.cat([self.encode(ids[i:i + chunk], real[i:i + chunk])[0] for i in range(0, len(ids), chunk)])
-        cross_kv = self.decoder.cross_kv(states[copy_of.repeat_interleave(copies)])
-        return cross_kv, additive_mask(attention_mask.repeat_interleave(copies, 0))
+        return self.decoder.cross_kv(states), additive_mask(real), prompt_of
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=200, do_sample=False, temperature=1.0,
@@ -498,38 +513,44 @@ class T5(nn.Module):
         input are adjacent; each row ends with its </s> and is padded with 0 after it. Runs in eval mode.
         Prefill (T5.prefill): the encoder runs once per distinct prompt and every block's cross-attention keys/values
         are projected once. Decode: one token per step through static self-attention caches written by index; the
-        decoder position bias is computed once for all positions and step t reads its row t. Ragged: finished rows
-        leave the running batch (with their cache rows), so the work follows the rows still writing. The loop stops
-        when every row has produced </s>. compiled: decode through StaticDecoder's compiled fixed-shape step
-        instead (every row to the end, CUDA graphs on a GPU), for small batches on a GPU."""
+        decoder position bias is computed once for all positions and step t reads its row t. The copies of a prompt
+        (n of each input, or repeated inputs) share its cross-attention keys and values (Rows.copies). Ragged:
+        finished rows leave the running batch (with their cache rows, and a prompt with its last copy), so the work
+        follows the rows still writing. The loop stops when every row has produced </s>. compiled: decode through
+        StaticDecoder's compiled fixed-shape step instead (every row to the end, each with its own copy of its
+        prompt's keys and values, CUDA graphs on a GPU), for small batches on a GPU."""
         c = self.config
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         with self.autocast(input_ids.device), eval_mode(self):
-            cross_kv, mask = self.prefill(input_ids, attention_mask, num_return_sequences)
-            rows, dtype = mask.shape[0], cross_kv[0][0].dtype
+            cross_kv, mask, prompt_of = self.prefill(input_ids, attention_mask)
+            # running: the row of `out` each running row writes, grouped by prompt; prompt: the prompt of each
+            prompt, running = prompt_of.repeat_interleave(num_return_sequences).sort(stable=True)
+            rows, dtype, device = len(running), cross_kv[0][0].dtype, mask.device
             if compiled:
-                shape = (rows, mask.shape[-1], max_new_tokens, dtype, mask.device)
+                cross_kv, mask = [(k[prompt], v[prompt]) for k, v in cross_kv], mask[prompt]
+                shape = (rows, mask.shape[-1], max_new_tokens, dtype, device)
                 if shape not in self.static_decoders:
                     self.static_decoders[shape] = StaticDecoder(self, cross_kv, mask, max_new_tokens)
                 static = self.static_decoders[shape].load(cross_kv, mask)
             else:
-                cache = [(torch.empty(rows, c.num_heads, max_new_tokens, c.d_kv, dtype=dtype, device=mask.device),
-                          torch.empty(rows, c.num_heads, max_new_tokens, c.d_kv, dtype=dtype, device=mask.device))
+                cache = [(torch.empty(rows, c.num_heads, max_new_tokens, c.d_kv, dtype=dtype, device=device),
+                          torch.empty(rows, c.num_heads, max_new_tokens, c.d_kv, dtype=dtype, device=device))
                          for _ in self.decoder.block]
                 bias = self.decoder.position_bias(max_new_tokens)
+                copies = Rows.copies(prompt)
             out = input_ids.new_zeros(rows, max_new_tokens)
-            running = torch.arange(rows, device=mask.device)  # the row of `out` each running row writes
-            done = torch.zeros(rows, dtype=torch.bool, device=mask.device)
+            done = torch.zeros(rows, dtype=torch.bool, device=device)
             token = out.new_full((rows,), c.decoder_start_token_id)
             idle = 0  # row-steps spent on finished rows since the last compaction
             for t in range(max_new_tokens):
                 if compiled:
                     logits = static(token, t)
                 else:
-                    h = self.decoder(self.shared(token[:, None]), bias[:, :, t:t + 1, :t + 1], cross_kv, mask, cache, t)
+                    h = self.decoder(self.shared(token[:, None]), bias[:, :, t:t + 1, :t + 1], cross_kv, mask, cache, t,
+                                     cross_rows=copies)
                     logits = self.lm_logits(h[:, 0])
                 token = sample(logits, temperature, top_k, top_p) if do_sample else logits.argmax(-1)
                 token = token.masked_fill(done, c.pad_token_id)
@@ -546,8 +567,10 @@ class T5(nn.Module):
                 idle += finished
                 if idle >= len(done) * DROP_FINISHED_AFTER and not compiled:
                     keep = (~done).nonzero()[:, 0]
-                    running, token, done, mask = running[keep], token[keep], done[keep], mask[keep]
-                    cross_kv = [(keep_rows(k, keep, k.shape[2]), keep_rows(v, keep, v.shape[2])) for k, v in cross_kv]
+                    running, token, done = running[keep], token[keep], done[keep]
+                    live, prompt = torch.unique(prompt[keep], return_inverse=True)
+                    cross_kv = [(keep_rows(k, live, k.shape[2]), keep_rows(v, live, v.shape[2])) for k, v in cross_kv]
+                    mask, copies = mask[live], Rows.copies(prompt)
                     cache = [(keep_rows(k, keep, t + 1), keep_rows(v, keep, t + 1)) for k, v in cache]
                     idle = 0
         return out[:, :t + 1]

@@ -195,6 +195,29 @@ def test_prefill_in_chunks_and_once_per_distinct_prompt_keeps_every_greedy_token
 
 
 @pytest.mark.parametrize("name", ["relu", "gated"])
+def test_copies_of_a_prompt_share_its_cross_attention(name):
+    """A decode step over rows of prompts [0 0 0 1 2 2], each prompt's keys and values held once (Rows.copies), gives
+    what the step gives with every row holding its own copy of them; the rows differ (their own tokens and caches)."""
+    model = t5.T5.from_pretrained(FIXTURES / f"t5_{name}").eval()
+    ids, mask, _ = batch(model.config.vocab_size)  # three distinct prompts, two of them padded
+    prompt = torch.tensor([0, 0, 0, 1, 2, 2])
+    c, rows, t = model.config, len(prompt), 4
+    torch.manual_seed(0)
+    cache = [tuple(torch.randn(rows, c.num_heads, 8, c.d_kv) for _ in "kv") for _ in model.decoder.block]
+    token, bias = torch.randint(3, c.vocab_size, (rows, 1)), model.decoder.position_bias(8)[:, :, t:t + 1, :t + 1]
+    with torch.no_grad():
+        cross_kv, cross_mask, prompt_of = model.prefill(ids, mask)
+        assert sorted(prompt_of.tolist()) == [0, 1, 2]
+        each = [(k[prompt], v[prompt]) for k, v in cross_kv]
+        step = lambda *args, **kwargs: model.decoder(model.shared(token), bias, *args, [  # noqa: E731
+            (k.clone(), v.clone()) for k, v in cache], t, **kwargs)
+        shared = step(cross_kv, cross_mask, cross_rows=t5.Rows.copies(prompt))
+        own = step(each, cross_mask[prompt])
+    assert shared.shape == own.shape == (rows, 1, c.d_model)
+    assert max_diff(shared, own) < 1e-5 and max_diff(own[0], own[1]) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["relu", "gated"])
 def test_compiled_static_decode_keeps_every_greedy_token(name, monkeypatch):
     """generate(compiled=True): StaticDecoder's fixed-shape step, traced as one graph (fullgraph) and functionalized
     (aot_eager: what inductor and CUDA graphs receive, without their compile time), gives the plain path's tokens;
