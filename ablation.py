@@ -5,8 +5,10 @@ next to the control the paper lacks, acquire continued for as many steps as refl
     python ablation.py                      # 4 variants, reflect and control, seeds 1 2 3
     python ablation.py --seeds 1 --variants analyze_summarize recall_analyze_summarize
     python ablation.py --variants recall_analyze_summarize --epochs 15    # reflect from a student that still errs
+    python ablation.py --seeds 1 --epochs 1 --iterations 1 --samples 2    # a quick look (minutes, not an hour)
 
-Each run is the same command a user types (tinythinker.py, then evaluate.py), in its own process, under runs/ablation.
+Each run is the same command a user types (tinythinker.py, then evaluate.py), in its own process, under runs/ablation
+of the current directory; the table goes into its BENCHMARKS.md. A rerun skips finished runs.
 """
 import argparse
 import glob
@@ -21,12 +23,22 @@ import sys
 import data
 from tinythinker import WORLD
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = os.path.join("runs", "ablation")
 
 
-def run(*args):
-    print("+", " ".join(args), flush=True)
-    subprocess.run([sys.executable, *args], check=True)
+def run(script, *args):
+    """python `script` (one of this project's) with args, in its own process."""
+    print("+", script, " ".join(args), flush=True)
+    subprocess.run([sys.executable, os.path.join(HERE, script), *args], check=True)
+
+
+def sizes(epochs, iterations, samples):
+    """The flags of acquire and of reflect that differ from the demo's, and the tag of the runs made with them."""
+    given = {name: n for name, n in [("epochs", epochs), ("iterations", iterations), ("samples", samples)] if n}
+    flags = {name: [f"--{name}", str(n)] for name, n in given.items()}
+    return (flags.get("epochs", []), flags.get("iterations", []) + flags.get("samples", []),
+            "".join(f"-{name}{n}" for name, n in given.items()))
 
 
 def accuracies(run_dir, split):
@@ -73,8 +85,10 @@ def main():
     parser.add_argument("--variants", nargs="+", default=list(data.STAGES))
     parser.add_argument("--epochs", type=int, help="acquire epochs (default: the demo's); fewer leave the student "
                                                     "errors on its training questions for reflect to learn from")
+    parser.add_argument("--iterations", type=int, help="reflect iterations (default: the demo's)")
+    parser.add_argument("--samples", type=int, help="reflect's chains per question (default: the demo's)")
     args = parser.parse_args()
-    tag = f"-epochs{args.epochs}" if args.epochs else ""
+    acquire, reflect, tag = sizes(args.epochs, args.iterations, args.samples)
     begin, end = f"<!-- ablation{tag}:begin -->", f"<!-- ablation{tag}:end -->"
     test, train = {}, {}
     for seed in args.seeds:
@@ -82,20 +96,20 @@ def main():
             out = os.path.join(RUNS, f"{variant}{tag}-seed{seed}")
             if not os.path.isfile(os.path.join(out, "best", "model.safetensors")):
                 run("tinythinker.py", "--phase", "acquire", "--stages", variant, "--seed", str(seed), "--out", out,
-                    *(["--epochs", str(args.epochs)] if args.epochs else []))
+                    *acquire)
             if variant != "recall_analyze_summarize":
                 test.setdefault(variant, []).append(accuracies(out, "test")["acquire"])
                 continue
             if not os.path.isdir(os.path.join(out, "reflect", "best")):
-                run("tinythinker.py", "--phase", "reflect", "--from", out, "--seed", str(seed))
+                run("tinythinker.py", "--phase", "reflect", "--from", out, "--seed", str(seed), *reflect)
             continued = control(out, seed)
             for name, phase, run_dir in [(variant, "acquire", out), ("+ reflect", "reflect", out),
                                          ("+ continued acquire (control)", "acquire", continued)]:
                 test.setdefault(name, []).append(accuracies(run_dir, "test")[phase])
                 train.setdefault(name, []).append(accuracies(run_dir, "train")[phase])
             test.setdefault("reflect steps", []).append(reflect_budget(out)[0])
-    command = " ".join(["python ablation.py --seeds", *map(str, args.seeds), "--variants", *args.variants,
-                        *(["--epochs", str(args.epochs)] if args.epochs else [])])
+    command = " ".join(["python ablation.py --seeds", *map(str, args.seeds), "--variants", *args.variants, *acquire,
+                        *reflect])
     lines = [begin, f"`{command}` (chance 25.0%; training accuracy: the same greedy chains on the training questions)",
              "",
              "| stages | held-out accuracy, mean ± std (%) | per seed | training accuracy, mean ± std (%) "

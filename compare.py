@@ -5,10 +5,13 @@ BENCHMARKS.md.
     python compare.py                       # seeds 1 2 3, two runs at a time (36 minutes on 2 cores)
     python compare.py --seeds 1 --jobs 1
     python compare.py --only tailored       # train only Tailored's runs; TinyThinker's enter the table if finished
+    python compare.py --seeds 1 --epochs 1 --iterations 1 --samples 2 --rounds 2    # a quick look (minutes)
 
 Each run is the command a user types (tinythinker.py, tailored.py, then evaluate.py), in its own process with one
 thread. The TinyThinker runs are ablation.py's (runs/ablation, same commands and seeds), so either script reuses the
-other's; the Tailored runs go under runs/compare. A rerun skips finished runs. The Tailored run without L_SR
+other's; the Tailored runs go under runs/compare (of the current directory, as the table goes into its BENCHMARKS.md).
+A rerun skips finished runs. --epochs sets every acquire's and every Tailored round's epochs, --iterations and
+--samples reflect's; their runs and their table are kept apart from the demo's. The Tailored run without L_SR
 (--lam 0) starts from the same round-1 model as the one with it (round 1 has no L_SR, and the round-2 exam is
 seeded), so the two differ only in the loss of rounds 2..K.
 """
@@ -26,15 +29,14 @@ import ablation
 import world
 
 RUNS = os.path.join("runs", "compare")
-BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 
 
 def run(*args):
     """One command in its own process with one thread; its output goes to runs/compare/log.txt."""
     print("+", " ".join(args), flush=True)
     with open(os.path.join(RUNS, "log.txt"), "a") as log:
-        subprocess.run([sys.executable, *args], check=True, stdout=log, stderr=subprocess.STDOUT,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        subprocess.run([sys.executable, os.path.join(ablation.HERE, args[0]), *args[1:]], check=True, stdout=log,
+                       stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def report(run_dir):
@@ -49,19 +51,20 @@ def last_step(log_path):
         return max(json.loads(line)["step"] for line in f)
 
 
-def tinythinker_rows(seed, stages, train):
+def tinythinker_rows(seed, stages, train, sizes):
     """Answer-only (stages summarize) or the full TinyThinker (acquire, then reflect) for one seed; with train False,
-    only a finished run's rows."""
-    out = os.path.join("runs", "ablation", f"{stages}-seed{seed}")
+    only a finished run's rows. sizes: ablation.sizes' flags and tag."""
+    acquire, reflect, tag = sizes
+    out = os.path.join(ablation.RUNS, f"{stages}{tag}-seed{seed}")
     full = stages == "recall_analyze_summarize"
     finished = os.path.isfile(os.path.join(out, "best", "model.safetensors")) and (
         not full or os.path.isdir(os.path.join(out, "reflect", "best")))
     if not finished and not train:
         return {}
     if not os.path.isfile(os.path.join(out, "best", "model.safetensors")):
-        run("tinythinker.py", "--phase", "acquire", "--stages", stages, "--seed", str(seed), "--out", out)
+        run("tinythinker.py", "--phase", "acquire", "--stages", stages, "--seed", str(seed), "--out", out, *acquire)
     if full and not os.path.isdir(os.path.join(out, "reflect", "best")):
-        run("tinythinker.py", "--phase", "reflect", "--from", out, "--seed", str(seed))
+        run("tinythinker.py", "--phase", "reflect", "--from", out, "--seed", str(seed), *reflect)
     rows = report(out)
     with open(os.path.join(out, "config.json")) as f:
         acquire_steps = json.load(f)["total_steps"]
@@ -74,20 +77,23 @@ def tinythinker_rows(seed, stages, train):
             "TinyThinker acquire + reflect": (rows["reflect"]["accuracy"], acquire_steps + reflect_steps, requests)}
 
 
-def tailored_rows(seed, rounds, train):
-    """Tailored with L_SR, then without it from the same round-1 model; with train False, only finished runs' rows."""
-    result = {}
+def tailored_rows(seed, rounds, train, epochs):
+    """Tailored with L_SR, then without it from the same round-1 model; with train False, only finished runs' rows.
+    epochs: of every round (None: the demo's)."""
+    result, tag = {}, f"-epochs{epochs}" if epochs else ""
+    flags = ["--epochs", str(epochs), "--later-epochs", str(epochs)] if epochs else []
     for lam in ("0.5", "0"):
-        out = os.path.join(RUNS, f"tailored-lam{lam}-seed{seed}")
+        out = os.path.join(RUNS, f"tailored{tag}-lam{lam}-seed{seed}")
         if not train and not os.path.isfile(os.path.join(out, "summary.json")):
             continue
         if lam == "0" and not os.path.isdir(out):
-            source = os.path.join(RUNS, f"tailored-lam0.5-seed{seed}")
+            source = os.path.join(RUNS, f"tailored{tag}-lam0.5-seed{seed}")
             os.makedirs(out)
             for shared in ("tokenizer", "round_1"):
                 shutil.copytree(os.path.join(source, shared), os.path.join(out, shared))
         if not os.path.isfile(os.path.join(out, "summary.json")):  # tailored.py writes it when its rounds are done
-            run("tailored.py", "--seed", str(seed), "--rounds", str(rounds), "--lam", lam, "--out", out, "--resume")
+            run("tailored.py", "--seed", str(seed), "--rounds", str(rounds), "--lam", lam, "--out", out, "--resume",
+                *flags)
         rows = report(out)
         with open(os.path.join(out, "summary.json")) as f:
             done = {int(k): stats for k, stats in json.load(f).items()}
@@ -110,13 +116,17 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each one thread)")
     parser.add_argument("--only", choices=["tailored", "tinythinker"], help="train only this method's runs")
+    parser.add_argument("--epochs", type=int, help="epochs of every acquire and Tailored round (default: the demo's)")
+    parser.add_argument("--iterations", type=int, help="reflect iterations (default: the demo's)")
+    parser.add_argument("--samples", type=int, help="reflect's chains per question (default: the demo's)")
     args = parser.parse_args()
+    sizes = ablation.sizes(args.epochs, args.iterations, args.samples)
     trains = lambda method: args.only in (None, method)
     os.makedirs(RUNS, exist_ok=True)
     chains = [(f, seed) for seed in args.seeds for f in (
-        lambda s: tailored_rows(s, args.rounds, trains("tailored")),
-        lambda s: tinythinker_rows(s, "recall_analyze_summarize", trains("tinythinker")),
-        lambda s: tinythinker_rows(s, "summarize", trains("tinythinker")))]
+        lambda s: tailored_rows(s, args.rounds, trains("tailored"), args.epochs),
+        lambda s: tinythinker_rows(s, "recall_analyze_summarize", trains("tinythinker"), sizes),
+        lambda s: tinythinker_rows(s, "summarize", trains("tinythinker"), sizes))]
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda job: (job[1], job[0](job[1])), chains))
     table = {}  # row name -> {seed: (accuracy, steps, requests)}
@@ -126,9 +136,11 @@ def main():
     order = ["answer-only fine-tuning", "chain-of-thought fine-tuning (Tailored round 1)"]
     order += sorted(n for n in table if n.startswith("Tailored"))
     order += ["TinyThinker acquire", "TinyThinker acquire + reflect"]
-    lines = [BEGIN, f"`python compare.py --seeds {' '.join(map(str, args.seeds))} --rounds {args.rounds}` (held-out "
-             "test questions of the world, 96; chance 25.0%; budget = optimizer steps and teacher requests, each "
-             "per seed, min-max over seeds)", "",
+    command = " ".join(["python compare.py --seeds", *map(str, args.seeds), "--rounds", str(args.rounds), *sizes[0],
+                        *sizes[1]])
+    begin, end = f"<!-- compare{sizes[2]}:begin -->", f"<!-- compare{sizes[2]}:end -->"
+    lines = [begin, f"`{command}` (held-out test questions of the world, 96; chance 25.0%; budget = optimizer steps "
+             "and teacher requests, each per seed, min-max over seeds)", "",
              "| method | held-out accuracy, mean ± std (%) | per seed | optimizer steps | teacher requests |",
              "|---|---|---|---|---|"]
     span = lambda xs: f"{min(xs)}" if min(xs) == max(xs) else f"{min(xs)}-{max(xs)}"
@@ -138,10 +150,10 @@ def main():
         steps, requests = ([table[name][s][i] for s in table[name]] for i in (1, 2))
         lines.append(f"| {name} | {statistics.mean(accs):.1f} ± {spread:.1f} | {', '.join(f'{a:.1f}' for a in accs)} "
                      f"| {span(steps)} | {span(requests)} |")
-    lines.append(END)
+    lines.append(end)
     text = "\n".join(lines)
     print(text)
-    ablation.write_benchmarks(text, BEGIN, END, "Tailored Learning against TinyThinker on the embedded world")
+    ablation.write_benchmarks(text, begin, end, "Tailored Learning against TinyThinker on the embedded world")
 
 
 if __name__ == "__main__":
