@@ -31,11 +31,12 @@ import world
 RUNS = os.path.join("runs", "compare")
 
 
-def run(*args):
-    """One command in its own process with one thread; its output goes to runs/compare/log.txt."""
-    print("+", " ".join(args), flush=True)
+def run(script, *args):
+    """python `script` (one of this project's) with args, in its own process with one thread; its output goes to
+    runs/compare/log.txt."""
+    print("+", script, " ".join(args), flush=True)
     with open(os.path.join(RUNS, "log.txt"), "a") as log:
-        subprocess.run([sys.executable, os.path.join(ablation.HERE, args[0]), *args[1:]], check=True, stdout=log,
+        subprocess.run([sys.executable, os.path.join(ablation.HERE, script), *args], check=True, stdout=log,
                        stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -136,9 +137,10 @@ def main():
     order = ["answer-only fine-tuning", "chain-of-thought fine-tuning (Tailored round 1)"]
     order += sorted(n for n in table if n.startswith("Tailored"))
     order += ["TinyThinker acquire", "TinyThinker acquire + reflect"]
-    command = " ".join(["python compare.py --seeds", *map(str, args.seeds), "--rounds", str(args.rounds), *sizes[0],
-                        *sizes[1]])
-    begin, end = f"<!-- compare{sizes[2]}:begin -->", f"<!-- compare{sizes[2]}:end -->"
+    acquire, reflect, tag = sizes
+    command = " ".join(["python compare.py --seeds", *map(str, args.seeds), "--rounds", str(args.rounds), *acquire,
+                        *reflect])
+    begin, end = f"<!-- compare{tag}:begin -->", f"<!-- compare{tag}:end -->"
     lines = [begin, f"`{command}` (held-out test questions of the world, 96; chance 25.0%; budget = optimizer steps "
              "and teacher requests, each per seed, min-max over seeds)", "",
              "| method | held-out accuracy, mean ± std (%) | per seed | optimizer steps | teacher requests |",

@@ -528,7 +528,7 @@ class T5(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         with self.autocast(input_ids.device), eval_mode(self):
             cross_kv, mask, prompt_of = self.prefill(input_ids, attention_mask)
-            # running: the row of `out` each running row writes, grouped by prompt; prompt: the prompt of each
+            # running: the row of `out` each running row writes, grouped by prompt; prompt: that row's prompt
             prompt, running = prompt_of.repeat_interleave(num_return_sequences).sort(stable=True)
             rows, dtype, device = len(running), cross_kv[0][0].dtype, mask.device
             if compiled:
@@ -571,8 +571,11 @@ class T5(nn.Module):
                     keep = (~done).nonzero()[:, 0]
                     running, token, done = running[keep], token[keep], done[keep]
                     live, prompt = torch.unique(prompt[keep], return_inverse=True)
-                    cross_kv = [(keep_rows(k, live, k.shape[2]), keep_rows(v, live, v.shape[2])) for k, v in cross_kv]
-                    mask, copies = mask[live], Rows.copies(prompt)
+                    if len(live) < len(mask):  # a prompt lost its last copy (else its keys and values stay put)
+                        cross_kv = [(keep_rows(k, live, k.shape[2]), keep_rows(v, live, v.shape[2]))
+                                    for k, v in cross_kv]
+                        mask = mask[live]
+                    copies = Rows.copies(prompt)
                     cache = [(keep_rows(k, keep, t + 1), keep_rows(v, keep, t + 1)) for k, v in cache]
                     idle = 0
         return out[:, :t + 1]

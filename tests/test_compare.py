@@ -40,8 +40,9 @@ def test_ablation_then_compare_run_as_typed(tmp_path):
             in benchmarks)
     ablation = table(benchmarks, "ablation-epochs1-iterations1-samples2")
     assert list(ablation) == ["recall_analyze_summarize", "+ reflect", "+ continued acquire (control)"]
-    for cells in ablation.values():  # held-out and training accuracy
-        accuracy(cells[0]), accuracy(cells[2])
+    for cells in ablation.values():
+        accuracy(cells[0])  # held out
+        accuracy(cells[2])  # training
     reflect_steps = int(re.search(r"Reflect took (\d+) optimizer steps", benchmarks).group(1))
     control_dir = tmp_path / "runs" / "ablation" / "recall_analyze_summarize-epochs1-iterations1-samples2-seed1"
     control_dir = control_dir / "control"
