@@ -139,6 +139,15 @@ def attention(q, k, v, bias, dropout_p, sdpa):
     return F.dropout(probs, dropout_p) @ v
 
 
+def embedding(rows, dim):
+    """nn.Embedding, but no draw on the meta device, where from_pretrained builds: there normal_ imports torch._dynamo,
+    3.6 s of every evaluate.py start. Elsewhere it draws what nn.Embedding draws, so a seed keeps its weights."""
+    weight = torch.empty(rows, dim)
+    if not weight.is_meta:
+        nn.init.normal_(weight)
+    return nn.Embedding(rows, dim, _weight=weight)
+
+
 class T5Attention(nn.Module):
     """Multi-head attention with q, k, v: d_model -> num_heads*d_kv and o back. T5 quirk: the relative position
     bias table lives only in the first block's self-attention; its bias (with the mask added) is computed once per
@@ -152,7 +161,7 @@ class T5Attention(nn.Module):
         self.v = nn.Linear(config.d_model, inner, bias=False)
         self.o = nn.Linear(inner, config.d_model, bias=False)
         if has_relative_attention_bias:
-            self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+            self.relative_attention_bias = embedding(config.relative_attention_num_buckets, config.num_heads)
         self.num_heads, self.d_kv, self.dropout = config.num_heads, config.d_kv, config.dropout_rate
 
     def split_heads(self, x):  # [B, T, H*d_kv] -> [B, H, T, d_kv]
@@ -409,13 +418,14 @@ class T5(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.shared = embedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config, is_decoder=False)
         self.decoder = T5Stack(config, is_decoder=True)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.shared.weight
-        self.init_weights()
+        if not self.shared.weight.is_meta:  # from_pretrained builds on the meta device, then assigns the checkpoint
+            self.init_weights()
         self.static_decoders = {}  # generate(compiled=True)'s StaticDecoder per shape
 
     @torch.no_grad()
