@@ -1,7 +1,7 @@
 """`python ablation.py` and `python compare.py`, the commands behind the README's world figures, run as typed from a
 fresh directory with only sizes shrunk (one seed, one acquire epoch, one reflect iteration of two samples per question,
-two Tailored rounds of one epoch): the runs they make, the tables they write into BENCHMARKS.md, and compare reusing
-ablation's runs."""
+two Tailored rounds of one epoch): the runs they make, the tables they write into BENCHMARKS.md, and ablation reusing
+compare's TinyThinker runs (compare runs them beside Tailored's, two at a time)."""
 import json
 import os
 import re
@@ -33,27 +33,13 @@ def accuracy(cell):  # "62.5 ± 0.0" -> 62.5
     return value
 
 
-def test_ablation_then_compare_run_as_typed(tmp_path):
-    script("ablation.py", *SIZES, "--variants", "recall_analyze_summarize", cwd=tmp_path)
-    benchmarks = (tmp_path / "BENCHMARKS.md").read_text()
-    assert ("`python ablation.py --seeds 1 --variants recall_analyze_summarize --epochs 1 --iterations 1 --samples 2`"
-            in benchmarks)
-    ablation = table(benchmarks, "ablation-epochs1-iterations1-samples2")
-    assert list(ablation) == ["recall_analyze_summarize", "+ reflect", "+ continued acquire (control)"]
-    for cells in ablation.values():
-        accuracy(cells[0])  # held out
-        accuracy(cells[2])  # training
-    reflect_steps = int(re.search(r"Reflect took (\d+) optimizer steps", benchmarks).group(1))
-    control_dir = tmp_path / "runs" / "ablation" / "recall_analyze_summarize-epochs1-iterations1-samples2-seed1"
-    control_dir = control_dir / "control"
-    assert reflect_steps > 0 and (control_dir / "best").is_dir()
-    control = json.loads((control_dir / "config.json").read_text())
-    assert control["steps"] == control["total_steps"] == reflect_steps  # the control trained as many steps
-
-    # Two runs at a time: Tailored's, and the answer-only acquire, the only TinyThinker run ablation did not make
+def test_compare_then_ablation_run_as_typed(tmp_path):
+    # Two runs at a time: Tailored's beside TinyThinker's, then the answer-only acquire
     compare_out = script("compare.py", *SIZES, "--rounds", "2", "--jobs", "2", cwd=tmp_path)
-    trained = [line.split()[2:6] for line in compare_out.splitlines() if line.startswith("+ tinythinker.py")]
-    assert trained == [["--phase", "acquire", "--stages", "summarize"]]
+    trained = sorted(line.split()[2:6] for line in compare_out.splitlines() if line.startswith("+ tinythinker.py"))
+    run_dir = "runs/ablation/recall_analyze_summarize-epochs1-iterations1-samples2-seed1"
+    assert trained == [["--phase", "acquire", "--stages", "recall_analyze_summarize"],
+                       ["--phase", "acquire", "--stages", "summarize"], ["--phase", "reflect", "--from", run_dir]]
     benchmarks = (tmp_path / "BENCHMARKS.md").read_text()
     assert "`python compare.py --seeds 1 --rounds 2 --epochs 1 --iterations 1 --samples 2`" in benchmarks
     compare = table(benchmarks, "compare-epochs1-iterations1-samples2")
@@ -63,6 +49,24 @@ def test_ablation_then_compare_run_as_typed(tmp_path):
                              "TinyThinker acquire + reflect"]
     for name in compare:
         accuracy(compare[name][0])
-    assert accuracy(compare["TinyThinker acquire"][0]) == accuracy(ablation["recall_analyze_summarize"][0])
-    assert accuracy(compare["TinyThinker acquire + reflect"][0]) == accuracy(ablation["+ reflect"][0])
-    assert table(benchmarks, "ablation-epochs1-iterations1-samples2") == ablation  # compare added its table beside it
+
+    # ablation reuses compare's TinyThinker runs: it trains only the control
+    ablation_out = script("ablation.py", *SIZES, "--variants", "recall_analyze_summarize", cwd=tmp_path)
+    trained = [line.split()[2:6] for line in ablation_out.splitlines() if line.startswith("+ tinythinker.py")]
+    assert trained == [["--phase", "acquire", "--model", f"{run_dir}/best"]]
+    benchmarks = (tmp_path / "BENCHMARKS.md").read_text()
+    assert ("`python ablation.py --seeds 1 --variants recall_analyze_summarize --epochs 1 --iterations 1 --samples 2`"
+            in benchmarks)
+    ablation = table(benchmarks, "ablation-epochs1-iterations1-samples2")
+    assert list(ablation) == ["recall_analyze_summarize", "+ reflect", "+ continued acquire (control)"]
+    for cells in ablation.values():
+        accuracy(cells[0])  # held out
+        accuracy(cells[2])  # training
+    assert accuracy(ablation["recall_analyze_summarize"][0]) == accuracy(compare["TinyThinker acquire"][0])
+    assert accuracy(ablation["+ reflect"][0]) == accuracy(compare["TinyThinker acquire + reflect"][0])
+    reflect_steps = int(re.search(r"Reflect took (\d+) optimizer steps", benchmarks).group(1))
+    control_dir = tmp_path / run_dir / "control"
+    assert reflect_steps > 0 and (control_dir / "best").is_dir()
+    control = json.loads((control_dir / "config.json").read_text())
+    assert control["steps"] == control["total_steps"] == reflect_steps  # the control trained as many steps
+    assert table(benchmarks, "compare-epochs1-iterations1-samples2") == compare  # ablation added its table beside it
