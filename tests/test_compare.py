@@ -1,7 +1,7 @@
 """`python ablation.py` and `python compare.py`, the commands behind the README's world figures, run as typed from a
 fresh directory with only sizes shrunk (one seed, one acquire epoch, one reflect iteration of two samples per question,
-two Tailored rounds of one epoch): the runs they make, the tables they write into BENCHMARKS.md, and ablation reusing
-compare's TinyThinker runs (compare runs them beside Tailored's, two at a time)."""
+two Tailored rounds of one epoch): the runs they make, the tables they write into BENCHMARKS.md, ablation reusing
+compare's TinyThinker runs (compare runs them beside Tailored's, two at a time), and a rerun of compare training nothing."""
 import json
 import os
 import re
@@ -70,3 +70,8 @@ def test_compare_then_ablation_run_as_typed(tmp_path):
     control = json.loads((control_dir / "config.json").read_text())
     assert control["steps"] == control["total_steps"] == reflect_steps  # the control trained as many steps
     assert table(benchmarks, "compare-epochs1-iterations1-samples2") == compare  # ablation added its table beside it
+
+    # A rerun of compare trains nothing: every run of both methods is finished; it only evaluates them again
+    rerun = script("compare.py", *SIZES, "--rounds", "2", "--jobs", "2", cwd=tmp_path)
+    assert not [line for line in rerun.splitlines() if line.startswith(("+ tinythinker.py", "+ tailored.py"))]
+    assert table((tmp_path / "BENCHMARKS.md").read_text(), "compare-epochs1-iterations1-samples2") == compare
