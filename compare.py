@@ -23,18 +23,22 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import ablation
 import world
 
 RUNS = os.path.join("runs", "compare")
+# print writes a line and its newline separately: two jobs starting at once ran their "+" lines together
+ECHO = threading.Lock()
 
 
 def run(script, *args):
     """python `script` (one of this project's) with args, in its own process with one thread; its output goes to
     runs/compare/log.txt."""
-    print("+", script, " ".join(args), flush=True)
+    with ECHO:
+        print("+", script, " ".join(args), flush=True)
     with open(os.path.join(RUNS, "log.txt"), "a") as log:
         subprocess.run([sys.executable, os.path.join(ablation.HERE, script), *args], check=True, stdout=log,
                        stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})

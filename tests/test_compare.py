@@ -1,7 +1,8 @@
 """`python ablation.py` and `python compare.py`, the commands behind the README's world figures, run as typed from a
 fresh directory with only sizes shrunk (one seed, one acquire epoch, one reflect iteration of two samples per question,
 two Tailored rounds of one epoch): the runs they make, the tables they write into BENCHMARKS.md, ablation reusing
-compare's TinyThinker runs (compare runs them beside Tailored's, two at a time), and a rerun of compare training nothing."""
+compare's TinyThinker runs (compare runs them beside Tailored's, two at a time), and a rerun of compare training
+nothing."""
 import json
 import os
 import re
