@@ -21,7 +21,8 @@ import subprocess
 import sys
 
 import data
-from tinythinker import WORLD
+from t5 import atomic_write
+from world import PRESETS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = os.path.join("runs", "ablation")
@@ -70,7 +71,7 @@ def control(run_dir, seed):
         steps, validations = reflect_budget(run_dir)
         run("tinythinker.py", "--phase", "acquire", "--model", os.path.join(run_dir, "best"), "--out", out,
             "--seed", str(seed), "--steps", str(steps), "--eval-every", str(math.ceil(steps / max(validations, 1))),
-            "--batch-size", str(WORLD["reflect"]["batch_size"]), "--lr", str(WORLD["reflect"]["lr"]))
+            "--batch-size", str(PRESETS["reflect"]["batch_size"]), "--lr", str(PRESETS["reflect"]["lr"]))
     return out
 
 
@@ -134,8 +135,7 @@ def write_benchmarks(table, begin, end, heading):
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: table, text, flags=re.S)
     else:
         text += f"\n## {heading}\n\n{table}\n"
-    with open("BENCHMARKS.md", "w") as f:
-        f.write(text)
+    atomic_write("BENCHMARKS.md", text.encode())
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ same device and precision, in one process.
     python bench.py --only chain --chain-samples 10 --chain-pass analyze --data-dir /work/shared/datasets
     python bench.py --only dpo --sizes small --data-dir /work/shared/datasets     # reflect's DPO step
     python bench.py --only project --data-dir /work/shared/datasets  # the whole method's wall time, projected
+    python bench.py --only ranks --repeats 2   # one reflect iteration of runs/world on 1 and 2 processes
 
 Method: transformers builds the model (its own random initialisation) and saves it; ours loads those files. Each
 measurement runs a warm-up, then alternates ours / theirs (the order flipped every repeat, so load from other processes
@@ -30,6 +31,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -44,7 +46,7 @@ from transformers import T5ForConditionalGeneration
 import data
 import dpo
 import evaluate
-from t5 import T5, Tokenizer
+from t5 import T5, Tokenizer, atomic_write
 
 SIZES = {"small": dict(d_model=512, d_ff=2048, num_heads=8, num_layers=6),  # original T5 configs: relu, tied
          "base": dict(d_model=768, d_ff=3072, num_heads=12, num_layers=12)}
@@ -117,6 +119,7 @@ def generate_call(model, impl, ids, mask, new_tokens, variant):
     model.eval()
     if impl == "ours":
         model.config.eos_token_id = -1
+        model.amp_dtype = torch.bfloat16 if ids.device.type == "cuda" else None  # generate autocasts by itself
         return lambda: model.generate(ids, mask, max_new_tokens=new_tokens, compiled=variant == "compile")
     static = dict(cache_implementation="static") if variant == "compile" else {}
     def call():
@@ -422,9 +425,10 @@ class TheirsForChains(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample=False, temperature=1.0):
+    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample=False, temperature=1.0, top_k=0,
+                 generator=None):  # transformers takes no generator: its samples come from torch's global one
         return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                   do_sample=do_sample, temperature=temperature, top_k=0, top_p=1.0)[:, 1:]
+                                   do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=1.0)[:, 1:]
 
 
 def chain_setup(model, tokenizer, stage_hazards, log):
@@ -590,8 +594,7 @@ def save_projection(run, out, markdown):
     sizes = {size for size, _ in run["rates"]}
     runs = [r for r in saved.get("projections", []) if key(r) != key(run) or not sizes & {s for s, _ in r["rates"]}]
     saved["projections"] = runs = runs + [run]
-    Path(f"{out}.tmp").write_text(json.dumps(saved, indent=1))
-    os.replace(f"{out}.tmp", out)
+    atomic_write(out, json.dumps(saved, indent=1).encode())
     out = [PROJECTION_BEGIN]
     for run in runs:
         m = run["machine"]
@@ -610,8 +613,8 @@ def save_projection(run, out, markdown):
     if PROJECTION_BEGIN not in text:
         text += f"\n{PROJECTION_BEGIN}\n{PROJECTION_END}\n"
     head, rest = text.split(PROJECTION_BEGIN, 1)
-    Path(f"{markdown}.tmp").write_text(head + "\n".join(out + ["", PROJECTION_END]) + rest.split(PROJECTION_END, 1)[1])
-    os.replace(f"{markdown}.tmp", markdown)
+    text = head + "\n".join(out + ["", PROJECTION_END]) + rest.split(PROJECTION_END, 1)[1]
+    atomic_write(markdown, text.encode())
 
 
 def machine(device):
@@ -692,20 +695,55 @@ def save(run, out, markdown):
     for old in saved["runs"]:
         old["rows"] = [r for r in old["rows"] if key(old, r) not in measured]
     saved["runs"] = runs = [r for r in saved["runs"] if r["rows"]] + [run]
-    Path(f"{out}.tmp").write_text(json.dumps(saved, indent=1))
-    os.replace(f"{out}.tmp", out)
+    atomic_write(out, json.dumps(saved, indent=1).encode())
     text = Path(markdown).read_text() if Path(markdown).exists() else f"# Benchmarks\n\n{MARK_BEGIN}\n{MARK_END}\n"
     if MARK_BEGIN not in text:
         text += f"\n{MARK_BEGIN}\n{MARK_END}\n"
     head, rest = text.split(MARK_BEGIN, 1)
-    Path(f"{markdown}.tmp").write_text(head + render(runs) + rest.split(MARK_END, 1)[1])
-    os.replace(f"{markdown}.tmp", markdown)
+    atomic_write(markdown, (head + render(runs) + rest.split(MARK_END, 1)[1]).encode())
+
+
+RANKS_BEGIN, RANKS_END = "<!-- ranks: written by bench.py --only ranks -->", "<!-- end of ranks -->"
+
+
+def bench_ranks(args):
+    """One reflect iteration of a world run (--run, the README's first command makes runs/world) as one process with
+    every core's threads, then as two torchrun processes with half each, alternating; median wall seconds of each and
+    their ratio, written into BENCHMARKS.md between RANKS_BEGIN and RANKS_END."""
+    cores, seconds = os.cpu_count(), {1: [], 2: []}
+    launchers = {1: [sys.executable], 2: [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                          "--nproc_per_node", "2"]}
+    for repeat in range(args.repeats):
+        for procs in (1, 2) if repeat % 2 == 0 else (2, 1):
+            with tempfile.TemporaryDirectory() as tmp:
+                run_dir = os.path.join(tmp, "run")
+                shutil.copytree(args.run, run_dir, ignore=shutil.ignore_patterns("reflect", "state.pt"))
+                start = time.perf_counter()
+                script = str(Path(__file__).parent / "tinythinker.py")
+                subprocess.run([*launchers[procs], script, "--phase", "reflect", "--from", run_dir,
+                                "--iterations", "1"], check=True, capture_output=True,
+                               env={**os.environ, "OMP_NUM_THREADS": str(max(1, cores // procs))})
+                seconds[procs].append(time.perf_counter() - start)
+                print(f"{procs} process(es): {seconds[procs][-1]:.1f} s", flush=True)
+    one, two = (statistics.median(seconds[p]) for p in (1, 2))
+    table = "\n".join([RANKS_BEGIN, f"`python {' '.join(sys.argv)}` on {machine(torch.device('cpu'))['cpu']}, "
+                        f"{cores} cores, {time.strftime('%Y-%m-%d')}:", "",
+                        "| processes | threads each | one reflect iteration (median of %d) |" % args.repeats,
+                        "|---|---|---|", f"| 1 | {cores} | {one:.1f} s |",
+                        f"| 2 (torchrun, gloo) | {max(1, cores // 2)} | {two:.1f} s ({one / two:.2f}x) |", RANKS_END])
+    text = Path(args.markdown).read_text()
+    if RANKS_BEGIN in text:
+        text = text.split(RANKS_BEGIN)[0] + table + text.split(RANKS_END, 1)[1]
+    else:
+        text += f"\n## Several processes\n\n{table}\n"
+    atomic_write(args.markdown, text.encode())
+    print(table)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default="train,generate,memory,chain,dpo",
-                   help="comma list of train, generate, memory, chain, dpo; or project alone")
+                   help="comma list of train, generate, memory, chain, dpo; or project alone; or ranks alone")
     p.add_argument("--sizes", default="small,base", help="comma list of small, base")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=32, help="training batch (sequences)")
@@ -728,6 +766,7 @@ def main():
                    "*_cot.json (default: data.py's folder, downloading the questions)")
     p.add_argument("--no-compile", action="store_true", help="CUDA: skip the torch.compile rows")
     p.add_argument("--profile", action="store_true", help="print torch.profiler top operators of each side")
+    p.add_argument("--run", default="runs/world", help="ranks: the acquired world run to reflect on")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--markdown", default="BENCHMARKS.md")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -736,7 +775,7 @@ def main():
     args.only = args.only.split(",")
     args.gen_batches = [int(b) for b in args.gen_batch.split(",")]
     args.gen_batch = args.gen_batches[-1]
-    benches = {"train", "generate", "memory", "chain", "dpo", "project"}
+    benches = {"train", "generate", "memory", "chain", "dpo", "project", "ranks"}
     if set(args.only) - benches or set(args.sizes.split(",")) - SIZES.keys():
         p.error(f"--only {','.join(args.only)} / --sizes {args.sizes}: expected train, generate, memory, chain, dpo / "
                 "small, base")
@@ -748,6 +787,8 @@ def main():
     run = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
            "machine": machine(device), "rows": []}
     start = time.perf_counter()
+    if args.only == ["ranks"]:
+        return bench_ranks(args)
     if args.only == ["project"]:
         run["rates"], run["hours"] = [], []
         for size in args.sizes.split(","):

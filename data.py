@@ -3,6 +3,16 @@
 Files live in the TinyThinker layout `{data_dir}/{name}/original/{file}` (so `data_dir` may point at a copy of the
 official repo's `datasets/` folder); missing files are fetched from the datasets' official public locations.
 
+Your own data set: `--data DIR` or `--data FILE.jsonl` in place of csqa/obqa/strategyqa.
+* JSONL, one question per line: {"id": str, "question": str, "choices": [{"label": "A", "text": str}, ...],
+  "answer": "B"}, with 2 to 5 options labelled A.. without gaps and the answer one of the labels.
+* DIR holds train.jsonl and, if you have them, valid.jsonl and test.jsonl; FILE.jsonl is a train.jsonl alone.
+* A split without its file is drawn from train (A11's seed): a permutation by random.Random(SPLIT_SEED) gives valid
+  its first tenth (at least one question) and test the next, whichever are missing; train keeps the rest in order.
+* An id is used once across the files: a question in two splits would be tested on what it was trained on.
+* It is named by dataset_name (DIR's basename, FILE's stem): teacher records go to {data_dir}/{that}/ and runs to
+  runs/{that}/, not into your folder.
+
 Decisions recorded here (METHOD section 9):
 * A11 splits: the official code draws the CSQA valid sample and the StrategyQA shuffle with no seed, so its splits
   cannot be reproduced; ours are drawn with `random.Random(SPLIT_SEED)` so they are the same on every machine.
@@ -14,6 +24,7 @@ Decisions recorded here (METHOD section 9):
 """
 import io
 import json
+import os
 import random
 import re
 import zipfile
@@ -23,7 +34,10 @@ from pathlib import Path
 import requests
 import torch
 
+from t5 import atomic_write
+
 LETTERS = "ABCDE"
+SPLITS = ("train", "valid", "test")
 SPLIT_SEED = 42
 DEFAULT_DIR = Path(__file__).resolve().parent / "data"
 
@@ -75,12 +89,6 @@ def _get(url: str, folder: Path) -> bytes:
     return response.content
 
 
-def _write(path: Path, content: bytes):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(content)
-    tmp.replace(path)  # atomic: a killed download leaves no half file that would later be read as data
-
-
 def download(name: str, data_dir=None) -> Path:
     """Fetch the official files of `name` that are not yet in `{data_dir}/{name}/original/`; return that folder."""
     folder = Path(data_dir or DEFAULT_DIR) / name / "original"
@@ -90,7 +98,7 @@ def download(name: str, data_dir=None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     if name == "csqa":
         for f in missing:
-            _write(folder / f, _get(CSQA_URL + FILES[name][f], folder))
+            atomic_write(folder / f, _get(CSQA_URL + FILES[name][f], folder))
         return folder
     url = OBQA_ZIP if name == "obqa" else STRATEGYQA_ZIP
     with zipfile.ZipFile(io.BytesIO(_get(url, folder))) as archive:
@@ -98,7 +106,7 @@ def download(name: str, data_dir=None) -> Path:
             members = [m for m in archive.namelist() if m == FILES[name][f] or m.endswith("/" + FILES[name][f])]
             if len(members) != 1:
                 raise FileNotFoundError(f"{url}: expected one member ending in {FILES[name][f]}, found {members}")
-            _write(folder / f, archive.read(members[0]))
+            atomic_write(folder / f, archive.read(members[0]))
     return folder
 
 
@@ -136,14 +144,21 @@ def _multiple_choice(obj, where: str) -> Question:
         raise DataError(f"{where}: not a multiple-choice record (a field of the wrong type)") from None
     if not (isinstance(qid, (str, int)) and isinstance(stem, str) and all(isinstance(x, str) for x in labels + texts)):
         raise DataError(f"{where}: id, stem and choice labels and texts must be strings")
+    return Question(str(qid), stem, _lettered(labels, texts, key, "answerKey", where), key)
+
+
+def _lettered(labels: tuple, texts: tuple, key, key_field: str, where: str) -> list[str]:
+    """The option texts in label order, once the labels are checked to be A.. without gaps and the key one of them."""
     if len(labels) < 2:
         raise DataError(f"{where}: {len(labels)} option(s); a question needs at least two")
+    if len(labels) > len(LETTERS):
+        raise DataError(f"{where}: {len(labels)} options; a question has at most {len(LETTERS)} ({LETTERS[0]} to "
+                        f"{LETTERS[-1]})")
     if "".join(sorted(labels)) != LETTERS[:len(labels)]:
         raise DataError(f"{where}: choice labels {''.join(labels)!r} are not A.. without gaps")
     if not isinstance(key, str) or key not in labels:
-        raise DataError(f"{where}: answerKey {key!r} is not one of the labels {''.join(sorted(labels))}")
-    order = sorted(range(len(labels)), key=labels.__getitem__)
-    return Question(str(qid), stem, [texts[i] for i in order], key)
+        raise DataError(f"{where}: {key_field} {key!r} is not one of the labels {''.join(sorted(labels))}")
+    return [texts[i] for i in sorted(range(len(labels)), key=labels.__getitem__)]
 
 
 def _unique(questions: list[Question], where: list[str], path: Path) -> list[Question]:
@@ -189,16 +204,110 @@ def _read_strategyqa(path: Path) -> list[Question]:
     return _unique(questions, [f"item {i}" for i in range(len(items))], path)
 
 
+OWN_FIELDS = {"id": str, "question": str, "choices": list, "answer": str}
+
+
+def _own_question(obj, where: str) -> Question:
+    """A line of your own data set (layout in the module docstring), each field checked and named when wrong."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: not a JSON object")
+    for field, kind in OWN_FIELDS.items():
+        if field not in obj:
+            raise DataError(f"{where}: no field {field!r}")
+        if not isinstance(obj[field], kind) or not obj[field]:
+            raise DataError(f"{where}: field {field!r} must be a non-empty {kind.__name__}, not "
+                            f"{json.dumps(obj[field], ensure_ascii=False)[:40]}")
+    for i, choice in enumerate(obj["choices"]):
+        if not (isinstance(choice, dict) and isinstance(choice.get("label"), str)
+                and isinstance(choice.get("text"), str) and choice["text"]):
+            raise DataError(f"{where}: field 'choices' item {i} must be {{\"label\": str, \"text\": non-empty str}}")
+    labels, texts = tuple(c["label"] for c in obj["choices"]), tuple(c["text"] for c in obj["choices"])
+    return Question(obj["id"], obj["question"], _lettered(labels, texts, obj["answer"], "answer", where), obj["answer"])
+
+
+def _read_own(path: Path, seen: dict[str, str]) -> list[Question]:
+    """The questions of one file of your own data set; `seen` maps the ids of the files read before (and of this
+    file's lines read so far) to their file:line, so that an id used twice names both places."""
+    questions = []
+    for number, obj in jsonl_objects(path):
+        q = _own_question(obj, f"{path}:{number}")
+        if q.id in seen:
+            raise DataError(f"{path}:{number}: field 'id' {q.id!r} is used already at {seen[q.id]}")
+        seen[q.id] = f"{path}:{number}"
+        questions.append(q)
+    if not questions:
+        raise DataError(f"{path}: no questions")
+    return questions
+
+
+def _load_own(path: Path, split: str) -> list[Question]:
+    """One split of your own data set: its file, or else drawn from train (the module docstring says how)."""
+    files = {s: path / f"{s}.jsonl" for s in SPLITS} if path.is_dir() else {"train": path}
+    if not files["train"].is_file():
+        raise DataError(f"{path}: no train.jsonl; your own data set holds train.jsonl, and valid.jsonl and test.jsonl "
+                        "if you have them")
+    seen = {}
+    splits = {s: _read_own(f, seen) for s, f in files.items() if f.is_file()}
+    train, missing = splits["train"], [s for s in SPLITS if s not in splits]
+    k = max(1, len(train) // 10)
+    if len(train) <= k * len(missing):
+        raise DataError(f"{files['train']}: {len(train)} question(s) are too few to draw {' and '.join(missing)} "
+                        f"from; it needs at least {k * len(missing) + 1}")
+    order = random.Random(SPLIT_SEED).sample(range(len(train)), k=len(train))
+    for i, s in enumerate(missing):
+        splits[s] = [train[j] for j in sorted(order[i * k:(i + 1) * k])]
+    taken = set(order[:k * len(missing)])
+    splits["train"] = [q for j, q in enumerate(train) if j not in taken]
+    return splits[split]
+
+
+def is_own(name: str) -> bool:
+    """Whether --data names your own data set: no built-in name, and an existing directory or .jsonl file."""
+    path = Path(name)
+    own = path.is_dir() or path.suffix == ".jsonl" and path.is_file()
+    return bool(name) and name not in (*FILES, "world") and own
+
+
+def _short_name(path: str) -> str:
+    """Your own data set's directory basename or file stem."""
+    path = Path(os.path.abspath(path))  # abspath, not resolve: a symlinked folder keeps the name it was given
+    return path.name if path.is_dir() else path.stem
+
+
+def check_name(name: str):
+    """One line for a --data that names no data set, or your own named like a built-in one (their teacher records
+    and runs would mix); "world" passes (its callers build it, it has no files)."""
+    if name == "world" or name in FILES:
+        return
+    if not is_own(name):
+        raise DataError(f"--data must be one of world, {', '.join(FILES)} or a directory or .jsonl file of your own "
+                        f"questions, not {name!r}")
+    if _short_name(name) in (*FILES, "world"):
+        raise DataError(f"{name}: your own data set cannot be called {_short_name(name)!r}, a built-in data set's "
+                        "name; rename it")
+
+
+def dataset_name(name: str) -> str:
+    """The folder name of a data set's teacher records ({data_dir}/{it}/) and runs (runs/{it}/): a built-in name
+    as it is, your own data set's directory basename or file stem."""
+    check_name(name)
+    return _short_name(name) if is_own(name) else name
+
+
 def load(name: str, split: str, data_dir=None) -> list[Question]:
     """The splits of METHOD 2 (train/valid/test), drawn with SPLIT_SEED where the official code drew unseeded.
 
     csqa: valid = a random sample of official train the size of official dev, train = the rest (file order),
     test = official dev. obqa: official train/dev/test. strategyqa: shuffle, then 80% / 10% / the rest.
+    Your own data set (a path; data_dir is not used): its files, the missing splits drawn from train.
     """
-    if split not in ("train", "valid", "test"):
+    if split not in SPLITS:
         raise ValueError(f"split must be train, valid or test, not {split!r}")
+    if is_own(name):
+        return _load_own(Path(name), split)
     if name not in FILES:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(FILES)}")
+        check_name(name)
+        raise ValueError("the world is built by world.py; data.load reads the data sets that have files")
     folder = download(name, data_dir)
     rng = random.Random(SPLIT_SEED)
     if name == "csqa":
@@ -216,6 +325,21 @@ def load(name: str, split: str, data_dir=None) -> list[Question]:
     n_train, n_valid = len(questions) * 8 // 10, len(questions) // 10
     bounds = {"train": (0, n_train), "valid": (n_train, n_train + n_valid), "test": (n_train + n_valid, None)}[split]
     return questions[slice(*bounds)]
+
+
+def read_jsonl(path) -> list[dict]:
+    """The rows of a JSONL file, each a JSON object (DataError names the file and line of one that is not)."""
+    rows = []
+    for number, row in jsonl_objects(path):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: not a JSON object")
+        rows.append(row)
+    return rows
+
+
+def write_jsonl(path, rows: list[dict]):
+    """Rows as JSONL in UTF-8, written atomically (t5.atomic_write): a killed run leaves the old file or the new."""
+    atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
 
 
 # ---------------------------------------------------------------- stage text formats (METHOD 4, 6)
@@ -303,19 +427,11 @@ def stage_examples(records: list[dict], stages: str) -> dict[str, list[tuple[str
 
 # ---------------------------------------------------------------- batching (METHOD 5.1)
 
-def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length=False) -> list[list[int]]:
-    """The batches of one epoch as index lists: a permutation drawn from (seed, epoch) alone, so a resumed run can
-    rebuild the epoch and skip to batch k. With group_by_length, chunks of 50 batches of the permutation are sorted
-    by length before cutting (less padding), and the batch order is shuffled again so lengths do not trend."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    if group_by_length:
-        chunk = 50 * batch_size  # a multiple of batch_size: only the very last batch can be short
-        order = [i for s in range(0, len(order), chunk) for i in sorted(order[s:s + chunk], key=lambda i: -lengths[i])]
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    if group_by_length:
-        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-    return batches
+def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch of n examples as index lists: a permutation drawn from (seed, epoch) alone, so a
+    resumed run can rebuild the epoch and skip to batch k."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    return [order[s:s + batch_size] for s in range(0, n, batch_size)]
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int = 0):
@@ -327,7 +443,7 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int = 0):
     return input_ids, attention_mask, labels
 
 
-# ---------------------------------------------------------------- chain of thought (Tailored Learning, METHOD 11.2)
+# ---------------------------------------------------------------- chain of thought (Tailored Learning, METHOD 10.2)
 
 def yes_no(q: Question) -> bool:
     """StrategyQA as _read_strategyqa builds it: options yes (A) and no (B)."""
@@ -350,7 +466,7 @@ def cot_target(rationale: str, q: Question) -> str:
 
 
 def parse_cot(text: str, q: Question) -> str | None:
-    """The letter a chain-of-thought text answers (METHOD 11.2); None when nothing parses (counted wrong).
+    """The letter a chain-of-thought text answers (METHOD 10.2); None when nothing parses (counted wrong).
     Multiple choice: the first "(x)" of the first line. Yes/no: the first yes/no after "Answer:", else the last one."""
     if yes_no(q):
         after = text.rsplit("Answer:", 1)[1] if "Answer:" in text else ""

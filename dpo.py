@@ -6,6 +6,7 @@ The builders are pure functions: the sampling loop that produces the chains live
 """
 from collections import defaultdict
 
+import torch
 import torch.nn.functional as F
 
 from data import LETTERS, Chain, analyze_input, collate, recall_input, summary_target
@@ -58,6 +59,14 @@ def concatenated_logprobs(model, input_ids, attention_mask, labels):
     chosen_nll = -logps[:n].sum() / (labels[:n] != -100).sum()
     sequence = logps.sum(-1)
     return sequence[:n], sequence[n:], chosen_nll
+
+
+@torch.no_grad()
+def reference_logprobs(model, batch, device):
+    """[B, 2]: log pi_ref(chosen|prompt), log pi_ref(rejected|prompt) of a batch of tokenized pairs, on the CPU;
+    computed once per iteration, before the policy moves."""
+    chosen, rejected, _ = concatenated_logprobs(model, *collate_pairs(batch, device))
+    return torch.stack([chosen, rejected], 1).float().cpu()
 
 
 # -----------------------------------------------------------------------------

@@ -6,9 +6,9 @@ separate lm_head). Reads top to bottom in the order of the math: config, RMSNorm
 attention, feed-forward, block, stack, model (forward, loss, generate); then checkpoint files (safetensors read and
 written by hand, Hub download with requests) and the sentencepiece tokenizer.
 
-Precision: fp32 on CPU; on CUDA the forward and generate run under bf16 autocast (RMSNorm statistics, softmax and the
-loss stay fp32), or in fp32 with model.amp_dtype = None. fp16 is allowed but warned about: T5's feed-forward
-activations overflow it.
+Precision: the weights' dtype (fp32) unless model.amp_dtype names an autocast dtype, bf16 or fp16, on CPU or CUDA
+(RMSNorm statistics, softmax and the loss stay fp32). In fp16 each block clamps its hidden states to fp16's range, as
+transformers does: T5's feed-forward activations overflow it.
 """
 
 import contextlib
@@ -140,8 +140,8 @@ def attention(q, k, v, bias, dropout_p, sdpa):
 
 
 def embedding(rows, dim):
-    """nn.Embedding, but no draw on the meta device, where from_pretrained builds: there normal_ imports torch._dynamo,
-    3.6 s of every evaluate.py start. Elsewhere it draws what nn.Embedding draws, so a seed keeps its weights."""
+    """nn.Embedding without a draw on the meta device, where from_pretrained builds (a meta normal_ imports the slow
+    torch._dynamo); elsewhere the draw nn.Embedding makes, so a seed keeps its weights."""
     weight = torch.empty(rows, dim)
     if not weight.is_meta:
         nn.init.normal_(weight)
@@ -177,7 +177,7 @@ class T5Attention(nn.Module):
         for attention and gathers back (the real tokens of a padded batch, or the decoding copies of each prompt)."""
         q = self.split_heads(self.q(x) if rows is None else rows.unpack(self.q(x)))
         # SDPA wherever it is valid: not in fp16, where the float32-min mask becomes -inf and a fully masked row NaN;
-        # and not for training on CPU, where the eager form runs its backward ~10% faster (measured, t5-small shape).
+        # and not for training on CPU, where the eager form's backward is faster.
         sdpa = q.dtype != torch.float16 and (q.is_cuda or not torch.is_grad_enabled())
         out = attention(q, k, v, bias, self.dropout if self.training else 0.0, sdpa).transpose(1, 2)
         out = out.reshape(*out.shape[:2], -1)
@@ -209,40 +209,43 @@ class T5Block(nn.Module):
     """Pre-norm residual sublayers, h = h + dropout(f(RMSNorm(h))), for f = self-attention, cross-attention
     (decoder only), feed-forward. layer[i] holds f and its layer_norm under transformers' names."""
 
-    def __init__(self, config, is_decoder, has_relative_attention_bias):
+    def __init__(self, config, is_decoder, layer_idx):
         super().__init__()
         norm = lambda: T5LayerNorm(config.d_model, config.layer_norm_epsilon)  # noqa: E731
-        sublayers = [nn.ModuleDict({"SelfAttention": T5Attention(config, has_relative_attention_bias),
+        sublayers = [nn.ModuleDict({"SelfAttention": T5Attention(config, has_relative_attention_bias=layer_idx == 0),
                                     "layer_norm": norm()})]
         if is_decoder:
             sublayers.append(nn.ModuleDict({"EncDecAttention": T5Attention(config), "layer_norm": norm()}))
         sublayers.append(nn.ModuleDict({"DenseReluDense": T5DenseReluDense(config), "layer_norm": norm()}))
         self.layer = nn.ModuleList(sublayers)
         self.dropout = nn.Dropout(config.dropout_rate)
+        self.layer_idx = layer_idx
 
-    def forward(self, h, bias, cross_kv=None, cross_mask=None, cache=None, position=None, rows=None,
-                cross_rows=None):
-        """cache: this block's static (k, v) buffers [B, H, max_len, d_kv] when decoding the token at `position`.
-        rows: h holds only the real tokens of these Rows; every sublayer but attention is per token. cross_rows:
-        where h's rows sit among cross_kv's prompts, if not `rows` (T5.generate's copies of one prompt)."""
+    def forward(self, h, bias, cross_kv=None, cross_mask=None, cache=None, rows=None, cross_rows=None):
+        """cache: a KVCache when decoding one token. rows: h holds only the real tokens of these Rows; every sublayer
+        but attention is per token. cross_rows: where h's rows sit among cross_kv's prompts, if not `rows`
+        (T5.generate's copies of one prompt)."""
         attn = self.layer[0]
         x = attn.layer_norm(h)
         k, v = attn.SelfAttention.project_kv(x, rows)
-        if torch.is_tensor(position):  # StaticDecoder: fixed shapes, the whole cache, the future masked by `bias`
-            cache[0].index_copy_(2, position, k)
-            cache[1].index_copy_(2, position, v)
-            k, v = cache
-        elif cache is not None:  # write the new key/value at `position`, attend to positions 0..position
-            cache[0][:, :, position:position + 1] = k
-            cache[1][:, :, position:position + 1] = v
-            k, v = cache[0][:, :, :position + 1], cache[1][:, :, :position + 1]
-        h = h + self.dropout(attn.SelfAttention(x, k, v, bias, rows))
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        h = self.residual(h, attn.SelfAttention(x, k, v, bias, rows))
         if cross_kv is not None:
             cross = self.layer[1]
-            h = h + self.dropout(cross.EncDecAttention(cross.layer_norm(h), *cross_kv, cross_mask,
+            h = self.residual(h, cross.EncDecAttention(cross.layer_norm(h), *cross_kv, cross_mask,
                                                        rows if cross_rows is None else cross_rows))
         ff = self.layer[-1]
-        return h + self.dropout(ff.DenseReluDense(ff.layer_norm(h)))
+        return self.residual(h, ff.DenseReluDense(ff.layer_norm(h)))
+
+    def residual(self, h, out):
+        """h + dropout(out), clamped to fp16's range less 1000 when `out` was computed in fp16, as transformers does:
+        T5's activations overflow fp16 (transformers#9295), and an inf turns into NaN at the next RMSNorm."""
+        h = h + self.dropout(out)
+        if out.dtype == torch.float16:
+            bound = torch.finfo(torch.float16).max - 1000
+            h = h.clamp(-bound, bound)
+        return h
 
 
 class T5Stack(nn.Module):
@@ -252,7 +255,7 @@ class T5Stack(nn.Module):
     def __init__(self, config, is_decoder):
         super().__init__()
         n = config.num_decoder_layers if is_decoder else config.num_layers
-        self.block = nn.ModuleList(T5Block(config, is_decoder, i == 0) for i in range(n))
+        self.block = nn.ModuleList(T5Block(config, is_decoder, i) for i in range(n))
         self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
         self.is_decoder = is_decoder
@@ -274,21 +277,17 @@ class T5Stack(nn.Module):
         """Keys and values of every block's cross-attention, computed once from the encoder output."""
         return [block.layer[1].EncDecAttention.project_kv(encoder_states) for block in self.block]
 
-    def forward(self, h, bias, cross_kv=None, cross_mask=None, cache=None, position=None, rows=None,
-                cross_rows=None):
+    def forward(self, h, bias, cross_kv=None, cross_mask=None, cache=None, rows=None, cross_rows=None):
         h = self.dropout(h)
         for i, block in enumerate(self.block):
-            h = block(h, bias, cross_kv and cross_kv[i], cross_mask, cache and cache[i], position, rows, cross_rows)
+            h = block(h, bias, cross_kv and cross_kv[i], cross_mask, cache, rows, cross_rows)
         return self.dropout(self.final_layer_norm(h))
 
 
 class Rows:
     """The real positions of a padded [B, T] batch. The linear layers, norms and dropout run on those N tokens only,
-    packed as [N, d]; attention scatters them back to [B, T] (the unpadding of ModernBERT and MosaicBERT). Padded keys
-    are masked (encoder) or in the future (decoder), so their zeros never reach a real token. Training step on CPU,
-    t5-small, 16 x (200 + 100), rows padded to between half and all of it: 1.37-1.43x transformers' (bench.py train).
-    In a one-off comparison at 8 x (200 + 100) (19% / 16% padding): 5.06 s with lm_head on every position, 4.79 s with
-    lm_head and loss on the labelled positions only, 4.32 s unpadded throughout."""
+    packed as [N, d]; attention scatters them back to [B, T] (the unpadding of ModernBERT and MosaicBERT), so padding
+    costs no work. Padded keys are masked (encoder) or in the future (decoder): their zeros never reach a real token."""
 
     def __init__(self, keep):
         self.shape = keep.shape
@@ -305,9 +304,7 @@ class Rows:
     def copies(cls, prompt):
         """The [P, G] grid of decoding rows whose prompts are `prompt` (sorted ids 0..P-1, every one present): row p
         holds prompt p's copies, G the most copies of any prompt. Cross-attention then reads each prompt's keys and
-        values once for all its copies, as G queries (no position bias or causal mask there, so the same sums).
-        Reflect's analyze pass, whose every prompt has 10 copies, went from 1.69x to 2.08x transformers' on CPU
-        (t5-small, bench.py chain --chain-samples 10 --chain-pass analyze)."""
+        values once for all its copies, as G queries (no position bias or causal mask there, so the same sums)."""
         count = torch.bincount(prompt)
         copy = torch.arange(len(prompt), device=prompt.device) - (count.cumsum(0) - count)[prompt]
         keep = torch.zeros(len(count), int(count.max()), dtype=torch.bool, device=prompt.device)
@@ -327,21 +324,16 @@ def additive_mask(attention_mask):
     return (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
 
 
-def sample(logits, temperature, top_k, top_p):
-    """One token per row from softmax(logits / temperature), restricted to the top_k most likely tokens and to the
-    smallest set whose probability reaches top_p. Drawn as argmax(p / E) with E ~ Exp(1) (the exponential race,
-    same distribution as multinomial) so no host sync is needed."""
+def sample(logits, temperature, top_k, generator=None):
+    """One token per row from softmax(logits / temperature), restricted to the top_k most likely tokens (0: all).
+    Drawn as argmax(p / E), E ~ Exp(1) from `generator` (the exponential race: multinomial's distribution without
+    its host sync)."""
     logits = logits.float() / temperature
     if top_k:
         kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        beyond = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(beyond, -math.inf))
     probs = logits.softmax(-1)
-    return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
+    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(-1)
 
 
 PREFILL_TOKENS = 1024  # CPU: the encoder's chunk in generate (T5.prefill)
@@ -354,31 +346,79 @@ def keep_rows(buffer, keep, length):
     return buffer[:len(keep)]
 
 
+class KVCache:
+    """Self-attention keys and values of every decoder block, [rows, H, max_len, d_kv] buffers written by index as
+    gpt-fast's are; a block calls update(k, v, layer_idx), transformers' Cache protocol. Step t (`at(t)`) writes
+    position t and attends to positions 0..t, with row t of the decoder's position bias."""
+
+    def __init__(self, model, rows, max_len, dtype):
+        c, device = model.config, model.shared.weight.device
+        self.k, self.v = ([torch.empty(rows, c.num_heads, max_len, c.d_kv, dtype=dtype, device=device)
+                           for _ in model.decoder.block] for _ in "kv")
+        self.bias = model.decoder.position_bias(max_len)
+        self.t = 0
+
+    def at(self, t):
+        self.t = t
+        return self
+
+    def position_bias(self):
+        return self.bias[:, :, self.t:self.t + 1, :self.t + 1]
+
+    def update(self, k, v, layer_idx):
+        """Write block layer_idx's key and value [rows, H, 1, d_kv] at position t; its keys and values 0..t."""
+        t, cache_k, cache_v = self.t, self.k[layer_idx], self.v[layer_idx]
+        cache_k[:, :, t:t + 1] = k
+        cache_v[:, :, t:t + 1] = v
+        return cache_k[:, :, :t + 1], cache_v[:, :, :t + 1]
+
+    def keep(self, rows):
+        """Keep only `rows`, moved to the front of the same buffers, so a row's arithmetic is unchanged."""
+        self.k, self.v = ([keep_rows(b, rows, self.t + 1) for b in buffers] for buffers in (self.k, self.v))
+
+
+class StaticKVCache(KVCache):
+    """KVCache in the fixed shapes a CUDA graph replays: the position is a tensor (an int would recompile every step),
+    and attention reads all max_len positions, the future masked by the position bias. Zeroed: 0 * NaN from empty
+    memory would still be NaN."""
+
+    def __init__(self, model, rows, max_len, dtype):
+        super().__init__(model, rows, max_len, dtype)
+        for buffer in self.k + self.v:
+            buffer.zero_()
+        self.position = torch.zeros(1, dtype=torch.long, device=self.bias.device)
+
+    def at(self, t):
+        self.position.fill_(t)
+        return self
+
+    def position_bias(self):
+        return self.bias.index_select(2, self.position)
+
+    def update(self, k, v, layer_idx):
+        self.k[layer_idx].index_copy_(2, self.position, k)
+        self.v[layer_idx].index_copy_(2, self.position, v)
+        return self.k[layer_idx], self.v[layer_idx]
+
+
 COMPILE_OPTIONS = dict(mode="reduce-overhead", fullgraph=True)  # StaticDecoder's step; on CUDA: CUDA graphs
 
 
 class StaticDecoder:
-    """gpt-fast's decode path, for small batches on a GPU, where a step is ~100 kernel launches of little work each.
+    """gpt-fast's decode path, for small batches on a GPU, where a step is many kernel launches of little work each.
     Every tensor the step reads sits at a fixed address in a fixed shape (each block's cross-attention keys/values,
-    the mask, the self-attention caches of all max_new_tokens positions, the position), so the torch.compile'd step
-    (COMPILE_OPTIONS) is captured once as a CUDA graph and replayed as one launch. The step attends to the whole
-    cache, the future masked by the decoder's position bias, instead of a slice that grows; the caches start at zero
-    so the unwritten future is finite (a stale value from an earlier call is masked the same way). Finished rows stay
-    in the batch. One per shape (rows, prompt length, max_new_tokens) and dtype, kept by the model: a new shape
-    compiles anew."""
+    the mask, a StaticKVCache), so the torch.compile'd step (COMPILE_OPTIONS) is captured once as a CUDA graph and
+    replayed as one launch. Finished rows stay in the batch. One per shape (rows, prompt length, max_new_tokens) and
+    dtype, kept by the model: a new shape compiles anew; a stale cache from an earlier call is masked as the future."""
 
     def __init__(self, model, cross_kv, mask, max_new_tokens):
-        c, (rows, dtype, device) = model.config, (mask.shape[0], cross_kv[0][0].dtype, mask.device)
-        self.model = model
         self.cross_kv = [(torch.empty_like(k), torch.empty_like(v)) for k, v in cross_kv]  # filled by load
         self.mask = torch.empty_like(mask)
-        self.cache = [tuple(torch.zeros(rows, c.num_heads, max_new_tokens, c.d_kv, dtype=dtype, device=device)
-                            for _ in "kv") for _ in model.decoder.block]
-        self.bias = model.decoder.position_bias(max_new_tokens)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
-        for tensor in [self.mask, self.bias, self.position, *sum(self.cross_kv + self.cache, ())]:
+        self.cache = cache = StaticKVCache(model, len(mask), max_new_tokens, cross_kv[0][0].dtype)
+        for tensor in [self.mask, cache.bias, cache.position, *cache.k, *cache.v, *sum(self.cross_kv, ())]:
             torch._dynamo.mark_static_address(tensor)  # inputs a CUDA graph may keep and write, not copy
-        self.step = torch.compile(self.logits, **COMPILE_OPTIONS)
+        self.step = torch.compile(lambda token: model.decode_step(token, cache, self.cross_kv, self.mask),
+                                  **COMPILE_OPTIONS)
 
     def load(self, cross_kv, mask):
         for (k, v), (new_k, new_v) in zip(self.cross_kv, cross_kv):
@@ -387,15 +427,9 @@ class StaticDecoder:
         self.mask.copy_(mask)
         return self
 
-    def logits(self, token):
-        m = self.model
-        h = m.decoder(m.shared(token[:, None]), self.bias.index_select(2, self.position), self.cross_kv, self.mask,
-                      self.cache, self.position)
-        return m.lm_logits(h[:, 0])
-
     def __call__(self, token, t):
         """logits [rows, vocab] of the token at position t, given tokens 0..t-1 of this call."""
-        self.position.fill_(t)
+        self.cache.at(t)
         torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are no longer read
         return self.step(token)
 
@@ -449,13 +483,13 @@ class T5(nn.Module):
                         getattr(m, name).weight.normal_(0, c.d_model ** -0.5)
                 m.wo.weight.normal_(0, c.d_ff ** -0.5)
 
-    amp_dtype = torch.bfloat16  # the autocast dtype on CUDA; None computes in the weights' dtype (fp32 training)
+    amp_dtype = None  # forward's and generate's autocast dtype (bf16 or fp16, CPU or CUDA); None: the weights' dtype
 
     def autocast(self, device):
-        """Autocast to amp_dtype on CUDA, unless it is None or the caller already opened an autocast of its own."""
-        if device.type != "cuda" or self.amp_dtype is None or torch.is_autocast_enabled("cuda"):
+        """Autocast to amp_dtype on `device`, unless it is None or the caller already opened an autocast there."""
+        if self.amp_dtype is None or torch.is_autocast_enabled(device.type):
             return contextlib.nullcontext()
-        return torch.autocast("cuda", self.amp_dtype)
+        return torch.autocast(device.type, self.amp_dtype)
 
     def encode(self, input_ids, attention_mask):
         """Encoder output [B, S, d_model] and the additive padding mask [B, 1, 1, S] for attending to it."""
@@ -506,31 +540,34 @@ class T5(nn.Module):
         rows of input_ids, their additive mask [P, 1, 1, S], and the prompt of each row [B]. Identical prompts are
         encoded and projected once: reflect samples every chain `samples` times (METHOD 7.1), so its sampling passes
         repeat each recall and each analyze prompt ten times. On CPU the encoder runs on chunks of about
-        PREFILL_TOKENS tokens, because a pass over a whole batch allocates intermediates of up to hundreds of MB,
-        which glibc maps fresh from the kernel every time and the kernel zero-fills page by page on first touch.
-        Measured with `python bench.py --only chain --sizes small --threads 1 --chain-questions 64 --repeats 1` on a
-        2-core Xeon, before and after: the summarize stage (prompts of ~360 tokens, 8 new) went from 1.10x to 1.69x
-        transformers', the whole chain from 1.31x to 1.51x. A GPU's caching allocator has no such cost, so there the
-        batch is encoded at once."""
+        PREFILL_TOKENS tokens: a pass over a whole batch allocates large intermediates, which glibc maps fresh from
+        the kernel every time and the kernel zero-fills page by page. A GPU's caching allocator has no such cost, so
+        there the batch is encoded at once."""
         prompts, prompt_of = torch.unique(torch.cat([input_ids, attention_mask], 1), dim=0, return_inverse=True)
         ids, real = prompts.split(input_ids.shape[1], 1)
         chunk = len(ids) if ids.is_cuda else max(1, PREFILL_TOKENS // ids.shape[1])
         states = torch.cat([self.encode(ids[i:i + chunk], real[i:i + chunk])[0] for i in range(0, len(ids), chunk)])
         return self.decoder.cross_kv(states), additive_mask(real), prompt_of
 
+    def decode_step(self, token, cache, cross_kv, cross_mask, cross_rows=None):
+        """logits [rows, vocab] of the token after `token` [rows], which sits at the cache's position."""
+        h = self.decoder(self.shared(token[:, None]), cache.position_bias(), cross_kv, cross_mask, cache,
+                         cross_rows=cross_rows)
+        return self.lm_logits(h[:, 0])
+
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=200, do_sample=False, temperature=1.0,
-                 top_k=0, top_p=1.0, num_return_sequences=1, compiled=False):
+                 top_k=0, num_return_sequences=1, compiled=False, generator=None):
         """Greedy or sampled decoding -> [B * n, L <= max_new_tokens] new tokens (no start token); the n rows of an
-        input are adjacent; each row ends with its </s> and is padded with 0 after it. Runs in eval mode.
+        input are adjacent; each row ends with its </s> and is padded with 0 after it. Runs in eval mode; every
+        sampled draw comes from `generator` (on the model's device) when given, else from torch's global one.
         Prefill (T5.prefill): the encoder runs once per distinct prompt and every block's cross-attention keys/values
-        are projected once. Decode: one token per step through static self-attention caches written by index; the
-        decoder position bias is computed once for all positions and step t reads its row t. The copies of a prompt
-        (n of each input, or repeated inputs) share its cross-attention keys and values (Rows.copies). Ragged:
-        finished rows leave the running batch (with their cache rows, and a prompt with its last copy), so the work
-        follows the rows still writing. The loop stops when every row has produced </s>. compiled: decode through
-        StaticDecoder's compiled fixed-shape step instead (every row to the end, each with its own copy of its
-        prompt's keys and values, CUDA graphs on a GPU), for small batches on a GPU."""
+        are projected once. Decode: one token per step through a KVCache. The copies of a prompt (n of each input, or
+        repeated inputs) share its cross-attention keys and values (Rows.copies). Ragged: finished rows leave the
+        running batch (with their cache rows, and a prompt with its last copy), so the work follows the rows still
+        writing. The loop stops when every row has produced </s>. compiled: decode through StaticDecoder's compiled
+        fixed-shape step instead (every row to the end, each with its own copy of its prompt's keys and values, CUDA
+        graphs on a GPU), for small batches on a GPU."""
         c = self.config
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -548,23 +585,14 @@ class T5(nn.Module):
                     self.static_decoders[shape] = StaticDecoder(self, cross_kv, mask, max_new_tokens)
                 static = self.static_decoders[shape].load(cross_kv, mask)
             else:
-                cache = [(torch.empty(rows, c.num_heads, max_new_tokens, c.d_kv, dtype=dtype, device=device),
-                          torch.empty(rows, c.num_heads, max_new_tokens, c.d_kv, dtype=dtype, device=device))
-                         for _ in self.decoder.block]
-                bias = self.decoder.position_bias(max_new_tokens)
-                copies = Rows.copies(prompt)
+                cache, copies = KVCache(self, rows, max_new_tokens, dtype), Rows.copies(prompt)
             out = input_ids.new_zeros(rows, max_new_tokens)
             done = torch.zeros(rows, dtype=torch.bool, device=device)
             token = out.new_full((rows,), c.decoder_start_token_id)
             idle = 0  # row-steps spent on finished rows since the last compaction
             for t in range(max_new_tokens):
-                if compiled:
-                    logits = static(token, t)
-                else:
-                    h = self.decoder(self.shared(token[:, None]), bias[:, :, t:t + 1, :t + 1], cross_kv, mask, cache, t,
-                                     cross_rows=copies)
-                    logits = self.lm_logits(h[:, 0])
-                token = sample(logits, temperature, top_k, top_p) if do_sample else logits.argmax(-1)
+                logits = static(token, t) if compiled else self.decode_step(token, cache.at(t), cross_kv, mask, copies)
+                token = sample(logits, temperature, top_k, generator) if do_sample else logits.argmax(-1)
                 token = token.masked_fill(done, c.pad_token_id)
                 out[running, t] = token
                 done |= token == c.eos_token_id
@@ -572,10 +600,7 @@ class T5(nn.Module):
                 if finished == len(done):
                     break
                 # Drop the finished rows once the steps they idled cost as much as copying the others' caches (about
-                # one step); moved to the front of the same buffers, so a row's arithmetic is unchanged. CPU,
-                # t5-small, greedy CSQA chains at batch 256 with real output and prompt lengths, with prefill's
-                # chunks: 1.54-1.67x transformers' (bench.py chain, 128 questions; 80-87% of the ideal, as a step's
-                # weight reads do not shrink with its rows).
+                # one step).
                 idle += finished
                 if idle >= len(done) * DROP_FINISHED_AFTER and not compiled:
                     keep = (~done).nonzero()[:, 0]
@@ -586,7 +611,7 @@ class T5(nn.Module):
                                     for k, v in cross_kv]
                         mask = mask[live]
                     copies = Rows.copies(prompt)
-                    cache = [(keep_rows(k, keep, t + 1), keep_rows(v, keep, t + 1)) for k, v in cache]
+                    cache.keep(keep)
                     idle = 0
         return out[:, :t + 1]
 
@@ -600,7 +625,9 @@ class T5(nn.Module):
         directory = resolve_model_directory(name_or_dir)
         config = T5Config.from_json(directory / "config.json")
         tensors, origin = read_checkpoint(directory)
-        for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+        aliases = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight") + \
+            ("lm_head.weight",) * config.tie_word_embeddings
+        for alias in aliases:
             if "shared.weight" not in tensors and alias in tensors:  # some files name the embedding only here
                 tensors["shared.weight"], origin["shared.weight"] = tensors[alias], origin[alias]
         if (config.tie_word_embeddings and "lm_head.weight" in tensors and "shared.weight" in tensors
@@ -656,9 +683,12 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "BOOL": torch.bool}
 
 
-def atomic_write(path, data):
+def atomic_write(path, content):
+    """Write `content` (bytes, or a function that writes into a binary file) to path.tmp, then rename it over path:
+    a killed writer leaves the old file or the new one, never half of one. The project's one writer of files."""
     tmp = Path(f"{path}.tmp")
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as f:
+        content(f) if callable(content) else f.write(content)
     os.replace(tmp, path)
 
 
@@ -725,12 +755,12 @@ def write_safetensors(path, tensors, metadata=None):
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = Path(f"{path}.tmp")
-    with open(tmp, "wb") as f:
+
+    def write(f):
         f.write(len(blob).to_bytes(8, "little") + blob)
         for t in tensors.values():
             f.write(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
-    os.replace(tmp, path)
+    atomic_write(path, write)
 
 
 def read_checkpoint(directory):
@@ -838,7 +868,7 @@ def hub_download(repo, filename):
             if not part.exists() or part.stat().st_size == have:  # no progress: give up
                 raise OSError(offline.format(e)) from None
     verify_download(part, url, size, digest)
-    os.replace(part, dest)
+    os.replace(part, dest)  # not atomic_write: the .part is a resumable download, renamed once it is verified
     return dest
 
 
@@ -907,7 +937,7 @@ class Tokenizer:
         """Train a BPE spm of at most `vocab_size` pieces with T5's ids on `texts` and save it as
         directory/spiece.model; the tokenizer's vocab_size adds the 100 sentinels. BPE rather than T5's unigram:
         on a small templated corpus (the embedded world) unigram stops far below `vocab_size` and splits common
-        words into characters, doubling sequence lengths; BPE keeps each frequent word one piece."""
+        words into characters; BPE keeps each frequent word one piece."""
         model = io.BytesIO()
         spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
                                        model_type="bpe", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,

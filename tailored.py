@@ -4,42 +4,43 @@
     python tailored.py --data csqa --rounds 3   # the LLM teacher through teacher.py's client and cache
     python evaluate.py runs/tailored_world      # every round's model, single-stage chain-of-thought decoding
 
-Round 1: the teacher writes chain-of-thought rationales for every training question (teacher.COT_N each); those whose
+Round 1: the teacher writes chain-of-thought rationales for every training question (COT_N each); those whose
 answer is the gold one are kept and the student is fine-tuned on them (standard distillation). Each later round:
 the student takes an exam (4 sampled rationales per training question, T 1.0, top-k 50); its wrong ones go back to
 the teacher with the gold answer, which corrects them; the student, from the previous round's model, trains on the
-corrections with L = L_LM + lam * L_SR (triplet.py). METHOD.md section 11 is the method, TL1..TL9 its adaptations to T5.
+corrections with L = L_LM + lam * L_SR (triplet.py). METHOD.md section 10 is the method, TL1..TL9 its adaptations to T5.
 """
 import argparse
 import dataclasses
 import json
 import os
-import sys
+import re
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 import data
 import evaluate
 import teacher
-import tinythinker
+import train
 import triplet
 import world
-from t5 import T5, Tokenizer
+from data import DEFAULT_DIR, Question
+from t5 import T5, Tokenizer, atomic_write
 
 
 @dataclass
 class Config:
-    data: str = "world"                 # world | csqa | obqa | strategyqa
-    data_dir: str = "data"
+    data: str = "world"                 # world | csqa | obqa | strategyqa | a directory or .jsonl of one's own
+    data_dir: str = str(DEFAULT_DIR)    # data set files and the teacher's cache, as tinythinker.py's
     model: str = "google-t5/t5-small"   # Hub id or local directory; "scratch" = a new T5 sized by world.MODEL
     out: str = ""                       # run directory (default runs/tailored_{data})
     resume: bool = False                # continue a killed round from its last state.pt
     seed: int = 42
-    rounds: int = 3                     # Figure 1 shows rounds 1-3 (METHOD 11.4)
+    rounds: int = 3                     # Figure 1 shows rounds 1-3 (METHOD 10.4)
     lam: float = 0.5                    # weight of L_SR; 0 = the LM loss alone (the paper's ablation)
     margin: float = 1.0
     sr_max_length: int = 192            # tokens of each triplet continuation
@@ -47,32 +48,27 @@ class Config:
     exam_temperature: float = 1.0
     exam_top_k: int = 50
     batch_size: int = 16                # the official effective batch (8 GPUs x 2)
-    lr: float = 3e-4                    # re-tuned for T5 (METHOD 11.8); the official 7e-6 was for GPT-J-6B
+    lr: float = 3e-4                    # re-tuned for T5 (METHOD 10.8); the official 7e-6 was for GPT-J-6B
     warmup: float = 0.1
-    epochs: int = 10                    # per round (METHOD 11.6)
+    epochs: int = 10                    # per round (METHOD 10.6)
     later_epochs: int = 0               # rounds 2..K; 0 = epochs
     later_lr: float = 0.0               # rounds 2..K; 0 = lr
     eval_every: int = 0                 # optimizer steps between validations; 0 = once per epoch
     grad_clip: float = 1.0
-    precision: str = "fp32"             # CUDA autocast dtype, as tinythinker's --precision (A20)
+    precision: str = "fp32"             # fp32 | bf16 | fp16: the autocast dtype, as tinythinker's --precision (A20)
     eval_batch_size: int = 256
-    max_new_tokens: int = 128           # the official StrategyQA cap; CSQA's is 96 (METHOD 11.7)
+    max_new_tokens: int = 128           # the official StrategyQA cap; CSQA's is 96 (METHOD 10.7)
     base_url: str = "https://api.openai.com/v1"  # the teacher (real data only); see teacher.py
     teacher_model: str = "gpt-4o-2024-05-13"
     api_key_env: str = "OPENAI_API_KEY"
     workers: int = 8
 
 
-# The embedded world: round 1 learns from scratch with tinythinker.WORLD's acquire settings (batch 64, lr 3e-3,
-# 30 epochs); later rounds refine on the corrections. At round 1's lr they undid it within 4 steps (on the previous
-# world: validation 75% -> 29%, the LM loss 0.04 -> 0.46); at 1e-4 they moved validation by a question or two.
-WORLD = dict(model="scratch", batch_size=64, lr=3e-3, epochs=30, later_epochs=10, later_lr=1e-4, eval_every=150,
-             max_new_tokens=64)
 DECISIONS = {
     "TL1 prompt": "encoder input = the official prompt without few-shot demos (T5's 512 tokens cannot hold them); "
                  "OBQA and the world use the CSQA layout, StrategyQA the Reasoning/Answer layout",
     "TL2 newlines": "the yes/no target's 'Answer:' line follows a space: T5's vocabulary has no newline",
-    "TL3 round-1 teacher": "the official demos, no gold hint, teacher.COT_N = 4 completions per question; only "
+    "TL3 round-1 teacher": "the official demos, no gold hint, COT_N = 4 completions per question; only "
                           "rationales reaching the gold answer are kept (the prompt and count were not retrievable)",
     "TL4 representation": "decoder final hidden state (after the final layer norm) at the position reading eos, "
                          "decoder input = start + target: GPT-J's last-token state; continuations cut to 192 tokens "
@@ -84,20 +80,161 @@ DECISIONS = {
                      "exam (positives from the new file alone would leave a once-corrected question without one)",
     "TL7 round 1": "LM loss only, no round-0 exam: a T5 has no few-shot ability, so its untrained samples are noise; "
                   "round 1 is then the standard distillation baseline",
-    "TL8 optimisation": "the loop TinyThinker uses (tinythinker.fit): AdamW without weight decay, warm-up + cosine, "
+    "TL8 optimisation": "the loop TinyThinker uses (train.fit): AdamW without weight decay, warm-up + cosine, "
                        "clip 1.0, best-by-validation model per round; the official: wd 0.01, warm-up then constant",
     "TL9 rounds chain": "round k starts from round k-1's best-validation model",
 }
 
 
+# Settings a resumed run may change: they move no step of a round's schedule.
+FREE_ON_RESUME = ("resume", "out", "data_dir", "rounds", "eval_batch_size", "base_url", "api_key_env", "workers")
+
+
 def parse_config(argv=None):
     """Defaults, then the world's presets, then the command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    tinythinker.add_flags(parser, Config)
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    cfg = Config(**{**(WORLD if given.get("data", Config.data) == "world" else {}), **given})
-    cfg.out = cfg.out or os.path.join("runs", f"tailored_{cfg.data}")
+    train.add_flags(parser, Config)
+    given = train.given_flags(parser, argv)
+    if data.is_own(given.get("data", "")):
+        given["data"] = os.path.abspath(given["data"])  # config.json then works from any directory
+    cfg = Config(**{**(world.PRESETS["tailored"] if given.get("data", Config.data) == "world" else {}), **given})
+    cfg.out = cfg.out or os.path.join("runs", f"tailored_{data.dataset_name(cfg.data)}")
+    cfg.data_dir = os.path.abspath(cfg.data_dir)
     return cfg
+
+
+def check(cfg):
+    """One clear line for a setting that cannot work, before anything is loaded or written."""
+    train.check_data(cfg.data)
+    train.check_positive(cfg, ("rounds", "epochs", "batch_size", "exam_samples", "eval_batch_size", "max_new_tokens",
+                               "workers"))
+    if not (cfg.lr > 0 and cfg.lam >= 0 and cfg.exam_temperature > 0):
+        raise SystemExit("--lr and --exam-temperature must be above 0, --lam at least 0")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The teacher's prompts (METHOD 10.3)
+
+# The official few-shot demonstrations (Raibows/Learn-to-Reason, fewshot_demos.py, PROMPTS_CQA and PROMPTS_SQA;
+# METHOD 10.3), quoted. The paper's teacher prompt was not retrievable: these demos, in the format the
+# official parser reads, are its best available form. OBQA and the world use the CSQA demos (TL1).
+COT_DEMOS = {"multiple_choice": [
+    ("What do people use to absorb extra ink from a fountain pen?",
+     ["shirt pocket", "calligrapher’s hand", "inkwell", "desk drawer", "blotter"],
+     "The answer must be used to absorb extra ink. Blotters are designed to absorb liquids. Therefore, the answer is "
+     "blotter (e)."),
+    ("What home entertainment equipment requires cable?",
+     ["radio shack", "substation", "television", "cabinet", "desk"],
+     "The answer must require cable. Cable is used to provide satellite channels to televisions. Therefore, the answer "
+     "is television (c)."),
+    ("Sammy wanted to go to where the people were. Where might he go?",
+     ["populated areas", "race track", "desert", "apartment", "roadblock"],
+     "The answer must be a place with many people. Populated areas, by definition, have a lot of people. Therefore, "
+     "the answer is populated areas (a)."),
+    ("Where do you put your grapes just before checking out?",
+     ["mouth", "grocery cart", "super market", "fruit basket", "fruit market"],
+     "The answer should be the place where grocery items are placed before checking out. Of the above choices, grocery "
+     "cart makes the most sense for holding grocery items. Therefore, the answer is grocery cart (b)."),
+    ("Google Maps and other highway and street GPS services have replaced what?",
+     ["united states", "mexico", "countryside", "atlas", "oceans"],
+     "The answer must be something that used to do what Google Maps and GPS services do, which is give directions. "
+     "Atlases were also used to give directions. Therefore, the answer is atlas (d)."),
+], "yes_no": [
+    ("Are chinchillas cold-blooded?", ["yes", "no"],
+     "Chinchillas are rodents, which are mammals. All mammals are warm-blooded. So, the answer is No.\nAnswer: No"),
+    ("Would Janet Jackson avoid a dish with ham?", ["yes", "no"],
+     "Janet Jackson follows an Islamic practice. Islamic culture avoids eating pork. Ham is made from pork. So, the "
+     "answer is Yes.\nAnswer: Yes"),
+    ("Can a honey bee sting a human more than once?", ["yes", "no"],
+     "Human skin is tough, and the bee’s stinger gets lodged in the skin. The stinger becomes separated from the bee "
+     "which dies soon after. So, the answer is No.\nAnswer: No"),
+    ("Is average number of peas in a pod enough commas for a billion?", ["yes", "no"],
+     "The average number of peas in a pod is 6 or 7. A billion is a number that has only 3 commas in it. So, the "
+     "answer is Yes.\nAnswer: Yes"),
+]}
+COT_N = 4  # round-1 rationales per question (TL3: not retrieved; the positive needs a second one)
+# RECONSTRUCTION, not the paper's text: the feedback prompt is in the paper's appendix, which could not be retrieved
+# (METHOD 10.3). It carries what Figure 1 and the README describe: the question, the student's rationale marked
+# wrong, the gold answer, and a request to point out the error and then rationalise correctly in the demos' format.
+FEEDBACK = ("A student answered the last question with the rationale below, and it is wrong. The correct answer is "
+            "{gold}.\nStudent: {wrong}\nFirst point out the student's error in one line that starts with \"Error:\". "
+            "Then write a correct rationale for the last question in exactly the format of the examples.")
+
+
+def _cot_block(q: Question, completion: str = "") -> str:
+    """One demo in the official prompt layout: data.cot_input, then the completion the teacher is asked for."""
+    return data.cot_input(q) + " " + completion if completion else data.cot_input(q)
+
+
+def cot_message(q: Question) -> str:
+    """Round 1: the official demos, then the question, for the teacher to complete (no gold hint: TL3)."""
+    demos = COT_DEMOS["yes_no" if data.yes_no(q) else "multiple_choice"]
+    shots = [_cot_block(Question("", question, choices, ""), rationale) for question, choices, rationale in demos]
+    return "\n\n".join(shots + [_cot_block(q)])
+
+
+def feedback_message(q: Question, wrong: str) -> str:
+    """Feedback (reconstructed, see FEEDBACK): the round-1 prompt, the student's wrong rationale, the gold answer."""
+    if data.yes_no(q):
+        gold = "Yes" if q.answer == "A" else "No"
+    else:
+        gold = f"{q.choices[data.LETTERS.index(q.answer)]} ({q.answer.lower()})"
+    return cot_message(q) + "\n\n" + FEEDBACK.format(gold=gold, wrong=wrong)
+
+
+def parse_cot_completion(text: str, q: Question) -> str:
+    """The rationale of a teacher completion whose answer is the gold one (METHOD 10.3: only those are kept), as a
+    student target: one line; for multiple choice cut right after its first "(x)", for yes/no without its "Answer:"
+    line (the data pipeline appends the gold one). A feedback completion's "Error:" line and a repeated "Answer:" or
+    "Reasoning:" label are dropped first."""
+    lines = [line.strip() for line in text.split("\n") if line.strip() and not line.strip().startswith("Error:")]
+    text = "\n".join(lines)
+    for label in ("Answer:", "Reasoning:"):
+        text = text.removeprefix(label).strip()
+    if data.parse_cot(text, q) != q.answer:
+        raise teacher.InvalidCompletion("no answer or not the gold answer")
+    if data.yes_no(q):
+        return " ".join(text.split("Answer:")[0].split())
+    line = text.split("\n")[0]
+    end = re.search(r"\([a-e]\)", line, re.I).end()
+    return line[:end] + "."
+
+
+def ask(messages, n, salt, cfg, client, cache):
+    """n completions of one chat request, through teacher.py's cache (teacher.cached_chat). `salt` keeps Tailored's
+    requests apart from TinyThinker's rounds."""
+    payload = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens,
+               "n": n}
+    response = teacher.cached_chat(payload, salt, client, cache)
+    return [c["message"].get("content") or "" for c in response["choices"] if c.get("finish_reason") != "length"]
+
+
+def ask_all(jobs, cfg, client, cache, desc):
+    """Tailored's requests, in parallel: (q, None) asks for COT_N round-1 rationales of q, (q, wrong) for one
+    correction of the student's wrong rationale. Returns the kept rationales of each job (gold answer only);
+    a request that still fails after the client's retries gives none and is counted in client.meter."""
+    def one(job):
+        q, wrong = job
+        content = cot_message(q) if wrong is None else feedback_message(q, wrong)
+        try:
+            texts = ask([{"role": "user", "content": content}], COT_N if wrong is None else 1,
+                        "tailored-cot" if wrong is None else "tailored-feedback", cfg, client, cache)
+        except teacher.RequestFailed:
+            client.meter.add(failed=1)
+            return []
+        kept = []
+        for text in texts:
+            try:
+                kept.append(parse_cot_completion(text, q))
+            except teacher.InvalidCompletion:
+                client.meter.add(invalid=1)
+        return kept
+
+    pool = ThreadPoolExecutor(cfg.workers)
+    try:
+        return list(tqdm(pool.map(one, jobs), total=len(jobs), desc=desc, unit="request"))
+    finally:
+        pool.shutdown(cancel_futures=True)  # an error stops the run instead of draining the queue
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -115,58 +252,56 @@ class Teacher:
         self.cfg = teacher.TeacherConfig(data=cfg.data, base_url=cfg.base_url, model=cfg.teacher_model,
                                          api_key_env=cfg.api_key_env, workers=cfg.workers)
         self.client = teacher.Client(self.cfg, os.environ.get(cfg.api_key_env), teacher.Meter())
-        self.cache = teacher.Cache(Path(cfg.data_dir) / cfg.data / "tailored.cache.jsonl")
+        self.cache = teacher.Cache(Path(cfg.data_dir) / data.dataset_name(cfg.data) / "tailored.cache.jsonl")
 
     def __call__(self, jobs, desc):
         if self.client:
-            return teacher.ask_all(jobs, self.cfg, self.client, self.cache, desc)
+            return ask_all(jobs, self.cfg, self.client, self.cache, desc)
         kept = []
         for q, wrong in jobs:  # the built-in teacher's completions go through the LLM parser and gold filter
-            texts = (world.cot_completions(self.made, q, teacher.COT_N) if wrong is None
+            texts = (world.cot_completions(self.made, q, COT_N) if wrong is None
                      else [world.feedback_completion(self.made, q, wrong)])
             kept.append([])
             for text in texts:
                 try:
-                    kept[-1].append(teacher.parse_cot_completion(text, q))
+                    kept[-1].append(parse_cot_completion(text, q))
                 except teacher.InvalidCompletion:
                     pass
         return kept
 
 
-def rationales_file(path, make):
-    """{question id: [texts]} kept in a JSONL file: made once, read back by a resumed run (no request repeated)."""
+def rationales_file(path, make, everyone=False):
+    """{question id: [texts]} kept in a JSONL file: made once, read back by a resumed run (no request repeated).
+    Rank 0 makes it and writes it, or every rank takes part in making it (`everyone`: a sharded exam)."""
     if not os.path.isfile(path):
-        tinythinker.write_jsonl([dict(id=i, texts=t) for i, t in make().items()], path)
-    return {row["id"]: row["texts"] for row in tinythinker.read_jsonl(path)}
+        made = make() if everyone or train.rank() == 0 else None
+        if train.rank() == 0:
+            data.write_jsonl(path, [dict(id=i, texts=t) for i, t in made.items()])
+    train.barrier()
+    return {row["id"]: row["texts"] for row in data.read_jsonl(path)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The exam (METHOD 11.4)
+# The exam (METHOD 10.4)
 
-@torch.no_grad()
-def exam(cfg, model, tokenizer, questions, desc):
+def exam(cfg, model, tokenizer, questions, k):
     """{question id: the student's distinct wrong rationales}: exam_samples sampled rationales per question (T 1.0,
     top-k 50), of which only those whose parsed answer is not the gold one are kept (a question with none is absent)."""
-    device = next(model.parameters()).device
-    per_batch = max(1, cfg.eval_batch_size // cfg.exam_samples)
+    prompts = [data.cot_input(q) for q in questions for _ in range(cfg.exam_samples)]
+    texts = evaluate.generate_texts(model, tokenizer, prompts, cfg.exam_temperature, cfg.exam_top_k,
+                                    batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
+                                    desc=f"round {k} exam", seed=cfg.seed * 1000 + k)  # --seed reproduces a round
     mistakes = {}
-    for start in tqdm(range(0, len(questions), per_batch), desc=desc, leave=False):
-        batch = questions[start:start + per_batch]
-        input_ids, attention_mask = tokenizer([data.cot_input(q) for q in batch])
-        out = model.generate(input_ids.to(device), attention_mask.to(device), cfg.max_new_tokens, do_sample=True,
-                             temperature=cfg.exam_temperature, top_k=cfg.exam_top_k,
-                             num_return_sequences=cfg.exam_samples)
-        texts = [t.strip() for t in tokenizer.batch_decode(out.tolist())]
-        for i, q in enumerate(batch):
-            samples = texts[i * cfg.exam_samples:(i + 1) * cfg.exam_samples]
-            wrong = list(dict.fromkeys(t for t in samples if data.parse_cot(t, q) != q.answer))
-            if wrong:
-                mistakes[q.id] = wrong
+    for i, q in enumerate(questions):
+        samples = texts[i * cfg.exam_samples:(i + 1) * cfg.exam_samples]
+        wrong = list(dict.fromkeys(t for t in samples if data.parse_cot(t, q) != q.answer))
+        if wrong:
+            mistakes[q.id] = wrong
     return mistakes
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Batches of distinct questions (METHOD 11.6)
+# Batches of distinct questions (METHOD 10.6)
 
 def unique_batches(groups, batch_size, seed, epoch):
     """One epoch's batches as index lists: every example once, no two examples of one question in a batch. Questions
@@ -192,7 +327,7 @@ def unique_batches(groups, batch_size, seed, epoch):
 
 
 class Plan:
-    """The optimizer steps of a round for tinythinker.fit: plan[step] = (step, example indices)."""
+    """The optimizer steps of a round for train.fit: plan[step] = (step, example indices)."""
 
     def __init__(self, groups, batch_size, epochs, seed):
         per_epoch = [unique_batches(groups, batch_size, seed, epoch) for epoch in range(epochs)]
@@ -226,64 +361,61 @@ def train_round(cfg, k, model, tokenizer, texts, questions, valid, runtime):
         cfg = dataclasses.replace(cfg, epochs=cfg.later_epochs or cfg.epochs, lr=cfg.later_lr or cfg.lr)
     plan = Plan(list(groups.values()), cfg.batch_size, cfg.epochs, cfg.seed * 100 + k)
     use_sr = cfg.lam > 0 and k > 1
-    print(f"round {k}: {len(examples)} rationales of {len(groups)} questions, {len(plan)} steps"
-          + (f", L_SR weight {cfg.lam}" if use_sr else ""))
+    if runtime.rank == 0:
+        print(f"round {k}: {len(examples)} rationales of {len(groups)} questions, {len(plan)} steps"
+              + (f", L_SR weight {cfg.lam}" if use_sr else ""))
 
-    def train_step(trained, scaler, step, indices):
+    def step_loss(trained, step, indices, batch):
         rows = [examples[n] for n in indices]
         input_ids, attention_mask, labels = (t.to(device) for t in data.collate([(x, y) for _, x, y in rows]))
-        _, loss = trained(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        loss = trained(input_ids=input_ids, attention_mask=attention_mask, labels=labels)[1]
         metrics = dict(lm=loss.item())
-        if use_sr:
+        if use_sr:  # the same metric names on every rank, as train.fit averages them over ranks
             kept, p, n = triplet.triplets([y for _, _, y in rows], [pos.get(i, []) for i, _, _ in rows],
                                           [neg.get(i, []) for i, _, _ in rows], triplet.draw(cfg.seed, k, step))
-            metrics["triplets"] = len(kept)
+            metrics.update(triplets=len(kept) / len(rows), sr=0.0)
             if kept:
-                sr = triplet.self_reflection_loss(trained, input_ids[kept], attention_mask[kept],
+                sr = triplet.self_reflection_loss(model, input_ids[kept], attention_mask[kept],
                                                   [rows[r][2] for r in kept], p, n, cfg.margin, cfg.sr_max_length)
                 loss = loss + cfg.lam * sr
                 metrics["sr"] = sr.item()
-        scaler.scale(loss).backward()
-        return dict(loss=loss.item(), **metrics)
+        return loss, metrics
 
-    validate = lambda m: evaluate.accuracy(m, tokenizer, valid, "cot", batch_size=cfg.eval_batch_size,
-                                           max_new_tokens=cfg.max_new_tokens)[0]
-    best = tinythinker.fit(cfg, os.path.join(cfg.out, f"round_{k}"), model, tokenizer, plan, train_step=train_step,
-                           validate=validate, runtime=runtime, desc=f"round {k}")
+    best = train.fit(cfg, os.path.join(cfg.out, f"round_{k}"), model, tokenizer, plan, step_loss=step_loss,
+                     validate=evaluate.validator(cfg, tokenizer, valid, "cot"), runtime=runtime, desc=f"round {k}")
     return best, len(plan)
 
 
-def main(cfg):
-    runtime = tinythinker.setup_device(cfg)
-    device = runtime.device
-    if runtime.world_size > 1:
-        raise SystemExit("tailored.py runs on one device: the exam and the teacher's feedback are sequential")
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump({**dataclasses.asdict(cfg), "method": "tailored", "stages": "cot", "decisions": DECISIONS}, f,
-                  indent=1)
-    if cfg.data == "world":
+def tailored(cfg):
+    runtime = train.setup_device(cfg.precision, cfg.seed)
+    lead = runtime.rank == 0
+    if os.path.isfile(os.path.join(cfg.out, "config.json")):
+        train.check_resume(cfg, cfg.out, FREE_ON_RESUME)
+    else:
+        os.makedirs(cfg.out, exist_ok=True)
+        train.write_run_config(cfg, cfg.out, runtime, DECISIONS, method="tailored", stages="cot")
+    if cfg.data == "world" and lead:
         print("demo: Tailored Learning on the embedded world with a T5 from scratch; a real run: "
               "python tailored.py --data csqa")
-    train, valid = (evaluate.questions(cfg.data, split, cfg.data_dir) for split in ("train", "valid"))
-    by_id = {q.id: q for q in train}
-    ask = Teacher(cfg)
+    train_questions, valid = (train.questions(cfg.data, split, cfg.data_dir) for split in ("train", "valid"))
+    by_id = {q.id: q for q in train_questions}
+    ask = Teacher(cfg) if lead else None  # rank 0 alone talks to the teacher and holds its cache
     os.makedirs(os.path.join(cfg.out, "round_1"), exist_ok=True)
     first = rationales_file(os.path.join(cfg.out, "round_1", "teacher.jsonl"), lambda: {
-        q.id: texts for q, texts in zip(train, ask([(q, None) for q in train], "round 1 teacher")) if texts})
+        q.id: texts for q, texts in zip(train_questions, ask([(q, None) for q in train_questions], "round 1 teacher"))
+        if texts})
     positives = {i: list(texts) for i, texts in first.items()}
     previous, results = None, {}
     for k in range(1, cfg.rounds + 1):
         round_dir = os.path.join(cfg.out, f"round_{k}")
         os.makedirs(round_dir, exist_ok=True)
         if k == 1:
-            anchors, negatives, requests = [(i, t) for i, ts in first.items() for t in ts], {}, len(train)
+            anchors, negatives, requests = [(i, t) for i, ts in first.items() for t in ts], {}, len(train_questions)
         else:
-            model, tokenizer = T5.from_pretrained(previous, device=device), Tokenizer.from_pretrained(previous)
+            model, tokenizer = T5.from_pretrained(previous, device=runtime.device), Tokenizer.from_pretrained(previous)
             model.amp_dtype = runtime.amp
-            torch.manual_seed(cfg.seed * 1000 + k)  # the exam's samples: --seed reproduces a round
-            negatives = rationales_file(os.path.join(round_dir, "mistakes.jsonl"), lambda: exam(
-                cfg, model, tokenizer, train, f"round {k} exam"))
+            negatives = rationales_file(os.path.join(round_dir, "mistakes.jsonl"),
+                                        lambda: exam(cfg, model, tokenizer, train_questions, k), everyone=True)
             jobs = [(by_id[i], wrong) for i, texts in negatives.items() for wrong in texts]
             corrections = rationales_file(os.path.join(round_dir, "corrections.jsonl"), lambda: {
                 q.id: list(dict.fromkeys(ts)) for (q, _), ts in zip(jobs, ask(jobs, f"round {k} feedback")) if ts})
@@ -292,46 +424,38 @@ def main(cfg):
                 positives[i] = list(dict.fromkeys(positives.get(i, []) + texts))
         done_path = os.path.join(round_dir, "done.json")
         if os.path.isfile(done_path):
-            results[k] = tinythinker.read_jsonl(done_path)[0]
+            results[k] = data.read_jsonl(done_path)[0]
             previous = os.path.join(round_dir, "best")
             continue
         if not anchors:
-            print(f"round {k}: no corrected mistakes to learn from; stopping")
+            if lead:
+                print(f"round {k}: no corrected mistakes to learn from; stopping")
             break
         if k == 1:
             texts = [data.cot_input(by_id[i]) + " " + data.cot_target(t, by_id[i]) for i, t in anchors]
-            model, tokenizer = tinythinker.student(cfg, cfg.out, texts)
-            model.to(device).amp_dtype = runtime.amp
+            model, tokenizer = train.student(cfg, cfg.out, texts)
+            model.to(runtime.device).amp_dtype = runtime.amp
         best, steps = train_round(cfg, k, model, tokenizer, (anchors, positives, negatives), by_id, valid, runtime)
         results[k] = dict(best=best, steps=steps, requests=requests, rationales=len(anchors),
                           mistakes=sum(map(len, negatives.values())))
-        tinythinker.write_jsonl([results[k]], done_path)
+        if lead:
+            data.write_jsonl(done_path, [results[k]])
+        train.barrier()
         previous = os.path.join(round_dir, "best")
-    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    print("tailored: " + "; ".join(f"round {k}: validation {r['best']:.2f}%, {r['steps']} steps, {r['requests']} "
-                                   f"teacher requests" for k, r in results.items()))
-    print(f"next: python evaluate.py {cfg.out}")
+    if lead:
+        atomic_write(os.path.join(cfg.out, "summary.json"), json.dumps(results, indent=1).encode())
+        print("tailored: " + "; ".join(f"round {k}: validation {r['best']:.2f}%, {r['steps']} steps, "
+                                       f"{r['requests']} teacher requests" for k, r in results.items()))
+        print(f"next: python evaluate.py {cfg.out}")
 
 
-def check(cfg):
-    """One clear line for a setting that cannot work, before anything is loaded or written."""
-    if cfg.data not in ("world", *data.FILES):
-        raise SystemExit(f"--data must be world or one of {', '.join(data.FILES)}, not {cfg.data!r}")
-    for name in ("rounds", "epochs", "batch_size", "exam_samples", "eval_batch_size", "max_new_tokens", "workers"):
-        if getattr(cfg, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
-    if not (cfg.lr > 0 and cfg.lam >= 0 and cfg.exam_temperature > 0):
-        raise SystemExit("--lr and --exam-temperature must be above 0, --lam at least 0")
+def main(argv=None):
+    def run():
+        cfg = parse_config(argv)
+        check(cfg)
+        tailored(cfg)
+    train.command(run)
 
 
 if __name__ == "__main__":
-    try:
-        config = parse_config()
-        check(config)
-        main(config)
-    except data.DataError as e:  # a data set or teacher file that cannot be read: it is named in the message
-        raise SystemExit(str(e)) from None
-    except KeyboardInterrupt:
-        print("\ninterrupted; continue with --resume", file=sys.stderr)
-        sys.exit(130)
+    main()

@@ -2,6 +2,7 @@
 
     python teacher.py --data csqa --split train [--base-url http://localhost:8000/v1] [--workers 8] [--limit 20]
     python teacher.py --data csqa --split train --dry-run     # questions, requests, tokens and cost; sends nothing
+    python teacher.py --data path/to/mydata --split train    # your own questions (data.py's docstring: the layout)
     python teacher.py --make-prompts TinyThinker/datasets   # regenerate prompts.json from the official repo's datasets/
 
 The key is read from the environment variable named by --api-key-env (OPENAI_API_KEY); a local server may need none.
@@ -42,7 +43,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -50,11 +51,21 @@ import requests
 from tqdm import tqdm
 
 import data
+import train
 from data import LETTERS, DataError, Question, with_period
+from t5 import atomic_write
 
 PROMPTS = Path(__file__).resolve().parent / "prompts.json"
 N = {"csqa": 8, "obqa": 4, "strategyqa": 4}  # completions per question (METHOD 3.2)
 ROUNDS = {"csqa": 3, "obqa": 3, "strategyqa": 2}  # request rounds, the first included (METHOD 3.4)
+
+
+def prompt_set(name: str) -> str:
+    """The key of a data set's exemplars, N and ROUNDS. Your own data set is multiple choice, and gets CSQA's: its
+    exemplars are general knowledge, not OBQA's science facts, and show all five letters, so they show the format of
+    any question of 2 to 5 options (the scaffold lists the question's own); N and ROUNDS go with the exemplars they
+    were set for. --n and --rounds change them, --dry-run shows the bill first."""
+    return name if name in N else "csqa"
 
 
 @dataclass
@@ -62,15 +73,15 @@ class TeacherConfig:
     data: str = ""
     split: str = "train"
     data_dir: str | None = None
-    out: str | None = None  # default {data_dir}/{data}/teacher_{split}.jsonl
+    out: str | None = None  # default {data_dir}/{data.dataset_name(data)}/teacher_{split}.jsonl
     cache: str | None = None  # default {out stem}.cache.jsonl
     base_url: str = "https://api.openai.com/v1"
     api_key_env: str = "OPENAI_API_KEY"
     model: str = "gpt-4o-2024-05-13"
     temperature: float = 0.8
     max_tokens: int = 256
-    n: int | None = None  # default N[data]
-    rounds: int | None = None  # default ROUNDS[data]
+    n: int | None = None  # default N[prompt_set(data)]
+    rounds: int | None = None  # default ROUNDS[prompt_set(data)]
     prompt_seed: int = 0  # draws the few-shot order, once per dataset
     workers: int = 8
     timeout: float = 120.0  # seconds per HTTP request, all of it (connecting, waiting, reading)
@@ -93,9 +104,7 @@ def make_prompts(datasets_dir, path=PROMPTS):
         exemplars = json.loads((root / name / "prompt" / f"{name}_cot.json").read_text())
         keep = ("Q", "Options", "Key Information", "Explanations")  # "Reference" is not part of the prompt
         prompts["exemplars"][name] = [{k: e[k] for k in keep} for e in exemplars]
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(prompts, indent=1, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    atomic_write(path, (json.dumps(prompts, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def system_message(instruction: str, exemplars: list[dict], seed: int) -> str:
@@ -516,20 +525,15 @@ def teach(q: Question, system: str, cfg: TeacherConfig, client: Client, cache: C
     return records, failures
 
 
-def _write_jsonl(path: Path, rows: list[dict]):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    tmp.replace(path)
-
-
 def prompt_and_questions(cfg: TeacherConfig) -> tuple[str, list[Question]]:
     """The data set's system message and the questions to ask (the split, cut to --limit), for a run or its bill."""
-    if cfg.data not in N:
-        raise Fatal(f"--data must be one of {sorted(N)}, not {cfg.data!r}")
-    if cfg.split not in ("train", "valid", "test"):
+    data.check_name(cfg.data)
+    if cfg.data == "world":
+        raise Fatal("the world's teacher is built into world.py; tinythinker.py --data world needs no teacher.py run")
+    if cfg.split not in data.SPLITS:
         raise Fatal(f"--split must be train, valid or test, not {cfg.split!r}")
     prompts = json.loads(PROMPTS.read_text())
-    system = system_message(prompts["instruction"], prompts["exemplars"][cfg.data], cfg.prompt_seed)
+    system = system_message(prompts["instruction"], prompts["exemplars"][prompt_set(cfg.data)], cfg.prompt_seed)
     return system, data.load(cfg.data, cfg.split, cfg.data_dir)[:cfg.limit]
 
 
@@ -542,8 +546,9 @@ def run(cfg: TeacherConfig) -> dict:
     if not api_key and urlparse(cfg.base_url).hostname == "api.openai.com":  # say so before any request goes out
         raise Fatal(f"{cfg.api_key_env} is not set: {cfg.base_url} needs an API key (export {cfg.api_key_env}=..., "
                     f"or --base-url for a local server)")
-    cfg.n, cfg.rounds = cfg.n or N[cfg.data], cfg.rounds or ROUNDS[cfg.data]
-    out = Path(cfg.out or Path(cfg.data_dir or data.DEFAULT_DIR) / cfg.data / f"teacher_{cfg.split}.jsonl")
+    cfg.n, cfg.rounds = cfg.n or N[prompt_set(cfg.data)], cfg.rounds or ROUNDS[prompt_set(cfg.data)]
+    name = data.dataset_name(cfg.data)
+    out = Path(cfg.out or Path(cfg.data_dir or data.DEFAULT_DIR) / name / f"teacher_{cfg.split}.jsonl")
     cache = Cache(Path(cfg.cache or out.with_suffix(".cache.jsonl")))
     meter = Meter()
     client = Client(cfg, api_key, meter)
@@ -552,7 +557,7 @@ def run(cfg: TeacherConfig) -> dict:
     try:
         futures = {pool.submit(teach, q, system, cfg, client, cache): i for i, q in enumerate(questions)}
         pending = set(futures)
-        with tqdm(total=len(questions), unit="q", desc=f"teacher {cfg.data}/{cfg.split}") as bar:
+        with tqdm(total=len(questions), unit="q", desc=f"teacher {name}/{cfg.split}") as bar:
             while pending:  # wake every second: the bar shows a long retry wait while it lasts
                 done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
                 for future in done:
@@ -569,8 +574,8 @@ def run(cfg: TeacherConfig) -> dict:
     records = [r for rs, _ in results for r in rs]
     failed = [{"id": q.id, "reasons": reasons} for q, (rs, reasons) in zip(questions, results) if not rs]
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(out, records)
-    _write_jsonl(out.with_suffix(".failed.jsonl"), failed)
+    data.write_jsonl(out, records)
+    data.write_jsonl(out.with_suffix(".failed.jsonl"), failed)
     c = meter.counts
     summary = {"questions": len(questions), "records": len(records), "failed_questions": len(failed),
                "invalid_left": dict(Counter(reason for _, reasons in results for reason in reasons)),
@@ -593,9 +598,9 @@ def estimate(cfg: TeacherConfig) -> dict:
     is estimated as long as the few-shot exemplars' answers (Key Information and explanations), capped at max_tokens.
     Retry rounds re-request only the invalid completions (at most cfg.rounds - 1 more requests per question)."""
     system, questions = prompt_and_questions(cfg)
-    n, rounds = cfg.n or N[cfg.data], cfg.rounds or ROUNDS[cfg.data]
+    n, rounds = cfg.n or N[prompt_set(cfg.data)], cfg.rounds or ROUNDS[prompt_set(cfg.data)]
     answers = [f"Key Information: {e['Key Information']}\nExplanations: " + "\n".join(e["Explanations"])
-               for e in json.loads(PROMPTS.read_text())["exemplars"][cfg.data]]
+               for e in json.loads(PROMPTS.read_text())["exemplars"][prompt_set(cfg.data)]]
     completion = min(cfg.max_tokens, sum(map(len, answers)) / len(answers) / CHARS_PER_TOKEN)
     prompt_tokens = round(sum(len(system) + len(user_message(q)) for q in questions) / CHARS_PER_TOKEN)
     completion_tokens = round(len(questions) * n * completion)
@@ -607,141 +612,14 @@ def estimate(cfg: TeacherConfig) -> dict:
             "tokens": f"estimated at {CHARS_PER_TOKEN} characters per token; the first round only"}
 
 
-# ---------------------------------------------------------------- Tailored Learning's prompts (METHOD 11.3)
-
-# The official few-shot demonstrations (Raibows/Learn-to-Reason, fewshot_demos.py, PROMPTS_CQA and PROMPTS_SQA;
-# METHOD 11.3), quoted. The paper's teacher prompt was not retrievable: these demos, in the format the
-# official parser reads, are its best available form. OBQA and the world use the CSQA demos (TL1).
-COT_DEMOS = {"multiple_choice": [
-    ("What do people use to absorb extra ink from a fountain pen?",
-     ["shirt pocket", "calligrapher’s hand", "inkwell", "desk drawer", "blotter"],
-     "The answer must be used to absorb extra ink. Blotters are designed to absorb liquids. Therefore, the answer is "
-     "blotter (e)."),
-    ("What home entertainment equipment requires cable?",
-     ["radio shack", "substation", "television", "cabinet", "desk"],
-     "The answer must require cable. Cable is used to provide satellite channels to televisions. Therefore, the answer "
-     "is television (c)."),
-    ("Sammy wanted to go to where the people were. Where might he go?",
-     ["populated areas", "race track", "desert", "apartment", "roadblock"],
-     "The answer must be a place with many people. Populated areas, by definition, have a lot of people. Therefore, "
-     "the answer is populated areas (a)."),
-    ("Where do you put your grapes just before checking out?",
-     ["mouth", "grocery cart", "super market", "fruit basket", "fruit market"],
-     "The answer should be the place where grocery items are placed before checking out. Of the above choices, grocery "
-     "cart makes the most sense for holding grocery items. Therefore, the answer is grocery cart (b)."),
-    ("Google Maps and other highway and street GPS services have replaced what?",
-     ["united states", "mexico", "countryside", "atlas", "oceans"],
-     "The answer must be something that used to do what Google Maps and GPS services do, which is give directions. "
-     "Atlases were also used to give directions. Therefore, the answer is atlas (d)."),
-], "yes_no": [
-    ("Are chinchillas cold-blooded?", ["yes", "no"],
-     "Chinchillas are rodents, which are mammals. All mammals are warm-blooded. So, the answer is No.\nAnswer: No"),
-    ("Would Janet Jackson avoid a dish with ham?", ["yes", "no"],
-     "Janet Jackson follows an Islamic practice. Islamic culture avoids eating pork. Ham is made from pork. So, the "
-     "answer is Yes.\nAnswer: Yes"),
-    ("Can a honey bee sting a human more than once?", ["yes", "no"],
-     "Human skin is tough, and the bee’s stinger gets lodged in the skin. The stinger becomes separated from the bee "
-     "which dies soon after. So, the answer is No.\nAnswer: No"),
-    ("Is average number of peas in a pod enough commas for a billion?", ["yes", "no"],
-     "The average number of peas in a pod is 6 or 7. A billion is a number that has only 3 commas in it. So, the "
-     "answer is Yes.\nAnswer: Yes"),
-]}
-COT_N = 4  # round-1 rationales per question (TL3: not retrieved; the positive needs a second one)
-# RECONSTRUCTION, not the paper's text: the feedback prompt is in the paper's appendix, which could not be retrieved
-# (METHOD 11.3). It carries what Figure 1 and the README describe: the question, the student's rationale marked
-# wrong, the gold answer, and a request to point out the error and then rationalise correctly in the demos' format.
-FEEDBACK = ("A student answered the last question with the rationale below, and it is wrong. The correct answer is "
-            "{gold}.\nStudent: {wrong}\nFirst point out the student's error in one line that starts with \"Error:\". "
-            "Then write a correct rationale for the last question in exactly the format of the examples.")
-
-
-def _cot_block(q: Question, completion: str = "") -> str:
-    """One demo in the official prompt layout: data.cot_input, then the completion the teacher is asked for."""
-    return data.cot_input(q) + " " + completion if completion else data.cot_input(q)
-
-
-def cot_message(q: Question) -> str:
-    """Round 1: the official demos, then the question, for the teacher to complete (no gold hint: TL3)."""
-    demos = COT_DEMOS["yes_no" if data.yes_no(q) else "multiple_choice"]
-    shots = [_cot_block(Question("", question, choices, ""), rationale) for question, choices, rationale in demos]
-    return "\n\n".join(shots + [_cot_block(q)])
-
-
-def feedback_message(q: Question, wrong: str) -> str:
-    """Feedback (reconstructed, see FEEDBACK): the round-1 prompt, the student's wrong rationale, the gold answer."""
-    if data.yes_no(q):
-        gold = "Yes" if q.answer == "A" else "No"
-    else:
-        gold = f"{q.choices[LETTERS.index(q.answer)]} ({q.answer.lower()})"
-    return cot_message(q) + "\n\n" + FEEDBACK.format(gold=gold, wrong=wrong)
-
-
-def parse_cot_completion(text: str, q: Question) -> str:
-    """The rationale of a teacher completion whose answer is the gold one (METHOD 11.3: only those are kept), as a
-    student target: one line; for multiple choice cut right after its first "(x)", for yes/no without its "Answer:"
-    line (the data pipeline appends the gold one). A feedback completion's "Error:" line and a repeated "Answer:" or
-    "Reasoning:" label are dropped first."""
-    lines = [line.strip() for line in text.split("\n") if line.strip() and not line.strip().startswith("Error:")]
-    text = "\n".join(lines)
-    for label in ("Answer:", "Reasoning:"):
-        text = text.removeprefix(label).strip()
-    if data.parse_cot(text, q) != q.answer:
-        raise InvalidCompletion("no answer or not the gold answer")
-    if data.yes_no(q):
-        return " ".join(text.split("Answer:")[0].split())
-    line = text.split("\n")[0]
-    end = re.search(r"\([a-e]\)", line, re.I).end()
-    return line[:end] + "."
-
-
-def ask(messages: list[dict], n: int, salt: str, cfg: TeacherConfig, client: Client, cache: Cache) -> list[str]:
-    """n completions of one chat request, through the cache (cached_chat). `salt` keeps Tailored's requests apart from
-    TinyThinker's rounds."""
-    payload = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens,
-               "n": n}
-    response = cached_chat(payload, salt, client, cache)
-    return [c["message"].get("content") or "" for c in response["choices"] if c.get("finish_reason") != "length"]
-
-
-def ask_all(jobs: list[tuple[Question, str | None]], cfg: TeacherConfig, client: Client, cache: Cache,
-            desc: str) -> list[list[str]]:
-    """Tailored's requests, in parallel: (q, None) asks for COT_N round-1 rationales of q, (q, wrong) for one
-    correction of the student's wrong rationale. Returns the kept rationales of each job (gold answer only);
-    a request that still fails after the client's retries gives none and is counted in client.meter."""
-    def one(job):
-        q, wrong = job
-        content = cot_message(q) if wrong is None else feedback_message(q, wrong)
-        try:
-            texts = ask([{"role": "user", "content": content}], COT_N if wrong is None else 1,
-                        "tailored-cot" if wrong is None else "tailored-feedback", cfg, client, cache)
-        except RequestFailed:
-            client.meter.add(failed=1)
-            return []
-        kept = []
-        for text in texts:
-            try:
-                kept.append(parse_cot_completion(text, q))
-            except InvalidCompletion:
-                client.meter.add(invalid=1)
-        return kept
-
-    pool = ThreadPoolExecutor(cfg.workers)
-    try:
-        return list(tqdm(pool.map(one, jobs), total=len(jobs), desc=desc, unit="request"))
-    finally:
-        pool.shutdown(cancel_futures=True)  # an error stops the run instead of draining the queue
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Teacher rationales (METHOD section 3).")
     parser.add_argument("--make-prompts", metavar="DATASETS_DIR", help="regenerate prompts.json and exit")
     parser.add_argument("--dry-run", action="store_true", help="print the questions, requests, tokens and cost "
                         "a run would need, and send nothing")
-    for f in fields(TeacherConfig):
-        kind = f.type if isinstance(f.type, type) else f.type.__args__[0]  # `int | None` -> int
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
-    args = vars(parser.parse_args(argv))
-    datasets_dir, dry_run = args.pop("make_prompts"), args.pop("dry_run")
+    train.add_flags(parser, TeacherConfig)
+    args = train.given_flags(parser, argv)
+    datasets_dir, dry_run = args.pop("make_prompts", None), args.pop("dry_run", None)
     if datasets_dir:
         return make_prompts(datasets_dir)
     try:

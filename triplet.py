@@ -1,4 +1,4 @@
-"""Tailored Learning's self-reflection loss (METHOD 11.5): a triplet margin loss on the decoder's final hidden
+"""Tailored Learning's self-reflection loss (METHOD 10.5): a triplet margin loss on the decoder's final hidden
 state at the eos position, beside the LM loss,
 
     L = L_LM + lam * mean over kept rows of max(0, cos(a, n) - cos(a, p) + margin)
@@ -26,19 +26,16 @@ def eos_states(model, encoder_states, mask, targets):
     """[N, d_model]: the decoder's final hidden state at the position that reads each target's eos. The decoder input
     is the start token then the target (eos included), right-padded: a causal decoder's state at eos ignores the padding
     after it (TL4: the state after reading the whole rationale, as GPT-J's last-token state)."""
-    width = max(map(len, targets)) + 1
-    ids = torch.full((len(targets), width), model.config.pad_token_id, dtype=torch.long)
-    ids[:, 0] = model.config.decoder_start_token_id
-    for i, target in enumerate(targets):
-        ids[i, 1:len(target) + 1] = torch.tensor(target)
-    h = model.decoder_states(ids.to(encoder_states.device), encoder_states, mask)
-    return h[torch.arange(len(targets)), torch.tensor([len(t) for t in targets])]
+    device, width = encoder_states.device, max(map(len, targets))
+    rows = [[model.config.decoder_start_token_id, *t] + [model.config.pad_token_id] * (width - len(t)) for t in targets]
+    h = model.decoder_states(torch.tensor(rows, device=device), encoder_states, mask)
+    return h[torch.arange(len(targets), device=device), torch.tensor([len(t) for t in targets], device=device)]
 
 
 def triplets(anchors, positives, negatives, rng):
     """(rows, positive, negative) for the rows of a batch that have both: positives[i] are the other teacher
     rationales of row i's question (the anchor's own text excluded), negatives[i] the student's wrong ones; one of
-    each is drawn with `rng`. Rows missing either are left out (the mask of METHOD 11.5)."""
+    each is drawn with `rng`. Rows missing either are left out (the mask of METHOD 10.5)."""
     kept, chosen_p, chosen_n = [], [], []
     for i, anchor in enumerate(anchors):
         others = [p for p in positives[i] if p != anchor]
@@ -50,7 +47,7 @@ def triplets(anchors, positives, negatives, rng):
 
 
 def cut(target, max_length, eos_id=1):
-    """At most max_length tokens, still ending in eos, so the representation stays the eos state (METHOD 11.5: 192)."""
+    """At most max_length tokens, still ending in eos, so the representation stays the eos state (METHOD 10.5: 192)."""
     return target if len(target) <= max_length else target[:max_length - 1] + [eos_id]
 
 

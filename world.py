@@ -21,21 +21,18 @@ better answered by applying the rule to what the student recalls, the skill the 
 animal -> food. Until it has learned that, it gets training questions wrong (a quarter of them after half the demo's
 acquire steps), mistakes for reflect to learn from; the converged demo student gets 0-3% wrong (BENCHMARKS.md).
 
-Why a T5 trained from scratch learns it in minutes on a CPU. Each point below answers a way an earlier world failed
-during development (TOY-WORLD-NOTES records the first):
-* No letter -> option lookup by position. The animal is named once, in the question, and the options are a fixed
-  small list; a model that had to copy "the text after (B)" was still at chance after hundreds of analyze steps.
+Why a T5 trained from scratch learns it in minutes on a CPU:
+* No letter -> option lookup by position: the animal is named once, in the question, and the options are a fixed
+  small list: copying "the text after (B)" is a skill a tiny model does not learn in minutes.
 * The fact is keyed by the token just before it: recall writes the animal's name, then its habitat and size; an
   analysis copies them from the recall, and the food follows from the two words it has just written.
-* Summarize copies a letter. Every analysis names the gold option as "(A)", so the gold letter appears five times
-  in the summarize input. The cue is "(A)", not "option A": the analyze stage (4x the steps) would learn to predict
-  the letter after "option" from its own context, which fights the summarize target "... option A.".
-* Each wording rotates the options. With one fixed order, summarize memorises animal -> letter; with rotations it
-  must read the analyses.
+* Summarize copies a letter: every analysis names the gold option as "(A)", so the gold letter appears five times in
+  the summarize input. "(A)", not "option A": an analyze stage (4x the steps) that learned to predict the letter
+  after "option" would fight the summarize target "... option A.".
+* Each wording rotates the options, so summarize must read the analyses instead of memorising animal -> letter.
 * One Key Information template for both kinds of question, so recalling an animal is a single skill that held-out
   animals also practise.
-* Many known animals. With 3 per habitat and size, each asked in every wording, the analyses memorised animal ->
-  food and applied the rule to held-out animals only half the time (48 and 62% validation after 1,200 steps).
+* Many known animals, each asked once per kind, so the analyses learn the rule rather than animal -> food.
 Options in a fixed order per wording and analyses that name the gold letter make this far easier than real data,
 on purpose: a world a tiny model cannot learn in minutes is the wrong world.
 
@@ -59,6 +56,18 @@ EAT = ["What does the {} eat?", "What is the food of the {}?", "What does the {}
 # sentencepiece vocabulary of this size.
 MODEL = dict(d_model=64, d_kv=16, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4, dropout_rate=0.0)
 VOCAB_SIZE = 400
+# The demo's settings over each command's defaults, sized so that acquire, reflect and evaluate fit in minutes on 2
+# CPU cores (figures in BENCHMARKS.md, "The demo"). acquire: stages interleaved batch by batch (interval 1), as longer
+# blocks of one stage kept this model at chance; 30 epochs, as validation leaves chance in a jump about halfway; a
+# validation every 150 steps, as one per 6-step cycle would cost more than the training. reflect: lr 5e-5, as Adam's
+# first steps move every weight by about lr and 2e-4 undid a converged student; the method's temperature 0.7 (A24).
+# tailored: round 1 learns from scratch as acquire does; later rounds refine at 1e-4, as round 1's lr undid it.
+PRESETS = {
+    "acquire": dict(model="scratch", batch_size=64, lr=3e-3, epochs=30, interval=1, eval_every=150, max_new_tokens=48),
+    "reflect": dict(batch_size=32, lr=5e-5, epochs=2, iterations=2, samples=4, max_new_tokens=48),
+    "tailored": dict(model="scratch", batch_size=64, lr=3e-3, epochs=30, later_epochs=10, later_lr=1e-4,
+                     eval_every=150, max_new_tokens=64),
+}
 
 
 def food_of(habitat, size):
@@ -148,7 +157,7 @@ def teacher_completion(world, q):
 
 # ---------------------------------------------------------------- Tailored Learning's built-in teacher (tailored.py)
 # Both completions are read back from teacher_completion, so they say whatever the world's rationales say. They are
-# written in the official CSQA chain-of-thought format (METHOD 11.2) and go through teacher.py's parser.
+# written in the official CSQA chain-of-thought format (METHOD 10.2) and go through teacher.py's parser.
 
 def _reasons(world, q):
     """(Key Information, {letter: reason}) of teacher_completion, read back from its METHOD 3.3 layout. Option
@@ -170,7 +179,7 @@ def _rationale(world, q, wrong=None):
 
 
 def cot_completions(world, q, n):
-    """n distinct round-1 rationales (teacher.COT_N): the gold reason alone, then with one other option ruled out."""
+    """n distinct round-1 rationales (tailored.COT_N): the gold reason alone, then with one other option ruled out."""
     others = [letter for letter in LETTERS[:len(q.choices)] if letter != q.answer]
     return [_rationale(world, q, wrong) for wrong in [None, *others][:n]]
 

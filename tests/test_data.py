@@ -1,5 +1,6 @@
-"""data.py: loaders on hand-written records in each official layout, the downloader against a local HTTP server,
-the stage text formats against literal strings, the answer parser, and batching."""
+"""data.py: loaders on hand-written records in each official layout and on your own data set (tests/fixtures/own),
+the downloader against a local HTTP server, the stage text formats against literal strings, the answer parser, and
+batching."""
 import functools
 import http.server
 import json
@@ -123,6 +124,121 @@ def test_download_from_local_server(tmp_path, monkeypatch):
         server.shutdown()
 
 
+# ---------------------------------------------------------------- your own data set
+
+OWN = Path(__file__).resolve().parent / "fixtures" / "own"
+
+
+def own_line(qid, labels="ABC", answer="A", **fields):
+    choices = [{"label": letter, "text": f"text {letter}"} for letter in labels]
+    return json.dumps({"id": qid, "question": f"question {qid}?", "choices": choices, "answer": answer, **fields})
+
+
+def test_own_directory_with_its_three_files():
+    mini = str(OWN / "mini")
+    splits = {s: data.load(mini, s) for s in data.SPLITS}
+    assert [len(v) for v in splits.values()] == [24, 3, 3]
+    assert [[q.id for q in splits[s]] for s in ("valid", "test")] == [["v1", "v2", "v3"], ["t1", "t2", "t3"]]
+    first, second = splits["train"][:2]
+    assert first == Question("m01", "What does a kettle do to water?", ["freezes it", "boils it", "colours it"], "B")
+    assert len(second.choices) == 5 and second.answer == "C"
+    assert {len(q.choices) for q in splits["train"]} == {2, 3, 4, 5}
+
+
+def test_own_single_file_is_split_with_the_seed():
+    path = str(OWN / "single.jsonl")
+    splits = {s: [q.id for q in data.load(path, s)] for s in data.SPLITS}
+    assert [len(v) for v in splits.values()] == [16, 2, 2]  # 80 / 10 / 10
+    every = [json.loads(line)["id"] for line in (OWN / "single.jsonl").read_text().splitlines()]
+    assert sorted(splits["train"] + splits["valid"] + splits["test"]) == every  # disjoint, and covers the file
+    assert splits["train"] == [i for i in every if i in splits["train"]]  # file order
+    assert (splits["valid"], splits["test"]) == (["s01", "s04"], ["s08", "s09"])  # the same on every machine
+    assert splits == {s: [q.id for q in data.load(path, s)] for s in data.SPLITS}
+
+
+def test_own_directory_draws_only_the_missing_split(tmp_path):
+    (tmp_path / "train.jsonl").write_text("\n".join(own_line(f"a{i}") for i in range(20)) + "\n")
+    (tmp_path / "test.jsonl").write_text(own_line("t0", "ABCDE", "E") + "\n")
+    train, valid, test = (data.load(str(tmp_path), s) for s in data.SPLITS)
+    assert (len(train), len(valid), [q.id for q in test]) == (18, 2, ["t0"])
+    assert sorted(q.id for q in train + valid) == sorted(f"a{i}" for i in range(20))
+
+
+def write_own(folder: Path, train: str, test: str | None = None) -> str:
+    folder.mkdir(exist_ok=True)
+    (folder / "train.jsonl").write_text(train)
+    if test is not None:
+        (folder / "test.jsonl").write_text(test)
+    return str(folder)
+
+
+GOOD = own_line("a1") + "\n" + own_line("a2", "ABCDE", "D") + "\n"
+
+
+@pytest.mark.parametrize("train, test, message", [
+    (GOOD + json.dumps({"id": "x", "question": "?", "answer": "A"}), None, r"train.jsonl:3: no field 'choices'"),
+    (GOOD + own_line("x").replace('"choices": [', '"choices": {"A": 1}, "no": ['), None,
+     r"train.jsonl:3: field 'choices' must be a non-empty list, not {\"A\": 1}"),
+    (GOOD + own_line("x").replace('"answer": "A"', '"oops": 1'), None, r"train.jsonl:3: no field 'answer'"),
+    (GOOD + own_line(7), None, r"train.jsonl:3: field 'id' must be a non-empty str, not 7"),
+    (GOOD + own_line("x", question=""), None, r"train.jsonl:3: field 'question' must be a non-empty str"),
+    (GOOD + own_line("x").replace('"text": "text B"', '"text": 2'), None,
+     r"train.jsonl:3: field 'choices' item 1 must be"),
+    (GOOD + own_line("x", "ABD"), None, r"train.jsonl:3: choice labels 'ABD' are not A.. without gaps"),
+    (GOOD + own_line("x", "ABCDEF"), None, r"train.jsonl:3: 6 options; a question has at most 5"),
+    (GOOD + own_line("x", "A"), None, r"train.jsonl:3: 1 option\(s\)"),
+    (GOOD + own_line("x", "ABC", "D"), None, r"train.jsonl:3: answer 'D' is not one of the labels ABC"),
+    (GOOD + "[1, 2]", None, r"train.jsonl:3: not a JSON object"),
+    (GOOD + "{oops", None, r"train.jsonl:3: not valid JSON"),
+    (GOOD + own_line("a1"), None, r"train.jsonl:3: field 'id' 'a1' is used already at \S*train.jsonl:1$"),
+    (GOOD, own_line("t1") + "\n" + own_line("a2"),
+     r"test.jsonl:2: field 'id' 'a2' is used already at \S*train.jsonl:2$"),
+    ("\n", None, r"train.jsonl: no questions$"),
+    (GOOD, "", r"test.jsonl: no questions$"),
+    (GOOD, None, r"train.jsonl: 2 question\(s\) are too few to draw valid and test from; it needs at least 3$"),
+], ids=["no-choices", "choices-dict", "no-answer", "id-int", "question-empty", "text-int", "label-gap", "six-options",
+        "one-option", "answer-not-label", "not-object", "not-json", "duplicate-id", "id-in-two-splits", "empty",
+        "empty-test", "too-few"])
+def test_own_data_errors_name_file_line_and_field(tmp_path, train, test, message):
+    folder = write_own(tmp_path / "mine", train, test)
+    with pytest.raises(data.DataError, match=message) as error:
+        data.load(folder, "train")
+    assert "\n" not in str(error.value)
+
+
+def test_own_names(tmp_path, monkeypatch):
+    mini, single = str(OWN / "mini"), str(OWN / "single.jsonl")
+    assert data.is_own(mini) and data.is_own(mini + "/") and data.is_own(single)
+    assert not any(data.is_own(n) for n in ("csqa", "world", str(tmp_path / "none.jsonl"), str(OWN / "README.md")))
+    assert [data.dataset_name(n) for n in (mini, mini + "/", single, "csqa", "world")] == [
+        "mini", "mini", "single", "csqa", "world"]
+    monkeypatch.chdir(OWN / "mini")
+    assert data.dataset_name(".") == "mini"
+    for name in ("world", "csqa", "obqa", "strategyqa", mini, single):
+        data.check_name(name)
+    for name in ("x", str(OWN / "README.md"), str(tmp_path / "none.jsonl")):
+        with pytest.raises(data.DataError, match=rf"^--data must be one of world, csqa, obqa, strategyqa or a "
+                                                 rf"directory or .jsonl file of your own questions, not '{name}'$"):
+            data.check_name(name)
+    (tmp_path / "csqa").mkdir()
+    with pytest.raises(data.DataError, match=r"csqa: your own data set cannot be called 'csqa'"):
+        data.dataset_name(str(tmp_path / "csqa"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match=r"empty: no train.jsonl; your own data set holds train.jsonl"):
+        data.load(str(tmp_path / "empty"), "train")
+
+
+def test_jsonl_rows_round_trip_atomically(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    rows = [{"id": "é", "n": [1, 2]}, {"ok": True}]
+    data.write_jsonl(path, rows)
+    assert data.read_jsonl(path) == rows and "é".encode() in path.read_bytes()  # UTF-8, not \u00e9
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]  # no .tmp left behind
+    path.write_text('{"a": 1}\n[1]\n')
+    with pytest.raises(data.DataError, match=r"rows.jsonl:2: not a JSON object"):
+        data.read_jsonl(path)
+
+
 # ---------------------------------------------------------------- stage formats (METHOD 4)
 
 Q = Question("q1", "Where do fish live?", ["desert", "water", "sky"], "B")
@@ -198,21 +314,11 @@ def test_collate_pads_to_longest():
     assert labels.tolist() == [[7, 1, -100, -100], [8, 9, 10, 1]]
 
 
-@pytest.mark.parametrize("grouped", [False, True])
-def test_batch_order_is_a_resumable_permutation(grouped):
-    lengths = [(7 * i) % 23 + 1 for i in range(230)]
-    epoch0 = data.batch_order(lengths, 8, seed=3, epoch=0, group_by_length=grouped)
+def test_batch_order_is_a_resumable_permutation():
+    epoch0 = data.batch_order(230, 8, seed=3, epoch=0)
     assert sorted(i for b in epoch0 for i in b) == list(range(230))
     assert len(epoch0) == 29 and sum(len(b) < 8 for b in epoch0) == 1
-    assert epoch0 == data.batch_order(lengths, 8, seed=3, epoch=0, group_by_length=grouped)
-    assert epoch0 != data.batch_order(lengths, 8, seed=3, epoch=1, group_by_length=grouped)
+    assert epoch0 == data.batch_order(230, 8, seed=3, epoch=0)
+    assert epoch0 != data.batch_order(230, 8, seed=3, epoch=1)
 
 
-def test_group_by_length_reduces_padding():
-    lengths = [(13 * i) % 97 + 1 for i in range(800)]
-
-    def padding(order):
-        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in order)
-    grouped = padding(data.batch_order(lengths, 16, seed=0, epoch=0, group_by_length=True))
-    plain = padding(data.batch_order(lengths, 16, seed=0, epoch=0))
-    assert grouped < plain / 4

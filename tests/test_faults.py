@@ -1,5 +1,5 @@
-"""Faults and bad input (README "Faults and bad input"): what real endpoints do to the teacher client, broken data
-files, and user mistakes on the command line. Each README row names the test here that backs it."""
+"""Faults and bad input (tests/README.md, "Faults and bad input"): what real endpoints do to the teacher client,
+broken data files, and user mistakes on the command line. Each README row names the test here that backs it."""
 import dataclasses
 import json
 import os
@@ -12,11 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 import data
 import evaluate
 import teacher
 import tinythinker
+import train
 from data import Question
 from test_teacher import Server, body, completion, write_obqa
 from test_tinythinker import args, read_log, world  # noqa: F401  (world: the handful fixture)
@@ -462,7 +464,8 @@ def test_command_line_mistakes_get_one_line(tmp_path):
     tt, ev = "tinythinker.py", "evaluate.py"
     cases = [
         ((tt, "--phase", "foo"), "--phase must be acquire or reflect, not 'foo'"),
-        ((tt, "--data", "foo"), "--data must be world or one of csqa, obqa, strategyqa, not 'foo'"),
+        ((tt, "--data", "foo"), "--data must be one of world, csqa, obqa, strategyqa or a directory or .jsonl file of "
+                                  "your own questions, not 'foo'"),
         ((tt, "--phase", "reflect", "--from", runs["nobest"]), f"{runs['nobest']}: no acquired model"),
         ((tt, "--phase", "reflect", "--from", runs["garbage"]), "garbage/config.json: not a run config"),
         ((tt, "--phase", "reflect", "--from", runs["good"], "--samples", "0"), "--samples must be at least 1, not 0"),
@@ -487,7 +490,8 @@ def test_resume_refuses_changed_settings_naming_them(tmp_path):
     flags = ["--data", "obqa", "--out", str(tmp_path / "run")]
     cfg = tinythinker.parse_config(flags)
     (tmp_path / "run").mkdir()
-    tinythinker.write_run_config(cfg, str(tmp_path / "run"), 1, effective_batch_size=cfg.batch_size)
+    cpu = train.Runtime(torch.device("cpu"), None, 0, 1)
+    train.write_run_config(cfg, str(tmp_path / "run"), cpu, tinythinker.DECISIONS, effective_batch_size=cfg.batch_size)
     (tmp_path / "run" / "state.pt").write_bytes(b"")
     code, stderr = cli("tinythinker.py", *flags, "--resume", "--epochs", "3", "--seed", "1", "--batch-size", "8",
                        "--lr", "0.1", "--eval-batch-size", "8")

@@ -1,5 +1,6 @@
 """Every "METHOD x.y" the code cites resolves to a heading of the repository's METHOD.md (a reader of a clone can
 follow it), and every decision the runs record is explained there."""
+import ast
 import re
 from pathlib import Path
 
@@ -49,3 +50,20 @@ def test_every_recorded_decision_is_explained():
     for decision in [*tinythinker.DECISIONS, *tailored.DECISIONS]:
         name = decision.split()[0]
         assert f"**{name} " in text, f"{name} is recorded in runs but not explained in METHOD.md section 9"
+
+
+# The modules in reading order: each imports only modules of the layers before its own (README "Imports").
+LAYERS = [["t5"], ["data"], ["world", "dpo", "triplet"], ["train"], ["teacher", "evaluate"],
+          ["tinythinker", "tailored"]]
+
+
+def test_imports_point_one_way():
+    """train.py sits below both methods and tailored.py never imports tinythinker.py: a reader can read the modules
+    in LAYERS order, each using only the files before it."""
+    layer = {name: i for i, names in enumerate(LAYERS) for name in names}
+    for name in layer:
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        upward = sorted(m for m in imported if m in layer and layer[m] >= layer[name])
+        assert not upward, f"{name}.py imports {upward}, which are not below it"

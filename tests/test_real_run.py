@@ -29,19 +29,22 @@ from t5 import T5, T5Config, Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "real"
+OWN = Path(__file__).resolve().parent / "fixtures" / "own"
 SIZE = {  # the only changes to the README's commands, besides --base-url and --data-dir
     "teacher.py": ["--limit", "20"],
     "acquire": ["--epochs", "2", "--max-new-tokens", "16"],
     "reflect": ["--iterations", "1", "--samples", "2", "--epochs", "1", "--max-new-tokens", "16"],
     "evaluate.py": [],
+    "tailored.py": ["--rounds", "1", "--epochs", "1", "--max-new-tokens", "16"],
 }
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
 
 
-def readme_commands():
-    """The command lines of the README's "A real run" block, without their comments."""
-    section = (ROOT / "README.md").read_text().split("## A real run", 1)[1]
+def readme_commands(heading="## A real run", start="python "):
+    """The command lines of the first ```bash block under a README heading, without their comments."""
+    section = (ROOT / "README.md").read_text().split(heading + "\n", 1)[1]
     block = section.split("```bash", 1)[1].split("```", 1)[0]
-    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.startswith("python ")]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.startswith(start)]
 
 
 # ---------------------------------------------------------------------------------------------- the stand-ins
@@ -144,7 +147,8 @@ def site(tmp_path_factory):
 
 def command(line, name, site, launcher=(sys.executable,)):
     """A README command line for data set `name`, with its size flags, --base-url and --data-dir."""
-    words = [w.replace("csqa", name) for w in shlex.split(line)][1:]  # without "python"
+    words = [w.replace("csqa", name) for w in shlex.split(line)]
+    words = words[words.index(next(w for w in words if w.endswith(".py"))):]  # without "python" or "torchrun ..."
     script = words[0]
     phase = words[words.index("--phase") + 1] if "--phase" in words else script
     extra = {"teacher.py": ["--base-url", site["teacher"], "--data-dir", str(site["data"])],
@@ -216,14 +220,44 @@ def test_readme_real_run_on_csqa(site):
     assert [r["phase"] for r in rows] == ["acquire", "reflect"]
 
 
-def test_readme_real_run_on_obqa_with_torchrun(site):
-    _, teach, acquire, _, _ = readme_commands()
+def test_readme_several_gpus_on_obqa(site):
+    """The README's torchrun block on two CPU processes (gloo), after the teacher's single-process run."""
+    _, teach, _, _, _ = readme_commands()
     check_teacher("obqa", site, run(command(teach, "obqa", site), site))
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-    run(command(acquire, "obqa", site, torchrun), site)
-    config = json.loads((site["root"] / "work" / "runs" / "obqa" / "config.json").read_text())
+    lines = readme_commands("## Several GPUs", start="torchrun --nproc_per_node 4 ")
+    assert [shlex.split(line)[3] for line in lines] == ["tinythinker.py"] * 2 + ["evaluate.py", "tailored.py"]
+    acquire, reflect, evaluate, tailored = (command(line, "obqa", site, TORCHRUN) for line in lines)
+    run(acquire, site)
+    obqa = site["root"] / "work" / "runs" / "obqa"
+    config = json.loads((obqa / "config.json").read_text())
     assert config["env"]["devices"] == 2 and config["effective_batch_size"] == 128
-    assert (site["root"] / "work" / "runs" / "obqa" / "best" / "model.safetensors").is_file()
+    run(reflect, site)
+    assert json.loads((obqa / "reflect" / "config.json").read_text())["env"]["devices"] == 2
+    out = run(evaluate, site)
+    assert out.count("| obqa |") == 2  # one table, printed by rank 0 alone: acquire's and reflect's rows
+    assert [r["phase"] for r in check_report("obqa", site, 8)] == ["acquire", "reflect"]
+    run(tailored, site)  # the embedded world's Tailored, one round
+    assert (site["root"] / "work" / "runs" / "tailored_world" / "round_1" / "best" / "model.safetensors").is_file()
+
+
+def test_readme_own_data(site):
+    """The README's "Your own data" block on a data set of 3- and 5-option questions (tests/fixtures/own/mini)."""
+    shutil.copytree(OWN / "mini", site["root"] / "work" / "path" / "to" / "mydata")
+    lines = readme_commands("## Your own data")
+    assert [shlex.split(line)[1] for line in lines] == ["teacher.py"] * 2 + ["tinythinker.py"] * 2 + ["evaluate.py"]
+    dry, teach, acquire, reflect, evaluate = (command(line, "csqa", site) for line in lines)
+    bill = json.loads((out := run(dry, site))[out.index("{"):])
+    assert bill["questions"] == 20 and bill["completions"] == 160  # CSQA's 8 per question
+    summary = json.loads((out := run(teach, site))[out.index("{"):])
+    assert summary["records"] > 0 and summary["failed_questions"] == 0
+    records = teacher.read_records(site["data"] / "mydata" / "teacher_train.jsonl")
+    assert {3, 5} <= {len(r["explanations"]) for r in records}  # every option explained, whatever their number
+    run(acquire, site)
+    run(reflect, site)
+    run(evaluate, site)
+    rows = json.loads((site["root"] / "work" / "runs" / "mydata" / "report.json").read_text())
+    assert [r["phase"] for r in rows] == ["acquire", "reflect"]
+    assert all(r["data"].endswith("mydata") and r["questions"] == 3 for r in rows)
 
 
 def test_readme_real_run_on_strategyqa(site):

@@ -121,19 +121,19 @@ def test_cot_format_and_parser():
 
 def test_teacher_completions_keep_gold_rationales_only():
     q = data.Question("q", "Where?", ["cave", "lake"], "B")
-    assert teacher.parse_cot_completion("Wet things live in lakes. Therefore, the answer is lake (b).\n\nQuestion: x",
+    assert tailored.parse_cot_completion("Wet things live in lakes. Therefore, the answer is lake (b).\n\nQuestion: x",
                                         q) == "Wet things live in lakes. Therefore, the answer is lake (b)."
     feedback = "Error: caves are dry.\nAnswer: It swims. Therefore, the answer is lake (b)."
-    assert teacher.parse_cot_completion(feedback, q) == "It swims. Therefore, the answer is lake (b)."
+    assert tailored.parse_cot_completion(feedback, q) == "It swims. Therefore, the answer is lake (b)."
     with pytest.raises(teacher.InvalidCompletion):
-        teacher.parse_cot_completion("Therefore, the answer is cave (a).", q)
+        tailored.parse_cot_completion("Therefore, the answer is cave (a).", q)
     s = data.Question("s", "Is it?", ["yes", "no"], "A")
-    assert teacher.parse_cot_completion("It is. So, the answer is Yes.\nAnswer: Yes", s) == \
+    assert tailored.parse_cot_completion("It is. So, the answer is Yes.\nAnswer: Yes", s) == \
         "It is. So, the answer is Yes."
-    message = teacher.cot_message(q)
+    message = tailored.cot_message(q)
     assert message.startswith("Question: What do people use to absorb extra ink from a fountain pen?\nAnswer Choices:")
     assert message.endswith("\n\nQuestion: Where?\nAnswer Choices:\n(a) cave\n(b) lake\nAnswer:")
-    feedback = teacher.feedback_message(q, "Dry. Therefore, the answer is cave (a).")
+    feedback = tailored.feedback_message(q, "Dry. Therefore, the answer is cave (a).")
     assert feedback.startswith(message) and "The correct answer is lake (b)." in feedback
     assert "Student: Dry. Therefore, the answer is cave (a)." in feedback
 
@@ -141,12 +141,12 @@ def test_teacher_completions_keep_gold_rationales_only():
 def test_world_teacher_answers_both_prompts_in_the_official_format():
     made = world.make_world()
     for q in made.train[:40]:
-        rationales = world.cot_completions(made, q, teacher.COT_N)
-        assert len(set(rationales)) == teacher.COT_N
-        assert [teacher.parse_cot_completion(r, q) for r in rationales] == rationales
+        rationales = world.cot_completions(made, q, tailored.COT_N)
+        assert len(set(rationales)) == tailored.COT_N
+        assert [tailored.parse_cot_completion(r, q) for r in rationales] == rationales
         wrong = next(x for x in "ABCD" if x != q.answer)
         mistake = f"No idea. Therefore, the answer is {q.choices['ABCD'.index(wrong)]} ({wrong.lower()})."
-        correction = teacher.parse_cot_completion(world.feedback_completion(made, q, mistake), q)
+        correction = tailored.parse_cot_completion(world.feedback_completion(made, q, mistake), q)
         assert f"Not {q.choices['ABCD'.index(wrong)]}:" in correction  # tailored to the student's wrong option
 
 
@@ -172,22 +172,22 @@ def test_feedback_requests_are_cached_and_resumed(tmp_path):
     cfg = teacher.TeacherConfig(data="obqa", workers=1)
     path = tmp_path / "cache.jsonl"
     with pytest.raises(KeyboardInterrupt):  # killed after two answered requests
-        teacher.ask_all(jobs, cfg, ScriptedClient(die_after=2), teacher.Cache(path), "feedback")
+        tailored.ask_all(jobs, cfg, ScriptedClient(die_after=2), teacher.Cache(path), "feedback")
     assert len(path.read_text().splitlines()) == 2  # each answer was on disk before it was used
     client = ScriptedClient()
-    kept = teacher.ask_all(jobs, cfg, client, teacher.Cache(path), "feedback")
+    kept = tailored.ask_all(jobs, cfg, client, teacher.Cache(path), "feedback")
     assert len(client.payloads) == 1 and client.meter.counts["cached"] == 2  # only the unanswered one is asked
     assert kept == [[f"Reason {i}. Therefore, the answer is x (b)."] for i in (1, 2, 1)]
     assert all("Student: Wrong 2." in m["content"] for m in client.payloads[0]["messages"])
     again = ScriptedClient()
-    assert teacher.ask_all(jobs, cfg, again, teacher.Cache(path), "feedback") == kept and not again.payloads
+    assert tailored.ask_all(jobs, cfg, again, teacher.Cache(path), "feedback") == kept and not again.payloads
 
 
 def test_evaluate_decodes_one_chain_of_thought_and_votes(monkeypatch):
     questions = [data.Question("q0", "?", ["x", "y"], "A"), data.Question("q1", "?", ["x", "y"], "B")]
     texts = iter(["So (a).", "So (b).", "So (a).", "So (a).", "junk", "So (a)."])  # both vote A: q1 is wrong
 
-    def scripted(model, tokenizer, prompts, temperature, batch_size, max_new_tokens, desc):
+    def scripted(model, tokenizer, prompts, temperature, **kwargs):
         assert prompts[0] == data.cot_input(questions[0]) and temperature == 0.7
         return [next(texts) for _ in prompts]
 
@@ -209,9 +209,9 @@ class Scripted:
     def __call__(self, prompts):
         return torch.zeros(len(prompts), 1, dtype=torch.long), torch.ones(len(prompts), 1, dtype=torch.long)
 
-    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
-        assert kwargs == dict(do_sample=True, temperature=1.0, top_k=50, num_return_sequences=4)
-        return torch.zeros(len(input_ids) * 4, 1)
+    def generate(self, input_ids, attention_mask, max_new_tokens, generator, **kwargs):
+        assert kwargs == dict(do_sample=True, temperature=1.0, top_k=50) and generator is not None
+        return torch.zeros(len(input_ids), 1)
 
     def batch_decode(self, rows):
         return [self.texts.pop(0) for _ in rows]
@@ -222,7 +222,7 @@ def test_the_exam_keeps_only_distinct_wrong_answers():
     texts = ["So (a).", "So (b).", "So (b).", "nothing", "So (b).", "So (b).", "So (b).", "So (b)."]
     scripted = Scripted(texts)
     cfg = tailored.parse_config(["--data", "obqa"])
-    assert tailored.exam(cfg, scripted, scripted, questions, "exam") == {"q0": ["So (b).", "nothing"]}
+    assert tailored.exam(cfg, scripted, scripted, questions, 2) == {"q0": ["So (b).", "nothing"]}
 
 
 def test_batches_hold_distinct_questions_and_every_example_once():
@@ -249,20 +249,20 @@ def test_a_shrunken_world_through_every_round(tmp_path, monkeypatch, shrunken):
     evaluate.py. Too short to learn the held-out habitats (BENCHMARKS.md has the full world's figures), long enough
     that the round-1 student makes mistakes that the teacher corrects."""
     run = tmp_path / "run"
-    tailored.main(tailored.parse_config(["--out", str(run), "--rounds", "3", "--epochs", "8", "--batch-size", "32",
+    tailored.tailored(tailored.parse_config(["--out", str(run), "--rounds", "3", "--epochs", "8", "--batch-size", "32",
                                          "--lr", "3e-3", "--later-epochs", "2", "--later-lr", "1e-4",
                                          "--eval-every", "100"]))
-    round_1 = tinythinker.read_jsonl(run / "round_1" / "log.jsonl")
+    round_1 = data.read_jsonl(run / "round_1" / "log.jsonl")
     losses = [r["lm"] for r in round_1 if "lm" in r]
     assert losses[-1] < losses[0] / 4  # it learns
     train = {q.id: q for q in world.make_world().train}
     for k in (2, 3):
-        mistakes = tinythinker.read_jsonl(run / f"round_{k}" / "mistakes.jsonl")
+        mistakes = data.read_jsonl(run / f"round_{k}" / "mistakes.jsonl")
         assert mistakes and all(data.parse_cot(t, train[m["id"]]) != train[m["id"]].answer
                                 for m in mistakes for t in m["texts"])
-        for row in tinythinker.read_jsonl(run / f"round_{k}" / "corrections.jsonl"):
+        for row in data.read_jsonl(run / f"round_{k}" / "corrections.jsonl"):
             assert all(data.parse_cot(t, train[row["id"]]) == train[row["id"]].answer for t in row["texts"])
-        log = tinythinker.read_jsonl(run / f"round_{k}" / "log.jsonl")
+        log = data.read_jsonl(run / f"round_{k}" / "log.jsonl")
         assert sum(r.get("triplets", 0) for r in log) > 0 and any("sr" in r for r in log)
     summary = json.loads((run / "summary.json").read_text())
     assert list(summary) == ["1", "2", "3"]
@@ -279,7 +279,7 @@ def test_a_shrunken_world_through_every_round(tmp_path, monkeypatch, shrunken):
 def test_a_killed_round_resumes_to_the_same_weights(tmp_path, monkeypatch, shrunken):
     flags = ["--rounds", "2", "--epochs", "2", "--later-epochs", "1", "--batch-size", "32", "--lr", "3e-3",
              "--eval-every", "2"]
-    tailored.main(tailored.parse_config(["--out", str(tmp_path / "whole"), *flags]))
+    tailored.tailored(tailored.parse_config(["--out", str(tmp_path / "whole"), *flags]))
     for done in ("tokenizer", "round_1"):  # the same finished round 1, as compare.py shares it
         shutil.copytree(tmp_path / "whole" / done, tmp_path / "killed" / done)
     real, calls = evaluate.accuracy, []
@@ -292,9 +292,9 @@ def test_a_killed_round_resumes_to_the_same_weights(tmp_path, monkeypatch, shrun
 
     monkeypatch.setattr(evaluate, "accuracy", dies_in_round_2)
     with pytest.raises(KeyboardInterrupt):
-        tailored.main(tailored.parse_config(["--out", str(tmp_path / "killed"), *flags]))
+        tailored.tailored(tailored.parse_config(["--out", str(tmp_path / "killed"), *flags]))
     monkeypatch.setattr(evaluate, "accuracy", real)
-    tailored.main(tailored.parse_config(["--out", str(tmp_path / "killed"), *flags, "--resume"]))
+    tailored.tailored(tailored.parse_config(["--out", str(tmp_path / "killed"), *flags, "--resume"]))
     whole, resumed = (torch.load(tmp_path / run / "round_2" / "state.pt", weights_only=False)
                       for run in ("whole", "killed"))
     assert whole["step"] == resumed["step"] >= 3  # killed at step 3's validation, resumed from step 2
@@ -306,7 +306,7 @@ def test_a_killed_round_resumes_to_the_same_weights(tmp_path, monkeypatch, shrun
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--data", "foo"], "--data must be world or one of"), (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--data", "foo"], "--data must be one of world"), (["--rounds", "0"], "--rounds must be at least 1"),
     (["--lam", "-1"], "--lam at least 0"),
 ])
 def test_command_line_mistakes_get_one_line(tmp_path, flags, message):
@@ -332,6 +332,17 @@ HANDFUL = [("What cuts wood?", ["a saw", "a spoon", "a cup", "a rope"], "A"),
            ("What holds water?", ["a net", "a bucket", "a fork", "a sieve"], "B"),
            ("What gives light at night?", ["a rock", "a shoe", "a lamp", "a leaf"], "C"),
            ("What keeps you dry in rain?", ["a sieve", "a kite", "a net", "a coat"], "D")]
+
+
+def write_handful_obqa(data_dir):
+    """HANDFUL as OBQA's official files (the same four questions in train, dev and test) under data_dir/obqa."""
+    original = data_dir / "obqa" / "original"
+    original.mkdir(parents=True)
+    lines = "".join(json.dumps({"id": f"q{i}", "question": {"stem": q, "choices": [
+        {"label": x, "text": t} for x, t in zip("ABCD", choices)]}, "answerKey": gold}) + "\n"
+        for i, (q, choices, gold) in enumerate(HANDFUL))
+    for name in ("train.jsonl", "dev.jsonl", "test.jsonl"):
+        (original / name).write_text(lines)
 
 
 class LLM:
@@ -374,30 +385,45 @@ class LLM:
 def test_an_llm_teacher_through_every_round_and_its_cache(tmp_path):
     """`python tailored.py --data obqa` against a scripted LLM: round-1 rationales filtered to the gold answer,
     feedback on the student's mistakes, every response cached; a second run asks the teacher nothing."""
-    original = tmp_path / "data" / "obqa" / "original"
-    original.mkdir(parents=True)
-    lines = "".join(json.dumps({"id": f"q{i}", "question": {"stem": q, "choices": [
-        {"label": x, "text": t} for x, t in zip("ABCD", choices)]}, "answerKey": gold}) + "\n"
-        for i, (q, choices, gold) in enumerate(HANDFUL))
-    for name in ("train.jsonl", "dev.jsonl", "test.jsonl"):
-        (original / name).write_text(lines)
+    write_handful_obqa(tmp_path / "data")
     llm = LLM()
     command = [sys.executable, "tailored.py", "--data", "obqa", "--data-dir", str(tmp_path / "data"), "--model",
                "scratch", "--base-url", llm.url, "--out", str(tmp_path / "run"), "--rounds", "2", "--epochs", "2",
                "--later-epochs", "1", "--max-new-tokens", "8"]
-    for attempt in range(2):
-        out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    for attempt in range(2):  # the second with --resume: the run is started
+        out = subprocess.run(command + ["--resume"] * attempt, cwd=ROOT, capture_output=True, text=True, timeout=300,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert out.returncode == 0, out.stderr[-2000:]
         if attempt == 0:
             asked = len(llm.log)
-            assert [p["n"] for p in llm.log[:4]] == [teacher.COT_N] * 4 and asked > 4  # round 1, then feedback
+            assert [p["n"] for p in llm.log[:4]] == [tailored.COT_N] * 4 and asked > 4  # round 1, then feedback
             assert all(p["n"] == 1 and "Student:" in p["messages"][-1]["content"] for p in llm.log[4:])
     assert len(llm.log) == asked  # the second run found every round done and asked nothing
-    first = tinythinker.read_jsonl(tmp_path / "run" / "round_1" / "teacher.jsonl")
+    first = data.read_jsonl(tmp_path / "run" / "round_1" / "teacher.jsonl")
     assert [len(row["texts"]) for row in first] == [3] * 4  # the wrong fourth rationale was filtered out
-    corrections = tinythinker.read_jsonl(tmp_path / "run" / "round_2" / "corrections.jsonl")
+    corrections = data.read_jsonl(tmp_path / "run" / "round_2" / "corrections.jsonl")
     assert corrections and all(row["texts"][0].startswith("Reason fixed.") for row in corrections)
     cache = (tmp_path / "data" / "obqa" / "tailored.cache.jsonl").read_text().splitlines()
     assert len(cache) == asked
+    llm.httpd.shutdown()
+
+
+def test_tailored_on_ones_own_data(tmp_path):
+    """`python tailored.py --data path/to/mydata` (README "Your own data"): a directory of one's own JSONL questions,
+    named by its basename for the run and the teacher's cache."""
+    own = tmp_path / "path" / "to" / "mydata"
+    own.mkdir(parents=True)
+    for split in ("train", "valid", "test"):  # the same questions, under ids used once across the files
+        (own / f"{split}.jsonl").write_text("".join(json.dumps({"id": f"{split}{i}", "question": q, "choices": [
+            {"label": x, "text": t} for x, t in zip("ABCD", choices)], "answer": gold}) + "\n"
+            for i, (q, choices, gold) in enumerate(HANDFUL)))
+    llm = LLM()
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tailored.py"), "--data", "path/to/mydata", "--model",
+                          "scratch", "--data-dir", str(tmp_path / "data"), "--base-url", llm.url, "--rounds", "1",
+                          "--epochs", "1", "--max-new-tokens", "8"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads((tmp_path / "runs" / "tailored_mydata" / "summary.json").read_text())
+    assert summary["1"]["requests"] == len(llm.log) == 4 and summary["1"]["rationales"] == 12
+    assert len((tmp_path / "data" / "mydata" / "tailored.cache.jsonl").read_text().splitlines()) == 4
     llm.httpd.shutdown()

@@ -1,5 +1,5 @@
 """teacher.py: prompt strings, the parser on edge cases, the client against a scripted HTTP server on 127.0.0.1,
-kill-and-resume through the cache, and the API key never reaching a file."""
+kill-and-resume through the cache, the API key never reaching a file, and your own data set (tests/fixtures/own)."""
 import hashlib
 import json
 import os
@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import teacher  # noqa: E402
-from data import Question  # noqa: E402
+from data import LETTERS, Question  # noqa: E402
 
 KEY = "sk-test-DO-NOT-LEAK-4f2a"
 Q = Question("q1", "Where do fish live?", ["desert", "water", "sky"], "B")
@@ -259,6 +259,55 @@ def test_api_key_sent_but_never_written(tmp_path, monkeypatch, capsys):
     assert len(written) >= 3 and not any(KEY.encode() in p.read_bytes() for p in written)
     out, err = capsys.readouterr()
     assert KEY not in out + err and '"records": 2' in out + err
+
+
+# ---------------------------------------------------------------- your own data set
+
+MINI = ROOT / "tests" / "fixtures" / "own" / "mini"
+
+
+def test_dry_run_on_own_data():
+    result = subprocess.run([sys.executable, "teacher.py", "--data", "tests/fixtures/own/mini", "--split", "train",
+                             "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    bill = json.loads(result.stdout)
+    assert (bill["questions"], bill["completions"], bill["max_requests_with_retries"]) == (24, 24 * 8, 24 * 3)
+    assert bill["cost_usd_est"] > 0
+
+
+@pytest.mark.parametrize("name, message", [
+    ("world", "the world's teacher is built into world.py"),
+    (str(MINI / "train.jsonl.txt"), "--data must be one of world, csqa, obqa, strategyqa or a directory or .jsonl"),
+])
+def test_teacher_refuses_what_it_cannot_ask(name, message):
+    with pytest.raises(SystemExit, match=f"^teacher.py: {message}"):
+        teacher.main(["--data", name, "--dry-run"])
+
+
+def test_run_on_own_data_writes_records_beside_the_built_in_ones(tmp_path, monkeypatch):
+    """A 3-option and a 5-option question (the first two of mini's train), CSQA's exemplars and n."""
+    systems = []
+
+    def answer(stem, count, payload):  # a valid completion for the options the scaffold lists
+        system, user = (m["content"] for m in payload["messages"])
+        systems.append(system)
+        letters = LETTERS[:user.count(" is incorrect. Because") + 1]
+        gold = user.split("Explanations: ")[1][0]
+        return 200, {}, body([completion(letters, gold)] * payload["n"]), 0
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    with Server(answer) as server:
+        summary = teacher.run(teacher.TeacherConfig(data=str(MINI), data_dir=str(tmp_path), base_url=server.url,
+                                                    limit=2))
+    assert [(e["stem"], e["n"]) for e in sorted(server.log, key=lambda e: e["stem"])] == [
+        ("What does a kettle do to water?", 8), ("Where would you keep milk so it stays fresh?", 8)]
+    assert all("absorb extra ink from a fountain pen" in s for s in systems)  # a CSQA exemplar
+    out = tmp_path / "mini" / "teacher_train.jsonl"
+    assert summary["out"] == str(out) and summary["records"] == 16
+    records = teacher.read_records(out)
+    assert [(r["id"], r["answer"], sorted(r["explanations"])) for r in records[::8]] == [
+        ("m01", "B", ["A", "B", "C"]), ("m02", "C", ["A", "B", "C", "D", "E"])]
+    assert records[8]["choices"] == ["oven", "bookshelf", "refrigerator", "garden", "sunny window"]
+    assert sorted(p.name for p in MINI.iterdir()) == ["test.jsonl", "train.jsonl", "valid.jsonl"]  # left as it was
 
 
 # ---------------------------------------------------------------- kill and resume

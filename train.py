@@ -1,0 +1,372 @@
+"""What both methods' training shares: settings, the student, devices and ranks, the schedule, and the loop.
+
+tinythinker.py and tailored.py each supply a plan of steps, the loss of a micro-batch and a validation; `fit` owns
+everything else (backward, loss scaling, clipping, DDP, checkpoints, resume, logging). `sharded` spreads any list of
+batches over the ranks torchrun starts, which is how generation (validation, sampling, exams, evaluation) scales out.
+"""
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import sys
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import data
+import world
+from t5 import T5, T5Config, Tokenizer, atomic_write
+
+# --precision: the autocast dtype of the model (T5.amp_dtype), fp32 unless asked (A20).
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Settings: flags from a config dataclass, checks, run directories
+
+def add_flags(parser, config):
+    """One --flag per field of the `config` dataclass (a bool is a switch), None when not given, so that the command
+    line can be layered over presets. A field without a plain default (a dict) is no setting."""
+    for field in dataclasses.fields(config):
+        if field.default is dataclasses.MISSING:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if field.type is bool or isinstance(field.default, bool):
+            parser.add_argument(flag, action="store_true", default=None)
+        else:
+            kind = field.type if isinstance(field.type, type) else field.type.__args__[0]  # `int | None` -> int
+            parser.add_argument(flag, type=kind, default=None, help=f"default {field.default!r}")
+
+
+def given_flags(parser, argv=None):
+    """The settings the command line gave, and only those."""
+    return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+
+
+def check_positive(cfg, names):
+    """One clear line for a count that must be at least 1."""
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
+
+
+def check_data(name):
+    """The embedded world, a known data set, or a path to one's own (data.check_name says which it is not)."""
+    if name != "world":
+        try:
+            data.check_name(name)
+        except data.DataError as e:
+            raise SystemExit(str(e)) from None
+
+
+def read_run_config(run_dir):
+    """The settings a run directory was trained with (its config.json); DataError if it is not readable as one."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise data.DataError(f"{run_dir}: no config.json; pass a run directory made by tinythinker.py or tailored.py")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise data.DataError(f"{path}: not a run config ({e})") from None
+    if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k), str) for k in ("data", "stages")):
+        raise data.DataError(f"{path}: not a run config (no data or stages)")
+    return cfg
+
+
+def write_run_config(cfg, run_dir, runtime, decisions, **extra):
+    """config.json: the resolved settings, the library versions and the method's recorded decisions (rank 0)."""
+    if runtime.rank != 0:
+        return
+    env = dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
+               platform=platform.platform(), devices=runtime.world_size,
+               cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    config = {**dataclasses.asdict(cfg), **extra, "env": env, "decisions": decisions}
+    atomic_write(os.path.join(run_dir, "config.json"), json.dumps(config, indent=1).encode())
+
+
+def check_resume(cfg, run_dir, free, **extra):
+    """A started run continues only with --resume and on the settings it started with (its config.json): another
+    batch size, seed or learning rate would silently follow a different schedule. `free` moves no step."""
+    if not cfg.resume:
+        raise SystemExit(f"{run_dir} holds a started run: pass --resume to continue it, or --out for a new one")
+    saved, now = read_run_config(run_dir), {**dataclasses.asdict(cfg), **extra}
+    changed = [f"--{k.replace('_', '-')} {now[k]} (the run has {saved[k]})" for k in now
+               if k in saved and k not in free and now[k] != saved[k]]
+    if changed:
+        raise SystemExit(f"{run_dir}: cannot resume with other settings: {', '.join(changed)}")
+
+
+def command(run, interrupted="interrupted; continue with --resume"):
+    """A command's entry point: a file that cannot be read is one line naming it; Ctrl-C exits 130."""
+    try:
+        run()
+    except data.DataError as e:
+        raise SystemExit(str(e)) from None
+    except KeyboardInterrupt:
+        print(f"\n{interrupted}", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The student and its questions
+
+def questions(name, split, data_dir=None):
+    """The questions of one split: the embedded world's, or a data set's (data.load: a known one or one's own)."""
+    if name == "world":
+        return getattr(world.make_world(), split)
+    return data.load(name, split, data_dir)
+
+
+def student(cfg, run_dir, texts):
+    """The model and tokenizer to train: a public checkpoint, or ("scratch") a new T5 sized by world.MODEL and a
+    tokenizer trained on `texts`, kept in the run directory so that a resumed run (and every rank) reuses it."""
+    if cfg.model != "scratch":  # rank 0 downloads first; the others then read its cache
+        if rank() > 0:
+            barrier()
+        loaded = T5.from_pretrained(cfg.model), Tokenizer.from_pretrained(cfg.model)
+        if rank() == 0:
+            barrier()
+        return loaded
+    tokenizer_dir = os.path.join(run_dir, "tokenizer")
+    if rank() == 0 and not os.path.isfile(os.path.join(tokenizer_dir, "spiece.model")):
+        Tokenizer.train(texts, world.VOCAB_SIZE, tokenizer_dir)
+    barrier()
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(cfg.seed)
+    return T5(T5Config(vocab_size=tokenizer.vocab_size, **world.MODEL)), tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Devices and ranks
+
+class Runtime(NamedTuple):
+    """Where a process computes: its device, the autocast dtype (None = fp32), and its place among the ranks."""
+    device: torch.device
+    amp: torch.dtype | None
+    rank: int
+    world_size: int
+
+
+def setup_device(precision="fp32", seed=0):
+    """This process's Runtime. torchrun sets LOCAL_RANK; a plain `python` run is rank 0 of 1."""
+    if precision not in PRECISIONS:
+        raise SystemExit(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    if "LOCAL_RANK" in os.environ and not dist.is_initialized():
+        # Long timeout: rank 0 alone asks the teacher (tailored.py) or writes while the others wait at a barrier.
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=12))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    torch.manual_seed(seed)  # dropout masks; a model from scratch is seeded again in student()
+    return Runtime(device, PRECISIONS[precision], rank(), dist.get_world_size() if dist.is_initialized() else 1)
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier():
+    """Every rank waits here, so that what rank 0 has written is there for all of them to read."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def sharded(items, work, desc=None):
+    """[work(item) for item in items] on every rank, each rank computing every world_size-th item and the results
+    gathered back in item order: an item's result is the one a single process computes (same batch, same seed)."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    here = rank()
+    mine = [work(item) for item in tqdm(items[here::world_size], desc=desc, leave=False,
+                                         disable=desc is None or here != 0)]
+    if world_size == 1:
+        return mine
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, mine)
+    return [gathered[i % world_size][i // world_size] for i in range(len(items))]
+
+
+def chunks(items, size):
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The schedule: which examples each optimizer step trains on (METHOD 5.2)
+
+def stage_schedule(batches_per_stage, quotas):
+    """One epoch as a list of stage names, one per optimizer step: cycles of quotas["recall"] recall batches,
+    quotas["analyze"] analyze batches and quotas["summarize"] summarize batches, until every loader is empty.
+    A loader that runs out is skipped and the cycle goes on (A16)."""
+    left, order = dict(batches_per_stage), []
+    assert all(quotas.get(s, 0) > 0 for s, n in left.items() if n), "a stage with data needs a quota"
+    while any(left.values()):
+        for stage in ("recall", "analyze", "summarize"):
+            take = min(quotas.get(stage, 0), left.get(stage, 0))
+            order += [stage] * take
+            left[stage] = left.get(stage, 0) - take
+    return order
+
+
+class Plan:
+    """plan[step] = (stage, example indices), computed from (seed, epoch, stage) alone (data.batch_order): a resumed
+    run recomputes it and carries on at its step, so no data-loader state needs saving."""
+
+    def __init__(self, sizes, batch, epochs, seed, quotas=None, max_steps=None):
+        """sizes: {stage: number of examples}; batch: examples per step; quotas: batches per stage and cycle."""
+        self.sizes, self.batch, self.seed = sizes, batch, seed
+        batches = {s: -(-n // batch) for s, n in sizes.items()}
+        epoch_order = stage_schedule(batches, quotas or batches)  # no quotas: one pass per stage in turn
+        if max_steps:  # as many epochs as max_steps needs, the last one cut short
+            epochs = -(-max_steps // len(epoch_order))
+        self.steps = []
+        for epoch in range(epochs):
+            seen = dict.fromkeys(sizes, 0)
+            for stage in epoch_order:
+                self.steps.append((epoch, stage, seen[stage]))
+                seen[stage] += 1
+        self.steps = self.steps[:max_steps]
+        self.cycle = sum(min((quotas or batches)[s], n) for s, n in batches.items())
+
+    def __len__(self):
+        return len(self.steps)
+
+    def __getitem__(self, step):
+        epoch, stage, b = self.steps[step]
+        seed = self.seed * 10 + list(self.sizes).index(stage)  # each stage has its own shuffle
+        return stage, data.batch_order(self.sizes[stage], self.batch, seed, epoch)[b]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+def learning_rate(cfg, step, total):
+    """Linear warm-up over cfg.warmup of the steps, then cosine decay to zero (METHOD 5.3, A3)."""
+    warm = int(cfg.warmup * total)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def rng_state():
+    return dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def examples_of(stage, indices):
+    return len(indices)
+
+
+def backward(trained, scaler, step_loss, stage, indices, weight, micro_batch, runtime):
+    """One step's gradient: the mean loss over the whole batch however it is split. The batch is dealt over the
+    ranks, then cut into micro-batches; each piece's loss is weighted by its share weight(piece) / weight(batch)
+    (target tokens or examples) and times world_size, as DDP averages over ranks. Gradients are all-reduced once,
+    on the last micro-batch. A rank left without examples joins the all-reduce with one example at weight 0.
+    Returns the batch's metrics (step_loss's, the same names on every rank), weighted alike."""
+    world_size = runtime.world_size
+    mine = indices[runtime.rank::world_size]
+    pieces = chunks(mine, micro_batch) or [indices[:1]]
+    total = weight(stage, indices)
+    sums = {}
+    for k, piece in enumerate(pieces):
+        share = weight(stage, piece) / total if mine else 0.0
+        with trained.no_sync() if world_size > 1 and k < len(pieces) - 1 else contextlib.nullcontext():
+            loss, metrics = step_loss(trained, stage, piece, indices)
+            scaler.scale(loss * (share * world_size)).backward()
+        for name, value in {"loss": loss.item(), **metrics}.items():
+            sums[name] = sums.get(name, 0.0) + share * value
+    if world_size > 1:
+        values = torch.tensor([sums[name] for name in sorted(sums)], dtype=torch.float64, device=runtime.device)
+        dist.all_reduce(values)
+        sums = dict(zip(sorted(sums), values.tolist()))
+    return sums
+
+
+def fit(cfg, run_dir, model, tokenizer, plan, *, step_loss, validate, runtime, desc, weight=examples_of,
+        dropout=True):
+    """AdamW over `plan` (len(plan) steps, plan[step] = (stage, indices)) with warm-up + cosine learning rate, clipping
+    and, every cfg.eval_every (default plan.cycle) steps and at the end, a validation on every rank that keeps the best
+    model in {run_dir}/best and the resumable state {run_dir}/state.pt. `step_loss(trained, stage, indices, batch)` is
+    a micro-batch's (mean loss, {metric: float}) and `weight(stage, indices)` its share of the batch (examples by
+    default, target tokens for a token mean); `batch` is the whole step's. Returns the best validation accuracy."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    # fp16 gradients underflow without loss scaling
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp == torch.float16)
+    state_path, log_path = os.path.join(run_dir, "state.pt"), os.path.join(run_dir, "log.jsonl")
+    lead = runtime.rank == 0
+    start, best = 0, -1.0
+    if os.path.isfile(state_path):
+        if not cfg.resume:
+            raise SystemExit(f"{state_path} exists: pass --resume to continue that run, or --out for a new one")
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start, best = state["step"], state["best"]
+        if lead and os.path.isfile(log_path):  # drop log lines written after that state, and a torn last line
+            with open(log_path) as f:
+                kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= start]
+            atomic_write(log_path, "".join(kept).encode())
+    barrier()  # every rank has read the state before rank 0 may write the next one
+    trained = DistributedDataParallel(model) if runtime.world_size > 1 else model
+    # a fresh start drops the lines of a run killed before its first saved state
+    log = open(log_path, "a" if start else "w") if lead else None
+    model.train(dropout)
+    bar = tqdm(range(start, len(plan)), desc=desc, initial=start, total=len(plan), disable=not lead)
+    for step in bar:
+        lr = learning_rate(cfg, step, len(plan))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        stage, indices = plan[step]
+        metrics = backward(trained, scaler, step_loss, stage, indices, weight, cfg.batch_size, runtime)
+        scaler.unscale_(optimizer)
+        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if lead:
+            log.write(json.dumps(dict(step=step + 1, lr=lr, **({"stage": stage} if isinstance(stage, str) else {}),
+                                      **metrics)) + "\n")
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", **({"stage": stage} if isinstance(stage, str) else {}))
+        if (step + 1) % (cfg.eval_every or plan.cycle) == 0 or step + 1 == len(plan):
+            accuracy = validate(model)  # on every rank: its generation is sharded
+            if accuracy > best:
+                best = accuracy
+                if lead:
+                    model.save_pretrained(os.path.join(run_dir, "best"))
+                    tokenizer.save_pretrained(os.path.join(run_dir, "best"))
+            if lead:
+                log.write(json.dumps(dict(step=step + 1, valid_accuracy=accuracy, best=best)) + "\n")
+                log.flush()
+                tqdm.write(f"{desc} step {step + 1}/{len(plan)}: loss {metrics['loss']:.4f}, "
+                           f"validation accuracy {accuracy:.2f}% (best {best:.2f}%)")
+                state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                             rng=rng_state(), step=step + 1, best=best)
+                atomic_write(state_path, lambda f: torch.save(state, f))
+            barrier()
+    if log:
+        log.close()
+    return best
+
