@@ -203,7 +203,6 @@ def chunks(items, size):
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # The schedule: which examples each optimizer step trains on (METHOD 5.2)
 

@@ -16,7 +16,6 @@ import data
 import evaluate
 import tailored
 import teacher
-import tinythinker
 import triplet
 import world
 from t5 import T5, T5Config

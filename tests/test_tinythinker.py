@@ -2,7 +2,6 @@
 tiny T5 and a tokenizer trained on the spot, through the same command line a user runs."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
