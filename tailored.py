@@ -95,8 +95,6 @@ def parse_config(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_flags(parser, Config)
     given = train.given_flags(parser, argv)
-    if data.is_own(given.get("data", "")):
-        given["data"] = os.path.abspath(given["data"])  # config.json then works from any directory
     cfg = Config(**{**(world.PRESETS["tailored"] if given.get("data", Config.data) == "world" else {}), **given})
     cfg.out = cfg.out or os.path.join("runs", f"tailored_{data.dataset_name(cfg.data)}")
     cfg.data_dir = os.path.abspath(cfg.data_dir)
@@ -105,7 +103,7 @@ def parse_config(argv=None):
 
 def check(cfg):
     """One clear line for a setting that cannot work, before anything is loaded or written."""
-    train.check_data(cfg.data)
+    data.check_name(cfg.data)
     train.check_positive(cfg, ("rounds", "epochs", "batch_size", "exam_samples", "eval_batch_size", "max_new_tokens",
                                "workers"))
     if not (cfg.lr > 0 and cfg.lam >= 0 and cfg.exam_temperature > 0):

@@ -525,6 +525,11 @@ def teach(q: Question, system: str, cfg: TeacherConfig, client: Client, cache: C
     return records, failures
 
 
+def counts(cfg: TeacherConfig) -> tuple[int, int]:
+    """Completions per question and request rounds: the command line's, else the data set's (prompt_set)."""
+    return cfg.n or N[prompt_set(cfg.data)], cfg.rounds or ROUNDS[prompt_set(cfg.data)]
+
+
 def prompt_and_questions(cfg: TeacherConfig) -> tuple[str, list[Question]]:
     """The data set's system message and the questions to ask (the split, cut to --limit), for a run or its bill."""
     data.check_name(cfg.data)
@@ -546,7 +551,7 @@ def run(cfg: TeacherConfig) -> dict:
     if not api_key and urlparse(cfg.base_url).hostname == "api.openai.com":  # say so before any request goes out
         raise Fatal(f"{cfg.api_key_env} is not set: {cfg.base_url} needs an API key (export {cfg.api_key_env}=..., "
                     f"or --base-url for a local server)")
-    cfg.n, cfg.rounds = cfg.n or N[prompt_set(cfg.data)], cfg.rounds or ROUNDS[prompt_set(cfg.data)]
+    cfg.n, cfg.rounds = counts(cfg)
     name = data.dataset_name(cfg.data)
     out = Path(cfg.out or Path(cfg.data_dir or data.DEFAULT_DIR) / name / f"teacher_{cfg.split}.jsonl")
     cache = Cache(Path(cfg.cache or out.with_suffix(".cache.jsonl")))
@@ -598,7 +603,7 @@ def estimate(cfg: TeacherConfig) -> dict:
     is estimated as long as the few-shot exemplars' answers (Key Information and explanations), capped at max_tokens.
     Retry rounds re-request only the invalid completions (at most cfg.rounds - 1 more requests per question)."""
     system, questions = prompt_and_questions(cfg)
-    n, rounds = cfg.n or N[prompt_set(cfg.data)], cfg.rounds or ROUNDS[prompt_set(cfg.data)]
+    n, rounds = counts(cfg)
     answers = [f"Key Information: {e['Key Information']}\nExplanations: " + "\n".join(e["Explanations"])
                for e in json.loads(PROMPTS.read_text())["exemplars"][prompt_set(cfg.data)]]
     completion = min(cfg.max_tokens, sum(map(len, answers)) / len(answers) / CHARS_PER_TOKEN)

@@ -91,8 +91,6 @@ def parse_config(argv=None):
     train.add_flags(parser, Config)
     parser.add_argument("--from", dest="out", help="reflect: the acquire run directory (same as --out)")
     given = train.given_flags(parser, argv)
-    if data.is_own(given.get("data", "")):
-        given["data"] = os.path.abspath(given["data"])  # config.json then works from any directory
     phase, name = given.get("phase", Config.phase), given.get("data", Config.data)
     layers = []
     if phase == "reflect":
@@ -120,7 +118,7 @@ def check(cfg):
     """One clear line for a setting that cannot work, before anything is loaded or written."""
     if cfg.phase not in ("acquire", "reflect"):
         raise SystemExit(f"--phase must be acquire or reflect, not {cfg.phase!r}")
-    train.check_data(cfg.data)
+    data.check_name(cfg.data)
     if cfg.phase == "acquire" and cfg.stages not in data.STAGES:
         raise SystemExit(f"--stages must be one of {', '.join(data.STAGES)}, not {cfg.stages!r}")
     train.check_positive(cfg, ("batch_size", "grad_accum", "epochs", "interval", "eval_batch_size", "max_new_tokens",

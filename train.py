@@ -47,8 +47,12 @@ def add_flags(parser, config):
 
 
 def given_flags(parser, argv=None):
-    """The settings the command line gave, and only those."""
-    return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    """The settings the command line gave, and only those; a --data path to one's own data set made absolute, so
+    that a run's config.json works from any directory."""
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    if data.is_own(given.get("data", "")):
+        given["data"] = os.path.abspath(given["data"])
+    return given
 
 
 def check_positive(cfg, names):
@@ -56,15 +60,6 @@ def check_positive(cfg, names):
     for name in names:
         if getattr(cfg, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
-
-
-def check_data(name):
-    """The embedded world, a known data set, or a path to one's own (data.check_name says which it is not)."""
-    if name != "world":
-        try:
-            data.check_name(name)
-        except data.DataError as e:
-            raise SystemExit(str(e)) from None
 
 
 def read_run_config(run_dir):
@@ -172,11 +167,15 @@ def setup_device(precision="fp32", seed=0):
     else:
         device = torch.device("cpu")
     torch.manual_seed(seed)  # dropout masks; a model from scratch is seeded again in student()
-    return Runtime(device, PRECISIONS[precision], rank(), dist.get_world_size() if dist.is_initialized() else 1)
+    return Runtime(device, PRECISIONS[precision], rank(), world_size())
 
 
 def rank():
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def barrier():
@@ -188,15 +187,13 @@ def barrier():
 def sharded(items, work, desc=None):
     """[work(item) for item in items] on every rank, each rank computing every world_size-th item and the results
     gathered back in item order: an item's result is the one a single process computes (same batch, same seed)."""
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    here = rank()
-    mine = [work(item) for item in tqdm(items[here::world_size], desc=desc, leave=False,
-                                         disable=desc is None or here != 0)]
-    if world_size == 1:
+    ranks, here = world_size(), rank()
+    mine = [work(item) for item in tqdm(items[here::ranks], desc=desc, leave=False, disable=desc is None or here != 0)]
+    if ranks == 1:
         return mine
-    gathered = [None] * world_size
+    gathered = [None] * ranks
     dist.all_gather_object(gathered, mine)
-    return [gathered[i % world_size][i // world_size] for i in range(len(items))]
+    return [gathered[i % ranks][i // ranks] for i in range(len(items))]
 
 
 def chunks(items, size):

@@ -62,11 +62,11 @@ VOCAB_SIZE = 400
 # validation every 150 steps, as one per 6-step cycle would cost more than the training. reflect: lr 5e-5, as Adam's
 # first steps move every weight by about lr and 2e-4 undid a converged student; the method's temperature 0.7 (A24).
 # tailored: round 1 learns from scratch as acquire does; later rounds refine at 1e-4, as round 1's lr undid it.
+FROM_SCRATCH = dict(model="scratch", batch_size=64, lr=3e-3, epochs=30, eval_every=150)
 PRESETS = {
-    "acquire": dict(model="scratch", batch_size=64, lr=3e-3, epochs=30, interval=1, eval_every=150, max_new_tokens=48),
+    "acquire": dict(FROM_SCRATCH, interval=1, max_new_tokens=48),
     "reflect": dict(batch_size=32, lr=5e-5, epochs=2, iterations=2, samples=4, max_new_tokens=48),
-    "tailored": dict(model="scratch", batch_size=64, lr=3e-3, epochs=30, later_epochs=10, later_lr=1e-4,
-                     eval_every=150, max_new_tokens=64),
+    "tailored": dict(FROM_SCRATCH, later_epochs=10, later_lr=1e-4, max_new_tokens=64),
 }
 
 
