@@ -6,9 +6,9 @@
 
 Round 1: the teacher writes chain-of-thought rationales for every training question (COT_N each); those whose
 answer is the gold one are kept and the student is fine-tuned on them (standard distillation). Each later round:
-the student takes an exam (4 sampled rationales per training question, T 1.0, top-k 50); its wrong ones go back to
-the teacher with the gold answer, which corrects them; the student, from the previous round's model, trains on the
-corrections with L = L_LM + lam * L_SR (triplet.py). METHOD.md section 10 is the method, TL1..TL9 its adaptations to T5.
+the student takes an exam (4 sampled rationales per training question, T 1.0, top-k 50); each wrong one goes back to
+the teacher with the gold answer, which corrects it; the student, from the previous round's model, trains on every
+correction with L = L_LM + lam * L_SR (triplet.py). METHOD.md section 10 is the method, TL1..TL9 its adaptations to T5.
 """
 import argparse
 import dataclasses
@@ -268,15 +268,25 @@ class Teacher:
         return kept
 
 
-def rationales_file(path, make, everyone=False):
-    """{question id: [texts]} kept in a JSONL file: made once, read back by a resumed run (no request repeated).
-    Rank 0 makes it and writes it, or every rank takes part in making it (`everyone`: a sharded exam)."""
+def rationales_file(path, make, everyone=False) -> list[dict]:
+    """Rows {"id": question id, "texts": [...], ...} kept in a JSONL file: made once, read back by a resumed run (no
+    request repeated). Rank 0 makes it and writes it, or every rank takes part in making it (`everyone`: a sharded
+    exam)."""
     if not os.path.isfile(path):
         made = make() if everyone or train.rank() == 0 else None
         if train.rank() == 0:
-            data.write_jsonl(path, [dict(id=i, texts=t) for i, t in made.items()])
+            data.write_jsonl(path, made)
     train.barrier()
-    return {row["id"]: row["texts"] for row in data.read_jsonl(path)}
+    return data.read_jsonl(path)
+
+
+def corrected(rows) -> dict[str, list[str]]:
+    """{question id: its distinct corrections}, pooled over the question's feedback requests (corrections.jsonl has
+    one row per request), in file order; a question none of whose corrections reached the gold answer is absent."""
+    pooled = defaultdict(dict)
+    for row in rows:
+        pooled[row["id"]].update(dict.fromkeys(row["texts"]))
+    return {i: list(texts) for i, texts in pooled.items() if texts}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -399,24 +409,29 @@ def tailored(cfg):
     by_id = {q.id: q for q in train_questions}
     ask = Teacher(cfg) if lead else None  # rank 0 alone talks to the teacher and holds its cache
     os.makedirs(os.path.join(cfg.out, "round_1"), exist_ok=True)
-    first = rationales_file(os.path.join(cfg.out, "round_1", "teacher.jsonl"), lambda: {
-        q.id: texts for q, texts in zip(train_questions, ask([(q, None) for q in train_questions], "round 1 teacher"))
-        if texts})
-    positives = {i: list(texts) for i, texts in first.items()}
+    first = rationales_file(os.path.join(cfg.out, "round_1", "teacher.jsonl"), lambda: [
+        dict(id=q.id, texts=texts)
+        for q, texts in zip(train_questions, ask([(q, None) for q in train_questions], "round 1 teacher")) if texts])
+    positives = {row["id"]: list(row["texts"]) for row in first}
     previous, results = None, {}
     for k in range(1, cfg.rounds + 1):
         round_dir = os.path.join(cfg.out, f"round_{k}")
         os.makedirs(round_dir, exist_ok=True)
         if k == 1:
-            anchors, negatives, requests = [(i, t) for i, ts in first.items() for t in ts], {}, len(train_questions)
+            anchors = [(row["id"], t) for row in first for t in row["texts"]]
+            negatives, requests = {}, len(train_questions)
         else:
             model, tokenizer = T5.from_pretrained(previous, device=runtime.device), Tokenizer.from_pretrained(previous)
             model.amp_dtype = runtime.amp
-            negatives = rationales_file(os.path.join(round_dir, "mistakes.jsonl"),
-                                        lambda: exam(cfg, model, tokenizer, train_questions, k), everyone=True)
+            negatives = {row["id"]: row["texts"] for row in rationales_file(
+                os.path.join(round_dir, "mistakes.jsonl"), lambda: [
+                    dict(id=i, texts=wrong) for i, wrong in exam(cfg, model, tokenizer, train_questions, k).items()],
+                everyone=True)}
             jobs = [(by_id[i], wrong) for i, texts in negatives.items() for wrong in texts]
-            corrections = rationales_file(os.path.join(round_dir, "corrections.jsonl"), lambda: {
-                q.id: list(dict.fromkeys(ts)) for (q, _), ts in zip(jobs, ask(jobs, f"round {k} feedback")) if ts})
+            # one row per feedback request: a question with several mistakes keeps the correction of each
+            corrections = corrected(rationales_file(os.path.join(round_dir, "corrections.jsonl"), lambda: [
+                dict(id=q.id, wrong=wrong, texts=texts)
+                for (q, wrong), texts in zip(jobs, ask(jobs, f"round {k} feedback"))]))
             anchors, requests = [(i, t) for i, ts in corrections.items() for t in ts], len(jobs)
             for i, texts in corrections.items():
                 positives[i] = list(dict.fromkeys(positives.get(i, []) + texts))

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 import threading
+import zlib
+from collections import defaultdict
 
 import pytest
 import torch
@@ -346,10 +348,11 @@ def write_handful_obqa(data_dir):
 
 class LLM:
     """A scripted OpenAI-compatible teacher on 127.0.0.1: round-1 requests get 3 right rationales and 1 wrong one,
-    feedback requests one right correction; every request is logged."""
+    feedback requests one right correction, its own for each wrong rationale; every request and correction is
+    logged."""
 
     def __init__(self):
-        self.log = []
+        self.log, self.corrections = [], []
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -362,7 +365,11 @@ class LLM:
                 answer = f"{choices['ABCD'.index(gold)]} ({gold.lower()})"
                 right = lambda i: f"Reason {i}. Therefore, the answer is {answer}."
                 if "Student:" in content:
-                    texts = ["Error: the student chose badly.\nAnswer: " + right("fixed")]
+                    student = content.split("\nStudent: ", 1)[1].split("\nFirst point out", 1)[0]
+                    correction = f"Reason fixed. Not {zlib.crc32(student.encode()):08x}. Therefore, the answer is " \
+                                 f"{answer}."
+                    outer.corrections.append((stem, correction))
+                    texts = ["Error: the student chose badly.\nAnswer: " + correction]
                 else:
                     texts = [right(i) for i in range(3)] + ["Bad. Therefore, the answer is nothing (z)."]
                 choices_ = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
@@ -402,6 +409,19 @@ def test_an_llm_teacher_through_every_round_and_its_cache(tmp_path):
     assert [len(row["texts"]) for row in first] == [3] * 4  # the wrong fourth rationale was filtered out
     corrections = data.read_jsonl(tmp_path / "run" / "round_2" / "corrections.jsonl")
     assert corrections and all(row["texts"][0].startswith("Reason fixed.") for row in corrections)
+    # Every correction of every mistake is stored and trained on: one feedback request per wrong rationale, and a
+    # question with several mistakes keeps each distinct correction (#29: it kept only its last request's).
+    mistakes = data.read_jsonl(tmp_path / "run" / "round_2" / "mistakes.jsonl")
+    assert max(len(row["texts"]) for row in mistakes) > 1  # a question with several mistakes
+    ids = {stem: f"q{i}" for i, (stem, _, _) in enumerate(HANDFUL)}
+    sent, stored = defaultdict(set), defaultdict(set)
+    for stem, correction in llm.corrections:
+        sent[ids[stem]].add(correction)
+    for row in corrections:
+        stored[row["id"]].update(row["texts"])
+    assert stored == sent
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["2"]["rationales"] == sum(map(len, sent.values())) > len(sent)
     cache = (tmp_path / "data" / "obqa" / "tailored.cache.jsonl").read_text().splitlines()
     assert len(cache) == asked
     llm.httpd.shutdown()
