@@ -5,7 +5,9 @@ official repo's `datasets/` folder); missing files are fetched from the datasets
 
 Your own data set: `--data DIR` or `--data FILE.jsonl` in place of csqa/obqa/strategyqa.
 * JSONL, one question per line: {"id": str, "question": str, "choices": [{"label": "A", "text": str}, ...],
-  "answer": "B"}, with 2 to 5 options labelled A.. without gaps and the answer one of the labels.
+  "answer": "B"}, with 2 to 5 options labelled A.. without gaps and the answer one of the labels; or, for a question
+  with a numeric answer (tailored.py only: TinyThinker's analyze stage explains options), {"id": str, "question": str,
+  "answer": "42"} with no choices and the answer a number as the official math parser writes one (NUMBER).
 * DIR holds train.jsonl and, if you have them, valid.jsonl and test.jsonl; FILE.jsonl is a train.jsonl alone.
 * A split without its file is drawn from train (A11's seed): a permutation by random.Random(SPLIT_SEED) gives valid
   its first tenth (at least one question) and test the next, whichever are missing; train keeps the rest in order.
@@ -41,8 +43,12 @@ SPLITS = ("train", "valid", "test")
 SPLIT_SEED = 42
 DEFAULT_DIR = Path(__file__).resolve().parent / "data"
 
-# Official public locations. CSQA serves plain files; OBQA and StrategyQA are published only as zips.
+# Official public locations. CSQA and the math sets serve plain files; OBQA and StrategyQA are published only as zips.
 CSQA_URL = "https://s3.amazonaws.com/commensenseqa/"
+GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/"
+SVAMP_URL = "https://raw.githubusercontent.com/arkilpatel/SVAMP/main/"
+# MultiArith (Roy & Roth, 2015) as the zero-shot-CoT repository keeps it, the copy its successors load
+MULTIARITH_URL = "https://raw.githubusercontent.com/kojima-takeshi188/zero_shot_cot/main/dataset/MultiArith/"
 # (the OBQA zip is also at s3-us-west-2.amazonaws.com/ai2-website/data/, the address in AI2's OpenBookQA repo)
 OBQA_ZIP = "https://ai2-public-datasets.s3.amazonaws.com/open-book-qa/OpenBookQA-V1-Sep2018.zip"
 STRATEGYQA_ZIP = "https://storage.googleapis.com/ai2i/strategyqa/data/strategyqa_dataset.zip"
@@ -52,15 +58,22 @@ FILES = {
     "obqa": {"train.jsonl": "Data/Main/train.jsonl", "dev.jsonl": "Data/Main/dev.jsonl",
              "test.jsonl": "Data/Main/test.jsonl"},
     "strategyqa": {"strategyqa_train.json": "strategyqa_train.json"},
+    "gsm8k": {"train.jsonl": "train.jsonl", "test.jsonl": "test.jsonl"},
+    "svamp": {"SVAMP.json": "SVAMP.json"},
+    "multiarith": {"MultiArith.json": "MultiArith.json"},
 }
+MATH = ("gsm8k", "svamp", "multiarith")  # numeric answers: Tailored Learning's math tasks, no options
+# A gold number as the official math parser writes one: digits, a sign, a decimal point, no commas
+NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
 
 @dataclass
 class Question:
     id: str
     question: str
-    choices: list[str]  # choices[i] is option LETTERS[i]
-    answer: str  # gold letter
+    choices: list[str]  # choices[i] is option LETTERS[i]; none for a number question
+    answer: str  # gold letter ("A" yes, "B" no for yes_no), or the gold number as a string (NUMBER)
+    kind: str = "choice"  # "choice" | "yes_no" (StrategyQA, options yes and no) | "number" (math)
 
 
 @dataclass
@@ -96,9 +109,10 @@ def download(name: str, data_dir=None) -> Path:
     if not missing:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    if name == "csqa":
+    plain = {"csqa": CSQA_URL, "gsm8k": GSM8K_URL, "svamp": SVAMP_URL, "multiarith": MULTIARITH_URL}.get(name)
+    if plain:
         for f in missing:
-            atomic_write(folder / f, _get(CSQA_URL + FILES[name][f], folder))
+            atomic_write(folder / f, _get(plain + FILES[name][f], folder))
         return folder
     url = OBQA_ZIP if name == "obqa" else STRATEGYQA_ZIP
     with zipfile.ZipFile(io.BytesIO(_get(url, folder))) as archive:
@@ -184,8 +198,8 @@ def _read_jsonl(path: Path) -> list[Question]:
     return _unique(questions, lines, path)
 
 
-def _read_strategyqa(path: Path) -> list[Question]:
-    """A JSON list of {qid, question, answer: bool, ...}; options are "yes" (A, answer true) and "no" (B)."""
+def _json_list(path: Path) -> list:
+    """A file holding one JSON list (StrategyQA, SVAMP, MultiArith); a file that is not one is named."""
     text = "\n".join(line for _, line in text_lines(path))
     if not text.strip():
         raise DataError(f"{path}: empty file")
@@ -195,12 +209,72 @@ def _read_strategyqa(path: Path) -> list[Question]:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(items, list):
         raise DataError(f"{path}: expected a JSON list of questions")
-    questions = []
+    return items
+
+
+def _read_strategyqa(path: Path) -> list[Question]:
+    """A JSON list of {qid, question, answer: bool, ...}; options are "yes" (A, answer true) and "no" (B)."""
+    items, questions = _json_list(path), []
     for i, item in enumerate(items):
         if not (isinstance(item, dict) and isinstance(item.get("qid"), str) and isinstance(item.get("question"), str)
                 and isinstance(item.get("answer"), bool)):
             raise DataError(f"{path}: item {i}: needs a string qid and question and a boolean answer")
-        questions.append(Question(item["qid"], item["question"], ["yes", "no"], "A" if item["answer"] else "B"))
+        questions.append(Question(item["qid"], item["question"], ["yes", "no"], "A" if item["answer"] else "B",
+                                  "yes_no"))
+    return _unique(questions, [f"item {i}" for i in range(len(items))], path)
+
+
+def _gold_number(value, where: str) -> str:
+    """A JSON number as the gold string: the official str(int(x)) for a whole number (every answer of the official
+    SVAMP and MultiArith files is one); a fractional one keeps its decimals instead of being truncated."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        raise DataError(f"{where}: the answer must be a number, not {json.dumps(value)[:40]}")
+    return str(int(value)) if value == int(value) else str(value)
+
+
+def _read_gsm8k(path: Path) -> list[Question]:
+    """openai/grade-school-math JSONL: {"question", "answer": a worked solution ending "#### N"}. The gold is N
+    without its thousands commas (TL11): the official keeps "1,080", which its parser, dropping commas, never gives."""
+    questions, lines = [], []
+    for number, obj in jsonl_objects(path):
+        where = f"{path}:{number}"
+        if not (isinstance(obj, dict) and isinstance(obj.get("question"), str) and isinstance(obj.get("answer"), str)
+                and "####" in obj["answer"]):
+            raise DataError(f"{where}: needs a string question and an answer ending \"#### N\"")
+        gold = obj["answer"].split("####")[-1].strip().replace(",", "")
+        if not NUMBER.fullmatch(gold):
+            raise DataError(f"{where}: the answer after \"####\" is not a number: {gold[:40]!r}")
+        questions.append(Question(f"{path.stem}-{number}", obj["question"].strip(), [], gold, "number"))
+        lines.append(f"line {number}")
+    return _unique(questions, lines, path)
+
+
+def _read_svamp(path: Path) -> list[Question]:
+    """SVAMP.json: a JSON list of {ID, Body, Question, Answer (float), ...}. The question is the official
+    preprocessor's text: Body, a period appended if it lacks one, then Question."""
+    items, questions = _json_list(path), []
+    for i, item in enumerate(items):
+        where = f"{path}: item {i}"
+        if not (isinstance(item, dict) and all(isinstance(item.get(f), str) for f in ("ID", "Body", "Question"))):
+            raise DataError(f"{where}: needs a string ID, Body and Question and a numeric Answer")
+        body = item["Body"] if item["Body"].endswith(".") else item["Body"] + "."
+        questions.append(Question(item["ID"], f"{body} {item['Question']}".strip(), [],
+                                  _gold_number(item.get("Answer"), where), "number"))
+    return _unique(questions, [f"item {i}" for i in range(len(items))], path)
+
+
+def _read_multiarith(path: Path) -> list[Question]:
+    """MultiArith.json: a JSON list of {iIndex, sQuestion, lSolutions: [float], ...}; the gold is the first solution
+    (every problem has one)."""
+    items, questions = _json_list(path), []
+    for i, item in enumerate(items):
+        where = f"{path}: item {i}"
+        if not (isinstance(item, dict) and isinstance(item.get("iIndex"), int)
+                and isinstance(item.get("sQuestion"), str) and isinstance(item.get("lSolutions"), list)
+                and item["lSolutions"]):
+            raise DataError(f"{where}: needs an integer iIndex, a string sQuestion and a non-empty lSolutions list")
+        questions.append(Question(str(item["iIndex"]), item["sQuestion"].strip(), [],
+                                  _gold_number(item["lSolutions"][0], where), "number"))
     return _unique(questions, [f"item {i}" for i in range(len(items))], path)
 
 
@@ -208,15 +282,24 @@ OWN_FIELDS = {"id": str, "question": str, "choices": list, "answer": str}
 
 
 def _own_question(obj, where: str) -> Question:
-    """A line of your own data set (layout in the module docstring), each field checked and named when wrong."""
+    """A line of your own data set (layout in the module docstring), each field checked and named when wrong; a line
+    without "choices" is a number question."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: not a JSON object")
     for field, kind in OWN_FIELDS.items():
+        if field == "choices" and field not in obj:
+            continue
         if field not in obj:
             raise DataError(f"{where}: no field {field!r}")
         if not isinstance(obj[field], kind) or not obj[field]:
             raise DataError(f"{where}: field {field!r} must be a non-empty {kind.__name__}, not "
                             f"{json.dumps(obj[field], ensure_ascii=False)[:40]}")
+    if "choices" not in obj:
+        if not NUMBER.fullmatch(obj["answer"]):
+            raise DataError(f"{where}: no field 'choices', and field 'answer' is not a number such as 42 or -2.5 "
+                            f"(digits, no commas or units): {json.dumps(obj['answer'])[:40]}; a question has 2 to 5 "
+                            "choices, or none and a numeric answer")
+        return Question(obj["id"], obj["question"], [], obj["answer"], "number")
     for i, choice in enumerate(obj["choices"]):
         if not (isinstance(choice, dict) and isinstance(choice.get("label"), str)
                 and isinstance(choice.get("text"), str) and choice["text"]):
@@ -253,12 +336,19 @@ def _load_own(path: Path, split: str) -> list[Question]:
     if len(train) <= k * len(missing):
         raise DataError(f"{files['train']}: {len(train)} question(s) are too few to draw {' and '.join(missing)} "
                         f"from; it needs at least {k * len(missing) + 1}")
-    order = random.Random(SPLIT_SEED).sample(range(len(train)), k=len(train))
-    for i, s in enumerate(missing):
-        splits[s] = [train[j] for j in sorted(order[i * k:(i + 1) * k])]
-    taken = set(order[:k * len(missing)])
-    splits["train"] = [q for j, q in enumerate(train) if j not in taken]
-    return splits[split]
+    return {**splits, **_drawn(train, {s: k for s in missing})}[split]
+
+
+def _drawn(questions: list[Question], sizes: dict[str, int]) -> dict[str, list[Question]]:
+    """Splits of the given sizes drawn from `questions`, in the order of `sizes`, from one permutation by
+    random.Random(SPLIT_SEED); each keeps file order, and "train" is the rest."""
+    order = random.Random(SPLIT_SEED).sample(range(len(questions)), k=len(questions))
+    splits, start = {}, 0
+    for name, size in sizes.items():
+        splits[name] = [questions[j] for j in sorted(order[start:start + size])]
+        start += size
+    taken = set(order[:start])
+    return {**splits, "train": [q for j, q in enumerate(questions) if j not in taken]}
 
 
 def is_own(name: str) -> bool:
@@ -274,17 +364,35 @@ def _short_name(path: str) -> str:
     return path.name if path.is_dir() else path.stem
 
 
-def check_name(name: str):
+def check_name(name: str, listed=tuple(n for n in FILES if n not in MATH)):
     """One line for a --data that names no data set, or your own named like a built-in one (their teacher records
-    and runs would mix); "world" passes (its callers build it, it has no files)."""
+    and runs would mix); "world" passes (its callers build it, it has no files). The line lists the built-in sets of
+    `listed`: TinyThinker's commands take the multiple-choice ones (check_choices refuses the others), tailored.py
+    every one."""
     if name == "world" or name in FILES:
         return
     if not is_own(name):
-        raise DataError(f"--data must be one of world, {', '.join(FILES)} or a directory or .jsonl file of your own "
+        raise DataError(f"--data must be one of world, {', '.join(listed)} or a directory or .jsonl file of your own "
                         f"questions, not {name!r}")
     if _short_name(name) in (*FILES, "world"):
         raise DataError(f"{name}: your own data set cannot be called {_short_name(name)!r}, a built-in data set's "
                         "name; rename it")
+
+
+def check_choices(name: str):
+    """One line for a data set with questions without options, which TinyThinker cannot take: its analyze stage
+    explains every option. A built-in one is named by its name, your own is read (it is local) to find one."""
+    if name in MATH:
+        raise DataError(f"--data {name}: its questions have numeric answers and no options, and TinyThinker's "
+                        f"analyze stage explains each option; Tailored Learning trains on them: "
+                        f"python tailored.py --data {name}")
+    if is_own(name):
+        for split in SPLITS:
+            number = next((q for q in load(name, split) if q.kind == "number"), None)
+            if number:
+                raise DataError(f"{name}: question {number.id!r} has no choices (a numeric answer), and TinyThinker's "
+                                f"analyze stage explains each option; Tailored Learning trains on such questions: "
+                                f"python tailored.py --data {name}")
 
 
 def dataset_name(name: str) -> str:
@@ -299,6 +407,9 @@ def load(name: str, split: str, data_dir=None) -> list[Question]:
 
     csqa: valid = a random sample of official train the size of official dev, train = the rest (file order),
     test = official dev. obqa: official train/dev/test. strategyqa: shuffle, then 80% / 10% / the rest.
+    gsm8k: official test; valid = a tenth of official train drawn with the seed, train the rest. svamp, multiarith
+    (one file each): test = 3/10 drawn with the seed (the paper's 300 of 1,000 and 180 of 600), valid = a tenth of
+    the rest, train what remains (TL11: the official code validates on test; ours never does).
     Your own data set (a path; data_dir is not used): its files, the missing splits drawn from train.
     """
     if split not in SPLITS:
@@ -320,6 +431,16 @@ def load(name: str, split: str, data_dir=None) -> list[Question]:
         return [q for i, q in enumerate(train) if (i in valid) == (split == "valid")]
     if name == "obqa":
         return _read_jsonl(folder / {"train": "train.jsonl", "valid": "dev.jsonl", "test": "test.jsonl"}[split])
+    if name == "gsm8k":
+        if split == "test":
+            return _read_gsm8k(folder / "test.jsonl")
+        train = _read_gsm8k(folder / "train.jsonl")
+        return _drawn(train, {"valid": max(1, len(train) // 10)})[split]
+    if name in MATH:
+        read, file = {"svamp": (_read_svamp, "SVAMP.json"), "multiarith": (_read_multiarith, "MultiArith.json")}[name]
+        questions = read(folder / file)
+        test = len(questions) * 3 // 10
+        return _drawn(questions, {"test": test, "valid": max(1, (len(questions) - test) // 10)})[split]
     questions = _read_strategyqa(folder / "strategyqa_train.json")
     rng.shuffle(questions)
     n_train, n_valid = len(questions) * 8 // 10, len(questions) // 10
@@ -445,37 +566,65 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int = 0):
 
 # ---------------------------------------------------------------- chain of thought (Tailored Learning, METHOD 10.2)
 
-def yes_no(q: Question) -> bool:
-    """StrategyQA as _read_strategyqa builds it: options yes (A) and no (B)."""
-    return q.choices == ["yes", "no"]
+# The official parsers read the answer after "\nAnswer"; T5 writes a space where they have a newline (TL2), so any
+# whitespace before "Answer" marks it here.
+ANSWER_MARKER = re.compile(r"\sAnswer")
+CALCULATOR = re.compile(r"<<[^>]*>>")  # GSM8K's calculator annotations: "48/2 = <<48/2=24>>24"
+
+
+def gold_text(q: Question) -> str:
+    """The gold answer as the official demos write it: the number, "Yes"/"No", or the option's text and "(x)"."""
+    if q.kind == "number":
+        return q.answer
+    if q.kind == "yes_no":
+        return "Yes" if q.answer == "A" else "No"
+    return f"{q.choices[LETTERS.index(q.answer)]} ({q.answer.lower()})"
 
 
 def cot_input(q: Question) -> str:
     """The official prompt of the question without its few-shot demos (TL1): the CSQA layout for multiple choice
-    (options lettered (a), (b), ...), the "Reasoning:" layout for yes/no questions."""
-    if yes_no(q):
+    (options lettered (a), (b), ...), the "Reasoning:" layout for yes/no and number questions."""
+    if q.kind != "choice":
         return f"Question: {q.question}\nReasoning:"
     options = "\n".join(f"({letter.lower()}) {text}" for letter, text in zip(LETTERS, q.choices))
     return f"Question: {q.question}\nAnswer Choices:\n{options}\nAnswer:"
 
 
 def cot_target(rationale: str, q: Question) -> str:
-    """The rationale, and for yes/no questions the gold "Answer: Yes" line the official preprocessor appends (TL2: a
-    space, not a newline, before it: T5's vocabulary has no newline)."""
-    return f"{rationale} Answer: {'Yes' if q.answer == 'A' else 'No'}" if yes_no(q) else rationale
+    """The one formatter of anchors, positives and negatives alike (METHOD 10.5): GSM8K's calculator annotations
+    dropped, and for yes/no and number questions the gold "Answer: N" the official preprocessor appends (TL2: after
+    a space, not a newline: T5's vocabulary has no newline). A multiple-choice rationale ends in its own "(x)"."""
+    rationale = CALCULATOR.sub("", rationale)
+    return rationale if q.kind == "choice" else f"{rationale} Answer: {gold_text(q)}"
+
+
+def _answer_part(text: str) -> tuple[str, bool]:
+    """(where the official parsers look, whether an answer marker was found): the text up to its first blank line,
+    and of that the part between the first answer marker and the next one when there is a marker."""
+    text = text.strip().split("\n\n")[0]
+    parts = ANSWER_MARKER.split(text)
+    return (parts[1], True) if len(parts) > 1 else (text, False)
 
 
 def parse_cot(text: str, q: Question) -> str | None:
-    """The letter a chain-of-thought text answers (METHOD 10.2); None when nothing parses (counted wrong).
-    Multiple choice: the first "(x)" of the first line. Yes/no: the first yes/no after "Answer:", else the last one."""
-    if yes_no(q):
-        after = text.rsplit("Answer:", 1)[1] if "Answer:" in text else ""
-        words = re.findall(r"\b(yes|no)\b", after, re.I)[:1] or re.findall(r"\b(yes|no)\b", text, re.I)[-1:]
-        return ("A" if words[0].lower() == "yes" else "B") if words else None
-    line = text.strip().split("\n")[0]
-    letters = LETTERS[:len(q.choices)].lower()
-    match = re.search(rf"\(([{letters}])\)", line, re.I)
-    if match:
-        return match.group(1).upper()
-    bare = line.strip(" .()")  # the official parser also accepts a bare letter
-    return bare.upper() if len(bare) == 1 and bare.lower() in letters else None
+    """The answer a chain-of-thought text gives, as q.answer writes it; None when nothing parses (counted wrong, as the
+    official's sentinel). The official parsers (METHOD 10.2), each difference a part of TL13:
+    number: the first number after the answer marker or else after "Therefore, the answer is", else the last number;
+    commas removed, a trailing "." dropped, compared as strings ("18.0" is not "18").
+    yes/no: of the whitespace-separated words (lower-cased, "." stripped), the first yes/no after the marker, else the
+    last one. Multiple choice: on the first line, the first "(x)" (either case), else the line being a bare letter;
+    a letter the question does not offer is None."""
+    if q.kind == "number":
+        part, marked = _answer_part(text)
+        if not marked and "Therefore, the answer is" in part:
+            part, marked = part.split("Therefore, the answer is")[1], True
+        numbers = [n.strip(".") for n in re.findall(r"-?\d+\.?\d*", part.replace(",", ""))]
+        return (numbers[0] if marked else numbers[-1]) if numbers else None
+    if q.kind == "yes_no":
+        part, marked = _answer_part(text)
+        words = [w for w in (w.lower().strip(".") for w in part.split()) if w in ("yes", "no")]
+        return ("A" if (words[0] if marked else words[-1]) == "yes" else "B") if words else None
+    line = text.strip().split("\n")[0].strip()
+    match = re.search(r"\(([a-e])\)", line, re.I)
+    letter = match.group(1).upper() if match else line.upper()
+    return letter if letter in LETTERS[:len(q.choices)] and (match or len(line) == 1) else None

@@ -187,10 +187,12 @@ def evaluate(args):
                                    desc=f"{phase} {args.split}", seed=args.seed)
             if lead:
                 data.write_jsonl(os.path.join(path, f"predictions_{args.split}.jsonl"), [asdict(c) for c in chains])
-            chance = 100.0 * sum(1 / len(q.choices) for q in split_questions) / len(split_questions)
+            # a number question has no options to guess among: no chance figure (None, "-" in the table)
+            chance = None if any(not q.choices for q in split_questions) else round(
+                100.0 * sum(1 / len(q.choices) for q in split_questions) / len(split_questions), 2)
             rows.append(dict(run=run_dir, phase=phase, data=cfg["data"], stages=stages, split=args.split,
                              decoding=decoding, questions=len(split_questions), accuracy=round(acc, 2),
-                             chance=round(chance, 2)))
+                             chance=chance))
             shown = phase, split_questions[0], chains[0]
     if lead:
         report(args, rows, *shown)
@@ -201,9 +203,10 @@ def report(args, rows, phase, q, chain):
     on the split's first question."""
     header = list(rows[0])
     table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                      + ["| " + " | ".join(str(r[k]) for k in header) + " |" for r in rows])
+                      + ["| " + " | ".join("-" if r[k] is None else str(r[k]) for k in header) + " |" for r in rows])
     print(table)
-    print(f"\n{phase} model on a {args.split} question: {q.question} {data.option_string(q)} (gold: {q.answer})")
+    shown = f"{q.question} {data.option_string(q)}".strip()  # a number question has no options
+    print(f"\n{phase} model on a {args.split} question: {shown} (gold: {q.answer})")
     for name, text in [("recall", chain.recall)] + [(f"analyze {k}", v) for k, v in (chain.analyses or {}).items()]:
         if text is not None:
             print(f"  {name}: {text}")

@@ -1,14 +1,16 @@
 """Tailored Learning (Wang et al., EMNLP 2023, arXiv 2310.13332) on the same T5 student, data and teacher.
 
     python tailored.py                          # every round on the embedded world, offline, a T5 from scratch
-    python tailored.py --data csqa --rounds 3   # the LLM teacher through teacher.py's client and cache
+    python tailored.py --data gsm8k --dry-run   # round 1's teacher bill: questions, requests, tokens, cost
+    python tailored.py --data gsm8k --rounds 3  # the LLM teacher through teacher.py's client and cache
     python evaluate.py runs/tailored_world      # every round's model, single-stage chain-of-thought decoding
 
 Round 1: the teacher writes chain-of-thought rationales for every training question (COT_N each); those whose
 answer is the gold one are kept and the student is fine-tuned on them (standard distillation). Each later round:
-the student takes an exam (4 sampled rationales per training question, T 1.0, top-k 50); its wrong ones go back to
-the teacher with the gold answer, which corrects them; the student, from the previous round's model, trains on the
-corrections with L = L_LM + lam * L_SR (triplet.py). METHOD.md section 10 is the method, TL1..TL9 its adaptations to T5.
+the student takes an exam (4 sampled rationales per training question, T 1.0, top-k 50); each wrong one goes back to
+the teacher with the gold answer, which corrects it; the student, from the previous round's model, trains on every
+correction with L = L_LM + lam * L_SR (triplet.py). Tasks: the paper's GSM8K, SVAMP, MultiArith (numeric answers),
+CSQA and StrategyQA, and OBQA, the world and one's own. METHOD.md section 10 is the method, TL1..TL13 its adaptations.
 """
 import argparse
 import dataclasses
@@ -34,11 +36,13 @@ from t5 import T5, Tokenizer, atomic_write
 
 @dataclass
 class Config:
-    data: str = "world"                 # world | csqa | obqa | strategyqa | a directory or .jsonl of one's own
+    data: str = "world"                 # world | gsm8k | svamp | multiarith | csqa | strategyqa | obqa | one's own
     data_dir: str = str(DEFAULT_DIR)    # data set files and the teacher's cache, as tinythinker.py's
     model: str = "google-t5/t5-small"   # Hub id or local directory; "scratch" = a new T5 sized by world.MODEL
     out: str = ""                       # run directory (default runs/tailored_{data})
     resume: bool = False                # continue a killed round from its last state.pt
+    dry_run: bool = False               # print round 1's teacher bill, as teacher.py --dry-run; nothing sent or written
+    limit: int | None = None            # only the first N training questions, as teacher.py's --limit
     seed: int = 42
     rounds: int = 3                     # Figure 1 shows rounds 1-3 (METHOD 10.4)
     lam: float = 0.5                    # weight of L_SR; 0 = the LM loss alone (the paper's ablation)
@@ -57,7 +61,7 @@ class Config:
     grad_clip: float = 1.0
     precision: str = "fp32"             # fp32 | bf16 | fp16: the autocast dtype, as tinythinker's --precision (A20)
     eval_batch_size: int = 256
-    max_new_tokens: int = 128           # the official StrategyQA cap; CSQA's is 96 (METHOD 10.7)
+    max_new_tokens: int = 0             # 0 = the task's official cap (CAPS, TL10), for the exam and validation
     base_url: str = "https://api.openai.com/v1"  # the teacher (real data only); see teacher.py
     teacher_model: str = "gpt-4o-2024-05-13"
     api_key_env: str = "OPENAI_API_KEY"
@@ -65,29 +69,50 @@ class Config:
 
 
 DECISIONS = {
-    "TL1 prompt": "encoder input = the official prompt without few-shot demos (T5's 512 tokens cannot hold them); "
-                 "OBQA and the world use the CSQA layout, StrategyQA the Reasoning/Answer layout",
-    "TL2 newlines": "the yes/no target's 'Answer:' line follows a space: T5's vocabulary has no newline",
-    "TL3 round-1 teacher": "the official demos, no gold hint, COT_N = 4 completions per question; only "
-                          "rationales reaching the gold answer are kept (the prompt and count were not retrievable)",
+    "TL1 prompt": "encoder input = the official prompt without few-shot demos (T5's 512 tokens cannot hold them): "
+                 "'Question: {q}\\nReasoning:' for numbers and yes/no, the CSQA layout for multiple choice (OBQA, "
+                 "the world and one's own too)",
+    "TL2 newlines": "the 'Answer: N' of a number or yes/no target follows a space, T5's vocabulary having no newline; "
+                   "so the parsers read the official '\\nAnswer' marker as any whitespace then 'Answer'",
+    "TL3 round-1 teacher": "the task's official demos (tailored_demos.json; OBQA, the world and one's own multiple "
+                          "choice take CSQA's, one's own numbers GSM8K's), then the question, no gold hint; COT_N = 4 "
+                          "completions per question; only rationales reaching the gold answer are kept (the prompt "
+                          "and count were not retrievable)",
     "TL4 representation": "decoder final hidden state (after the final layer norm) at the position reading eos, "
                          "decoder input = start + target: GPT-J's last-token state; continuations cut to 192 tokens "
                          "keeping eos",
     "TL5 passes": "prompt encoded once without gradients; anchor, positive, negative in one decoder pass with "
                  "gradients and dropout off (GPT-J has no dropout)",
-    "TL6 round data": "round k trains on round k's corrections only (the README's --teacher_data = the new file); "
-                     "positives come from every teacher rationale of the question so far, negatives from round k's "
-                     "exam (positives from the new file alone would leave a once-corrected question without one)",
+    "TL6 round data": "round k trains on every gold-reaching correction of round k's mistakes, one feedback request "
+                     "per wrong rationale (the README's --teacher_data = the new file); positives come from every "
+                     "teacher rationale of the question so far, negatives from round k's exam (positives from the new "
+                     "file alone would leave a once-corrected question without one)",
     "TL7 round 1": "LM loss only, no round-0 exam: a T5 has no few-shot ability, so its untrained samples are noise; "
                   "round 1 is then the standard distillation baseline",
     "TL8 optimisation": "the loop TinyThinker uses (train.fit): AdamW without weight decay, warm-up + cosine, "
                        "clip 1.0, best-by-validation model per round; the official: wd 0.01, warm-up then constant",
     "TL9 rounds chain": "round k starts from round k-1's best-validation model",
+    "TL10 generation caps": "--max-new-tokens 0 = the task's official cap (GSM8K 256, SVAMP and MultiArith 192, CSQA "
+                           "96, StrategyQA 128; OBQA and one's own multiple choice CSQA's, one's own numbers GSM8K's; "
+                           "the world 64, its preset), for validation, evaluation and the exam alike: the official "
+                           "exam samples 128 tokens for every task, cutting long GSM8K solutions off as wrong",
+    "TL11 splits": "validation never on the test set (the official validates on test): GSM8K 6,726/747/1,319 (test "
+                  "as published, valid a tenth of train drawn with the seed); SVAMP 630/70/300 and MultiArith "
+                  "378/42/180 (test = 3/10 drawn with the seed, the paper's 300 and 180, whose membership is not "
+                  "published; valid a tenth of the rest); CSQA 8,520/1,221/1,221 and StrategyQA 80/10/10% as "
+                  "TinyThinker's (A11; the official trains on all of CSQA's 9,741); GSM8K golds without thousands "
+                  "commas (the official keeps 79 train and 14 test golds like '1,080', which its parser never gives)",
+    "TL12 teacher settings": "--teacher-model gpt-4o-2024-05-13 (the paper's ChatGPT snapshot was not retrievable), "
+                            "temperature 0.8 (teacher.py's: distinct rationales give positives), max_tokens 512 (room "
+                            "for GSM8K's longest solutions after a feedback's Error line), n = 4 per round-1 request "
+                            "and 1 per feedback request; the official settings were not retrievable",
+    "TL13 parsers": "the official ones, but CSQA's '(x)' and bare letter are read in either case and a letter the "
+                   "question does not offer parses as nothing (wrong either way), and TL2's marker",
 }
 
-
 # Settings a resumed run may change: they move no step of a round's schedule.
-FREE_ON_RESUME = ("resume", "out", "data_dir", "rounds", "eval_batch_size", "base_url", "api_key_env", "workers")
+FREE_ON_RESUME = ("resume", "dry_run", "out", "data_dir", "rounds", "eval_batch_size", "base_url", "api_key_env",
+                  "workers")
 
 
 def parse_config(argv=None):
@@ -95,62 +120,49 @@ def parse_config(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_flags(parser, Config)
     given = train.given_flags(parser, argv)
+    data.check_name(given.get("data", Config.data), listed=tuple(data.FILES))
     cfg = Config(**{**(world.PRESETS["tailored"] if given.get("data", Config.data) == "world" else {}), **given})
     cfg.out = cfg.out or os.path.join("runs", f"tailored_{data.dataset_name(cfg.data)}")
     cfg.data_dir = os.path.abspath(cfg.data_dir)
+    cfg.max_new_tokens = cfg.max_new_tokens or generation_cap(cfg.data)
     return cfg
 
 
 def check(cfg):
-    """One clear line for a setting that cannot work, before anything is loaded or written."""
-    data.check_name(cfg.data)
+    """One clear line for a setting that cannot work, before anything is loaded or written (--data: parse_config)."""
     train.check_positive(cfg, ("rounds", "epochs", "batch_size", "exam_samples", "eval_batch_size", "max_new_tokens",
-                               "workers"))
+                               "workers", *(("limit",) if cfg.limit is not None else ())))
     if not (cfg.lr > 0 and cfg.lam >= 0 and cfg.exam_temperature > 0):
         raise SystemExit("--lr and --exam-temperature must be above 0, --lam at least 0")
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The tasks: demos and generation caps
+
+# The official few-shot demonstrations of the five tasks, verbatim as data (tailored_demos.json names the source).
+DEMOS = json.loads((Path(__file__).resolve().parent / "tailored_demos.json").read_text(encoding="utf-8"))["demos"]
+# The official max_new_tokens of each task (METHOD 10.7, TL10)
+CAPS = {"gsm8k": 256, "svamp": 192, "multiarith": 192, "csqa": 96, "strategyqa": 128}
+
+
+def task(name: str, q: Question) -> str:
+    """The official task whose demos a question of data set `name` takes (TL3): its own, else by its layout, CSQA's
+    for multiple choice (OBQA, the world, one's own) and GSM8K's for one's own numbers."""
+    return name if name in CAPS else {"choice": "csqa", "number": "gsm8k"}[q.kind]
+
+
+def generation_cap(name: str) -> int:
+    """--max-new-tokens 0: the task's official cap (TL10); one's own data set takes the largest of its questions'."""
+    if data.is_own(name):
+        return max(CAPS[task(name, q)] for q in data.load(name, "train"))
+    return CAPS[name if name in CAPS else "csqa"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The teacher's prompts (METHOD 10.3)
 
-# The official few-shot demonstrations (Raibows/Learn-to-Reason, fewshot_demos.py, PROMPTS_CQA and PROMPTS_SQA;
-# METHOD 10.3), quoted. The paper's teacher prompt was not retrievable: these demos, in the format the
-# official parser reads, are its best available form. OBQA and the world use the CSQA demos (TL1).
-COT_DEMOS = {"multiple_choice": [
-    ("What do people use to absorb extra ink from a fountain pen?",
-     ["shirt pocket", "calligrapher’s hand", "inkwell", "desk drawer", "blotter"],
-     "The answer must be used to absorb extra ink. Blotters are designed to absorb liquids. Therefore, the answer is "
-     "blotter (e)."),
-    ("What home entertainment equipment requires cable?",
-     ["radio shack", "substation", "television", "cabinet", "desk"],
-     "The answer must require cable. Cable is used to provide satellite channels to televisions. Therefore, the answer "
-     "is television (c)."),
-    ("Sammy wanted to go to where the people were. Where might he go?",
-     ["populated areas", "race track", "desert", "apartment", "roadblock"],
-     "The answer must be a place with many people. Populated areas, by definition, have a lot of people. Therefore, "
-     "the answer is populated areas (a)."),
-    ("Where do you put your grapes just before checking out?",
-     ["mouth", "grocery cart", "super market", "fruit basket", "fruit market"],
-     "The answer should be the place where grocery items are placed before checking out. Of the above choices, grocery "
-     "cart makes the most sense for holding grocery items. Therefore, the answer is grocery cart (b)."),
-    ("Google Maps and other highway and street GPS services have replaced what?",
-     ["united states", "mexico", "countryside", "atlas", "oceans"],
-     "The answer must be something that used to do what Google Maps and GPS services do, which is give directions. "
-     "Atlases were also used to give directions. Therefore, the answer is atlas (d)."),
-], "yes_no": [
-    ("Are chinchillas cold-blooded?", ["yes", "no"],
-     "Chinchillas are rodents, which are mammals. All mammals are warm-blooded. So, the answer is No.\nAnswer: No"),
-    ("Would Janet Jackson avoid a dish with ham?", ["yes", "no"],
-     "Janet Jackson follows an Islamic practice. Islamic culture avoids eating pork. Ham is made from pork. So, the "
-     "answer is Yes.\nAnswer: Yes"),
-    ("Can a honey bee sting a human more than once?", ["yes", "no"],
-     "Human skin is tough, and the bee’s stinger gets lodged in the skin. The stinger becomes separated from the bee "
-     "which dies soon after. So, the answer is No.\nAnswer: No"),
-    ("Is average number of peas in a pod enough commas for a billion?", ["yes", "no"],
-     "The average number of peas in a pod is 6 or 7. A billion is a number that has only 3 commas in it. So, the "
-     "answer is Yes.\nAnswer: Yes"),
-]}
 COT_N = 4  # round-1 rationales per question (TL3: not retrieved; the positive needs a second one)
+TEACHER = dict(temperature=0.8, max_tokens=512)  # request settings (TL12: the official ones were not retrievable)
 # RECONSTRUCTION, not the paper's text: the feedback prompt is in the paper's appendix, which could not be retrieved
 # (METHOD 10.3). It carries what Figure 1 and the README describe: the question, the student's rationale marked
 # wrong, the gold answer, and a request to point out the error and then rationalise correctly in the demos' format.
@@ -159,43 +171,40 @@ FEEDBACK = ("A student answered the last question with the rationale below, and 
             "Then write a correct rationale for the last question in exactly the format of the examples.")
 
 
-def _cot_block(q: Question, completion: str = "") -> str:
-    """One demo in the official prompt layout: data.cot_input, then the completion the teacher is asked for."""
-    return data.cot_input(q) + " " + completion if completion else data.cot_input(q)
+def cot_message(q: Question, name: str) -> str:
+    """Round 1: the official demos of the question's task, then the question in their layout, for the teacher to
+    complete (no gold hint: TL3); the student's prompt of the official code with its demos."""
+    return DEMOS[task(name, q)] + "\n" + data.cot_input(q)
 
 
-def cot_message(q: Question) -> str:
-    """Round 1: the official demos, then the question, for the teacher to complete (no gold hint: TL3)."""
-    demos = COT_DEMOS["yes_no" if data.yes_no(q) else "multiple_choice"]
-    shots = [_cot_block(Question("", question, choices, ""), rationale) for question, choices, rationale in demos]
-    return "\n\n".join(shots + [_cot_block(q)])
-
-
-def feedback_message(q: Question, wrong: str) -> str:
+def feedback_message(q: Question, wrong: str, name: str) -> str:
     """Feedback (reconstructed, see FEEDBACK): the round-1 prompt, the student's wrong rationale, the gold answer."""
-    if data.yes_no(q):
-        gold = "Yes" if q.answer == "A" else "No"
-    else:
-        gold = f"{q.choices[data.LETTERS.index(q.answer)]} ({q.answer.lower()})"
-    return cot_message(q) + "\n\n" + FEEDBACK.format(gold=gold, wrong=wrong)
+    return cot_message(q, name) + "\n\n" + FEEDBACK.format(gold=data.gold_text(q), wrong=wrong)
+
+
+def demo_answers(name: str) -> list[str]:
+    """The completions a task's demos show: each demo's text after its "Reasoning: " or "Answer: " label."""
+    return [re.split(r"\n(?:Reasoning|Answer): ", demo, maxsplit=1)[1] for demo in DEMOS[name].strip().split("\n\n")]
 
 
 def parse_cot_completion(text: str, q: Question) -> str:
     """The rationale of a teacher completion whose answer is the gold one (METHOD 10.3: only those are kept), as a
-    student target: one line; for multiple choice cut right after its first "(x)", for yes/no without its "Answer:"
-    line (the data pipeline appends the gold one). A feedback completion's "Error:" line and a repeated "Answer:" or
-    "Reasoning:" label are dropped first."""
-    lines = [line.strip() for line in text.split("\n") if line.strip() and not line.strip().startswith("Error:")]
-    text = "\n".join(lines)
+    student target's rationale: a feedback's "Error:" line dropped, the text up to its first blank line (where the
+    official parser stops), a repeated "Answer:" or "Reasoning:" label dropped, on one line; for multiple choice cut
+    right after its first "(x)", otherwise without its "Answer:" line (data.cot_target appends the gold one)."""
+    text = "\n".join(line for line in text.strip().split("\n") if not line.strip().startswith("Error:"))
+    text = text.strip().split("\n\n")[0].strip()
     for label in ("Answer:", "Reasoning:"):
         text = text.removeprefix(label).strip()
     if data.parse_cot(text, q) != q.answer:
         raise teacher.InvalidCompletion("no answer or not the gold answer")
-    if data.yes_no(q):
-        return " ".join(text.split("Answer:")[0].split())
+    if q.kind != "choice":
+        return " ".join(data.ANSWER_MARKER.split(text)[0].split())
     line = text.split("\n")[0]
-    end = re.search(r"\([a-e]\)", line, re.I).end()
-    return line[:end] + "."
+    letter = re.search(r"\([a-e]\)", line, re.I)
+    if letter is None:  # a bare letter answers, but is no rationale
+        raise teacher.InvalidCompletion("no rationale")
+    return line[:letter.end()] + "."
 
 
 def ask(messages, n, salt, cfg, client, cache):
@@ -213,7 +222,7 @@ def ask_all(jobs, cfg, client, cache, desc):
     a request that still fails after the client's retries gives none and is counted in client.meter."""
     def one(job):
         q, wrong = job
-        content = cot_message(q) if wrong is None else feedback_message(q, wrong)
+        content = cot_message(q, cfg.data) if wrong is None else feedback_message(q, wrong, cfg.data)
         try:
             texts = ask([{"role": "user", "content": content}], COT_N if wrong is None else 1,
                         "tailored-cot" if wrong is None else "tailored-feedback", cfg, client, cache)
@@ -238,6 +247,26 @@ def ask_all(jobs, cfg, client, cache, desc):
 # ----------------------------------------------------------------------------------------------------------------
 # The teacher: the world's built-in one, or an LLM through teacher.py's client and cache
 
+def teacher_config(cfg) -> teacher.TeacherConfig:
+    """teacher.py's settings for Tailored's requests: the run's endpoint and model, TEACHER's request settings."""
+    return teacher.TeacherConfig(data=cfg.data, base_url=cfg.base_url, model=cfg.teacher_model,
+                                 api_key_env=cfg.api_key_env, workers=cfg.workers, **TEACHER)
+
+
+def round_one_bill(cfg) -> dict:
+    """--dry-run: round 1's requests and their price (teacher.bill, the estimate of teacher.py --dry-run), sending
+    nothing: one request of COT_N completions per training question, a completion as long as its task's demo answers
+    on average. Later rounds ask one correction per mistake of the student's exams, unknown before they run."""
+    if cfg.data == "world":
+        raise SystemExit("the world's teacher is built into world.py: round 1 sends no request and costs nothing")
+    questions = data.load(cfg.data, "train", cfg.data_dir)[:cfg.limit]
+    answers = {t: demo_answers(t) for t in {task(cfg.data, q) for q in questions}}
+    chars = {t: sum(map(len, texts)) / len(texts) for t, texts in answers.items()}
+    completion = sum(chars[task(cfg.data, q)] for q in questions) / max(len(questions), 1)
+    return teacher.bill(teacher_config(cfg), [len(cot_message(q, cfg.data)) for q in questions], COT_N, completion,
+                        len(questions))
+
+
 class Teacher:
     """Both of Tailored's requests for a list of jobs: (q, None) asks for round-1 rationales, (q, wrong) for the
     correction of a wrong one. Returns the kept rationales of each job, one request per job."""
@@ -247,8 +276,7 @@ class Teacher:
         if cfg.data == "world":
             self.made = world.make_world()
             return
-        self.cfg = teacher.TeacherConfig(data=cfg.data, base_url=cfg.base_url, model=cfg.teacher_model,
-                                         api_key_env=cfg.api_key_env, workers=cfg.workers)
+        self.cfg = teacher_config(cfg)
         self.client = teacher.Client(self.cfg, os.environ.get(cfg.api_key_env), teacher.Meter())
         self.cache = teacher.Cache(Path(cfg.data_dir) / data.dataset_name(cfg.data) / "tailored.cache.jsonl")
 
@@ -268,15 +296,25 @@ class Teacher:
         return kept
 
 
-def rationales_file(path, make, everyone=False):
-    """{question id: [texts]} kept in a JSONL file: made once, read back by a resumed run (no request repeated).
-    Rank 0 makes it and writes it, or every rank takes part in making it (`everyone`: a sharded exam)."""
+def rationales_file(path, make, everyone=False) -> list[dict]:
+    """Rows {"id": question id, "texts": [...], ...} kept in a JSONL file: made once, read back by a resumed run (no
+    request repeated). Rank 0 makes it and writes it, or every rank takes part in making it (`everyone`: a sharded
+    exam)."""
     if not os.path.isfile(path):
         made = make() if everyone or train.rank() == 0 else None
         if train.rank() == 0:
-            data.write_jsonl(path, [dict(id=i, texts=t) for i, t in made.items()])
+            data.write_jsonl(path, made)
     train.barrier()
-    return {row["id"]: row["texts"] for row in data.read_jsonl(path)}
+    return data.read_jsonl(path)
+
+
+def corrected(rows) -> dict[str, list[str]]:
+    """{question id: its distinct corrections}, pooled over the question's feedback requests (corrections.jsonl has
+    one row per request), in file order; a question none of whose corrections reached the gold answer is absent."""
+    pooled = defaultdict(dict)
+    for row in rows:
+        pooled[row["id"]].update(dict.fromkeys(row["texts"]))
+    return {i: list(texts) for i, texts in pooled.items() if texts}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -351,7 +389,7 @@ def train_round(cfg, k, model, tokenizer, texts, questions, valid, runtime):
     encode = lambda q, text: tokenizer.encode(data.cot_target(text, q))
     examples = [(i, tokenizer.encode(data.cot_input(questions[i])), encode(questions[i], t)) for i, t in anchors]
     pos = {i: [encode(questions[i], t) for t in texts] for i, texts in positives.items()}
-    neg = {i: [tokenizer.encode(t) for t in texts] for i, texts in negatives.items()}  # as sampled, nothing appended
+    neg = {i: [encode(questions[i], t) for t in texts] for i, texts in negatives.items()}  # the same formatter (10.5)
     groups = defaultdict(list)
     for n, (i, _, _) in enumerate(examples):
         groups[i].append(n)
@@ -395,28 +433,34 @@ def tailored(cfg):
     if cfg.data == "world" and lead:
         print("demo: Tailored Learning on the embedded world with a T5 from scratch; a real run: "
               "python tailored.py --data csqa")
-    train_questions, valid = (train.questions(cfg.data, split, cfg.data_dir) for split in ("train", "valid"))
+    train_questions = train.questions(cfg.data, "train", cfg.data_dir)[:cfg.limit]
+    valid = train.questions(cfg.data, "valid", cfg.data_dir)
     by_id = {q.id: q for q in train_questions}
     ask = Teacher(cfg) if lead else None  # rank 0 alone talks to the teacher and holds its cache
     os.makedirs(os.path.join(cfg.out, "round_1"), exist_ok=True)
-    first = rationales_file(os.path.join(cfg.out, "round_1", "teacher.jsonl"), lambda: {
-        q.id: texts for q, texts in zip(train_questions, ask([(q, None) for q in train_questions], "round 1 teacher"))
-        if texts})
-    positives = {i: list(texts) for i, texts in first.items()}
+    first = rationales_file(os.path.join(cfg.out, "round_1", "teacher.jsonl"), lambda: [
+        dict(id=q.id, texts=texts)
+        for q, texts in zip(train_questions, ask([(q, None) for q in train_questions], "round 1 teacher")) if texts])
+    positives = {row["id"]: list(row["texts"]) for row in first}
     previous, results = None, {}
     for k in range(1, cfg.rounds + 1):
         round_dir = os.path.join(cfg.out, f"round_{k}")
         os.makedirs(round_dir, exist_ok=True)
         if k == 1:
-            anchors, negatives, requests = [(i, t) for i, ts in first.items() for t in ts], {}, len(train_questions)
+            anchors = [(row["id"], t) for row in first for t in row["texts"]]
+            negatives, requests = {}, len(train_questions)
         else:
             model, tokenizer = T5.from_pretrained(previous, device=runtime.device), Tokenizer.from_pretrained(previous)
             model.amp_dtype = runtime.amp
-            negatives = rationales_file(os.path.join(round_dir, "mistakes.jsonl"),
-                                        lambda: exam(cfg, model, tokenizer, train_questions, k), everyone=True)
+            negatives = {row["id"]: row["texts"] for row in rationales_file(
+                os.path.join(round_dir, "mistakes.jsonl"), lambda: [
+                    dict(id=i, texts=wrong) for i, wrong in exam(cfg, model, tokenizer, train_questions, k).items()],
+                everyone=True)}
             jobs = [(by_id[i], wrong) for i, texts in negatives.items() for wrong in texts]
-            corrections = rationales_file(os.path.join(round_dir, "corrections.jsonl"), lambda: {
-                q.id: list(dict.fromkeys(ts)) for (q, _), ts in zip(jobs, ask(jobs, f"round {k} feedback")) if ts})
+            # one row per feedback request: a question with several mistakes keeps the correction of each
+            corrections = corrected(rationales_file(os.path.join(round_dir, "corrections.jsonl"), lambda: [
+                dict(id=q.id, wrong=wrong, texts=texts)
+                for (q, wrong), texts in zip(jobs, ask(jobs, f"round {k} feedback"))]))
             anchors, requests = [(i, t) for i, ts in corrections.items() for t in ts], len(jobs)
             for i, texts in corrections.items():
                 positives[i] = list(dict.fromkeys(positives.get(i, []) + texts))
@@ -451,6 +495,8 @@ def main(argv=None):
     def run():
         cfg = parse_config(argv)
         check(cfg)
+        if cfg.dry_run:
+            return print(json.dumps(round_one_bill(cfg), indent=1))
         tailored(cfg)
     train.command(run)
 

@@ -535,6 +535,7 @@ def prompt_and_questions(cfg: TeacherConfig) -> tuple[str, list[Question]]:
     data.check_name(cfg.data)
     if cfg.data == "world":
         raise Fatal("the world's teacher is built into world.py; tinythinker.py --data world needs no teacher.py run")
+    data.check_choices(cfg.data)  # the scaffold judges options
     if cfg.split not in data.SPLITS:
         raise Fatal(f"--split must be train, valid or test, not {cfg.split!r}")
     prompts = json.loads(PROMPTS.read_text())
@@ -597,24 +598,31 @@ def run(cfg: TeacherConfig) -> dict:
 CHARS_PER_TOKEN = 4  # OpenAI's rule of thumb for English text: the estimate needs no tokenizer
 
 
-def estimate(cfg: TeacherConfig) -> dict:
-    """The bill before paying it: the questions, requests and tokens of a run's first round and their price at
-    cfg.price_in/price_out, sending nothing. Prompt tokens are billed once per request whatever n is; a completion
-    is estimated as long as the few-shot exemplars' answers (Key Information and explanations), capped at max_tokens.
-    Retry rounds re-request only the invalid completions (at most cfg.rounds - 1 more requests per question)."""
-    system, questions = prompt_and_questions(cfg)
-    n, rounds = counts(cfg)
-    answers = [f"Key Information: {e['Key Information']}\nExplanations: " + "\n".join(e["Explanations"])
-               for e in json.loads(PROMPTS.read_text())["exemplars"][prompt_set(cfg.data)]]
-    completion = min(cfg.max_tokens, sum(map(len, answers)) / len(answers) / CHARS_PER_TOKEN)
-    prompt_tokens = round(sum(len(system) + len(user_message(q)) for q in questions) / CHARS_PER_TOKEN)
-    completion_tokens = round(len(questions) * n * completion)
-    return {"dry_run": "nothing was sent", "questions": len(questions), "requests": len(questions),
-            "completions": len(questions) * n, "max_requests_with_retries": len(questions) * rounds,
+def bill(cfg: TeacherConfig, prompt_chars: list[int], n: int, completion_chars: float, max_requests: int) -> dict:
+    """The bill of one request per prompt of n completions, at cfg.price_in/price_out, sending nothing (tailored.py's
+    dry run too). Prompt tokens are billed once per request whatever n is; a completion is estimated at
+    completion_chars characters, capped at max_tokens."""
+    completion = min(cfg.max_tokens, completion_chars / CHARS_PER_TOKEN)
+    prompt_tokens = round(sum(prompt_chars) / CHARS_PER_TOKEN)
+    completion_tokens = round(len(prompt_chars) * n * completion)
+    return {"dry_run": "nothing was sent", "questions": len(prompt_chars), "requests": len(prompt_chars),
+            "completions": len(prompt_chars) * n, "max_requests_with_retries": max_requests,
             "prompt_tokens_est": prompt_tokens, "completion_tokens_est": completion_tokens,
             "cost_usd_est": round(prompt_tokens * cfg.price_in + completion_tokens * cfg.price_out, 2),
             "prices_per_token": {"prompt": cfg.price_in, "completion": cfg.price_out}, "model": cfg.model,
             "tokens": f"estimated at {CHARS_PER_TOKEN} characters per token; the first round only"}
+
+
+def estimate(cfg: TeacherConfig) -> dict:
+    """The bill before paying it: the questions, requests and tokens of a run's first round (bill), a completion as
+    long as the few-shot exemplars' answers (Key Information and explanations). Retry rounds re-request only the
+    invalid completions (at most cfg.rounds - 1 more requests per question)."""
+    system, questions = prompt_and_questions(cfg)
+    n, rounds = counts(cfg)
+    answers = [f"Key Information: {e['Key Information']}\nExplanations: " + "\n".join(e["Explanations"])
+               for e in json.loads(PROMPTS.read_text())["exemplars"][prompt_set(cfg.data)]]
+    return bill(cfg, [len(system) + len(user_message(q)) for q in questions], n, sum(map(len, answers)) / len(answers),
+                len(questions) * rounds)
 
 
 def main(argv=None):

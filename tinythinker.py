@@ -119,6 +119,7 @@ def check(cfg):
     if cfg.phase not in ("acquire", "reflect"):
         raise SystemExit(f"--phase must be acquire or reflect, not {cfg.phase!r}")
     data.check_name(cfg.data)
+    data.check_choices(cfg.data)
     if cfg.phase == "acquire" and cfg.stages not in data.STAGES:
         raise SystemExit(f"--stages must be one of {', '.join(data.STAGES)}, not {cfg.stages!r}")
     train.check_positive(cfg, ("batch_size", "grad_accum", "epochs", "interval", "eval_batch_size", "max_new_tokens",

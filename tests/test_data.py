@@ -4,6 +4,7 @@ batching."""
 import functools
 import http.server
 import json
+import shutil
 import sys
 import threading
 import zipfile
@@ -14,6 +15,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 from data import Question  # noqa: E402
+
+
+REAL = Path(__file__).resolve().parent / "fixtures" / "real"
 
 
 def csqa_line(i, answer="B", labels="ABCDE"):
@@ -94,8 +98,11 @@ def test_malformed_strategyqa_item(tmp_path):
 
 
 def test_download_from_local_server(tmp_path, monkeypatch):
-    """CSQA as plain files, OBQA and StrategyQA as zips with their official inner paths."""
+    """CSQA and the math sets as plain files, OBQA and StrategyQA as zips with their official inner paths."""
     root = tmp_path / "www"
+    math_urls = {"gsm8k": "GSM8K_URL", "svamp": "SVAMP_URL", "multiarith": "MULTIARITH_URL"}
+    for name in math_urls:
+        shutil.copytree(REAL / name / "original", root / name)
     (root / "commensenseqa").mkdir(parents=True)
     (root / "commensenseqa" / "train_rand_split.jsonl").write_text(csqa_line(0) + "\n" + csqa_line(1) + "\n")
     (root / "commensenseqa" / "dev_rand_split.jsonl").write_text(csqa_line(2) + "\n")
@@ -110,6 +117,8 @@ def test_download_from_local_server(tmp_path, monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}/"
+    for name, url in math_urls.items():
+        monkeypatch.setattr(data, url, base + name + "/")
     monkeypatch.setattr(data, "CSQA_URL", base + "commensenseqa/")
     monkeypatch.setattr(data, "OBQA_ZIP", base + "obqa.zip")
     monkeypatch.setattr(data, "STRATEGYQA_ZIP", base + "sqa.zip")
@@ -118,10 +127,78 @@ def test_download_from_local_server(tmp_path, monkeypatch):
         assert [q.id for q in data.load("csqa", "test", target)] == ["c2"]
         assert [q.id for q in data.load("obqa", "valid", target)] == ["odev"]
         assert len(data.load("strategyqa", "train", target)) == 8
+        assert [len(data.load(name, "test", target)) for name in ("gsm8k", "svamp", "multiarith")] == [8, 9, 9]
+        assert (target / "svamp" / "original" / "SVAMP.json").read_bytes() == \
+            (REAL / "svamp" / "original" / "SVAMP.json").read_bytes()
         assert (target / "obqa" / "original" / "train.jsonl").read_text() == obqa_line("train") + "\n"
         assert not list(target.rglob("*.tmp"))
     finally:
         server.shutdown()
+
+
+def test_math_sets_in_their_official_files():
+    """Tailored's math tasks on the fixtures cut from the official files: golds as the official preprocessor writes
+    them (GSM8K's without the thousands comma, TL11), SVAMP's Body and Question joined, splits drawn with the seed."""
+    gsm8k = {s: data.load("gsm8k", s, REAL) for s in data.SPLITS}
+    assert [len(v) for v in gsm8k.values()] == [23, 2, 8]  # 25 train lines: a tenth valid; test as published
+    assert sorted(q.id for q in gsm8k["train"] + gsm8k["valid"]) == sorted(f"train-{i}" for i in range(1, 26))
+    first = gsm8k["test"][0]
+    assert (first.id, first.answer, first.kind, first.choices) == ("test-1", "18", "number", [])
+    assert first.question.startswith("Janet’s ducks lay 16 eggs per day.")
+    assert next(q for q in gsm8k["train"] if q.id == "train-25").answer == "1080"  # "#### 1,080"
+    svamp = {s: data.load("svamp", s, REAL) for s in data.SPLITS}
+    assert [len(v) for v in svamp.values()] == [19, 2, 9]  # test 3/10 (the paper's 300 of 1,000), valid 1/10 of rest
+    chal1 = next(q for v in svamp.values() for q in v if q.id == "chal-1")
+    assert chal1.question == ("Each pack of dvds costs 76 dollars. If there is a discount of 25 dollars on each pack. "
+                              "How much do you have to pay to buy each pack?") and chal1.answer == "51"
+    multiarith = {s: data.load("multiarith", s, REAL) for s in data.SPLITS}
+    assert [len(v) for v in multiarith.values()] == [19, 2, 9]
+    q0 = next(q for v in multiarith.values() for q in v if q.id == "0")
+    assert q0.question.startswith("For Halloween Debby") and q0.question.endswith("left?") and q0.answer == "39"
+    for name, splits in dict(gsm8k=gsm8k, svamp=svamp, multiarith=multiarith).items():
+        ids = [{q.id for q in v} for v in splits.values()]
+        assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+        assert splits == {s: data.load(name, s, REAL) for s in data.SPLITS}  # the same on every machine
+        assert all(data.NUMBER.fullmatch(q.answer) and q.kind == "number" for v in splits.values() for q in v)
+
+
+@pytest.mark.parametrize("name, file, text, message", [
+    ("gsm8k", "train.jsonl", '{"question": "q", "answer": "no mark"}',
+     r"train.jsonl:1: needs a string question and an answer ending \"#### N\""),
+    ("gsm8k", "train.jsonl", '{"question": "q", "answer": "#### twelve"}',
+     r"train.jsonl:1: the answer after \"####\" is not a number: 'twelve'"),
+    ("svamp", "SVAMP.json", '[{"ID": "a", "Body": "b", "Question": "q", "Answer": "3"}]',
+     r"SVAMP.json: item 0: the answer must be a number"),
+    ("multiarith", "MultiArith.json", '[{"iIndex": 1, "sQuestion": "q", "lSolutions": []}]',
+     r"MultiArith.json: item 0: needs an integer iIndex, a string sQuestion and a non-empty lSolutions list"),
+])
+def test_bad_math_files_name_file_and_line(tmp_path, name, file, text, message):
+    write(tmp_path, name, {file: text, **({"test.jsonl": ""} if name == "gsm8k" else {})})
+    with pytest.raises(data.DataError, match=message):
+        data.load(name, "train", tmp_path)
+
+
+def test_own_numeric_questions_and_who_takes_them(tmp_path):
+    """{"id", "question", "answer": "42"} with no choices is a number question: tailored.py takes it, TinyThinker's
+    commands refuse it in one line (its analyze stage explains options); a non-numeric answer is named."""
+    lines = [json.dumps({"id": f"n{i}", "question": f"{i} + 1?", "answer": str(i + 1)}) for i in range(9)]
+    folder = write_own(tmp_path / "sums", "\n".join(lines + [own_line("c1")]) + "\n")
+    questions = data.load(folder, "train") + data.load(folder, "valid") + data.load(folder, "test")
+    assert {q.kind for q in questions} == {"number", "choice"}
+    n3 = next(q for q in questions if q.id == "n3")
+    assert (n3.choices, n3.answer, data.cot_input(n3)) == ([], "4", "Question: 3 + 1?\nReasoning:")
+    with pytest.raises(data.DataError, match=r"sums: question 'n\d' has no choices \(a numeric answer\), and "
+                                             r"TinyThinker's analyze stage explains each option"):
+        data.check_choices(folder)
+    data.check_choices(str(OWN / "mini"))
+    with pytest.raises(data.DataError, match=r"^--data multiarith: its questions have numeric answers"):
+        data.check_choices("multiarith")
+    bad = write_own(tmp_path / "bad", GOOD + json.dumps({"id": "x", "question": "?", "answer": "1,000"}) + "\n")
+    with pytest.raises(data.DataError, match=r"train.jsonl:3: no field 'choices', and field 'answer' is not a number "
+                                             r"such as 42 or -2.5 \(digits, no commas or units\): \"1,000\""):
+        data.load(bad, "train")
+
+
 
 
 # ---------------------------------------------------------------- your own data set

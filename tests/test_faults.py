@@ -204,6 +204,7 @@ def test_a_second_run_on_the_same_cache_is_refused_naming_the_holder(tmp_path):
     (["--workers", "0"], "--workers and --max-attempts at least 1"), (["--timeout", "0"], "--timeout above 0"),
     (["--data", "foo", "--dry-run"], "--data must be one of"),
     (["--split", "habitat", "--dry-run"], "--split must be train, valid or test"),
+    (["--data", "svamp", "--dry-run"], "--data svamp: its questions have numeric answers and no options"),
 ])
 def test_teacher_argument_mistakes_get_one_line(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
@@ -466,6 +467,9 @@ def test_command_line_mistakes_get_one_line(tmp_path):
         ((tt, "--phase", "foo"), "--phase must be acquire or reflect, not 'foo'"),
         ((tt, "--data", "foo"), "--data must be one of world, csqa, obqa, strategyqa or a directory or .jsonl file of "
                                   "your own questions, not 'foo'"),
+        ((tt, "--data", "gsm8k"), "--data gsm8k: its questions have numeric answers and no options, and TinyThinker's "
+                                  "analyze stage explains each option; Tailored Learning trains on them: "
+                                  "python tailored.py --data gsm8k"),
         ((tt, "--phase", "reflect", "--from", runs["nobest"]), f"{runs['nobest']}: no acquired model"),
         ((tt, "--phase", "reflect", "--from", runs["garbage"]), "garbage/config.json: not a run config"),
         ((tt, "--phase", "reflect", "--from", runs["good"], "--samples", "0"), "--samples must be at least 1, not 0"),

@@ -5,7 +5,9 @@ only by size flags, --base-url and --data-dir.
 
 CSQA runs the whole chain (dry run, teacher, acquire, reflect, evaluate); OBQA runs teacher and a two-process
 torchrun acquire; StrategyQA runs teacher, acquire and evaluate. Reflect on one data set is enough: what it reads
-from a run (config.json, teacher records, questions) is the same for the three, while it costs the most time."""
+from a run (config.json, teacher records, questions) is the same for the three, while it costs the most time.
+Tailored Learning's math block runs on GSM8K (dry run, two rounds, evaluate) against a math teacher stand-in, and
+SVAMP's and MultiArith's dry runs check their loaders and demos, all that differs between the three."""
 import hashlib
 import json
 import os
@@ -15,6 +17,8 @@ import shutil
 import subprocess
 import sys
 import threading
+import zlib
+from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -23,6 +27,7 @@ import sentencepiece as spm
 import torch
 
 import data
+import tailored
 import teacher
 import tinythinker
 from t5 import T5, T5Config, Tokenizer
@@ -89,6 +94,45 @@ class Teacher(BaseHTTPRequestHandler):
         self.wfile.write(content)
 
 
+class MathTeacher(BaseHTTPRequestHandler):
+    """POST /v1/chat/completions for tailored.py's math requests, in the official "Reasoning ... Answer: N" format.
+    Round 1 (n = 4): GSM8K's worked solution (calculator annotations and all), two other right rationales and a wrong
+    one. Feedback: an "Error:" line and a correction of its own for each wrong rationale, right but for every third
+    request. `golds` maps a question to (gold number, worked solution); `sent` logs the right corrections."""
+    log, sent, golds, lock = [], [], {}, threading.Lock()
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        content = payload["messages"][-1]["content"]
+        question = content.split("\n\nQuestion: ")[-1].split("\nReasoning:")[0]
+        gold, solution = self.golds[question]
+        with self.lock:
+            self.log.append(payload)
+            count = len(self.log)
+        if "\nStudent: " in content:
+            student = content.split("\nStudent: ", 1)[1].split("\nFirst point out", 1)[0]
+            number = gold if count % 3 else str(int(gold) + 1)
+            correction = f"The slip is at {zlib.crc32(student.encode()):08x}; done right, it comes to {number}."
+            if number == gold:
+                with self.lock:
+                    self.sent.append((question, correction))
+            texts = [f"Error: a step is wrong.\nReasoning: {correction}\nAnswer: {number}"]
+        else:
+            texts = [f"{solution}\nAnswer: {gold}", f"Adding it all up gives {gold}.\nAnswer: {gold}",
+                     f"Step by step, the total is {gold}. Therefore, the answer is {gold}.",
+                     f"It is {int(gold) + 1}.\nAnswer: {int(gold) + 1}"]
+        body = {"choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
+                            for i, t in enumerate(texts)]}
+        raw = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+
 class Hub(BaseHTTPRequestHandler):
     """GET /{repo}/resolve/main/{file}, with the git-blob ETag the Hub sends for small files."""
     files = {}
@@ -119,8 +163,8 @@ def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("real")
     shutil.copytree(FIXTURES, root / "data", ignore=shutil.ignore_patterns("README.md"))
     # google-t5/t5-small as a tiny T5: a unigram tokenizer trained on the fixtures' questions and options.
-    texts = [f"{q.question} {' '.join(q.choices)} is about fits the question does not fit"
-             for name in ("csqa", "obqa", "strategyqa") for split in ("train", "valid", "test")
+    texts = [f"{q.question} {' '.join(q.choices)} is about fits the question does not fit Answer: Reasoning:"
+             for name in ("csqa", "obqa", "strategyqa", *data.MATH) for split in ("train", "valid", "test")
              for q in data.load(name, split, root / "data")]
     hub = root / "hub"
     hub.mkdir()
@@ -266,6 +310,65 @@ def test_readme_real_run_on_strategyqa(site):
     run(command(acquire, "strategyqa", site), site)
     run(command(evaluate, "strategyqa", site), site)
     check_report("strategyqa", site, 3)
+
+
+def test_readme_tailored_on_math(site, capsys):
+    """The README's math block as typed, on the GSM8K fixture: the dry run's bill (nothing sent), `tailored.py --data
+    gsm8k --limit N --rounds 2` against the math teacher and the Hub stand-ins, `evaluate.py runs/tailored_gsm8k
+    --split test`. SVAMP and MultiArith take the same code past their loaders and demos: their dry runs check those."""
+    lines = readme_commands("### Math word problems and the paper's five tasks")
+    assert [shlex.split(line)[1:3] for line in lines] == [["tailored.py", "--data"]] * 2 + [["evaluate.py",
+                                                                                            "runs/tailored_gsm8k"]]
+    raw = [json.loads(line) for line in (site["data"] / "gsm8k" / "original" / "train.jsonl").read_text().splitlines()]
+    solutions = {r["question"].strip(): r["answer"].split("####")[0].strip() for r in raw}
+    MathTeacher.golds = {q.question: (q.answer, solutions.get(q.question, "")) for split in data.SPLITS
+                         for q in data.load("gsm8k", split, site["data"])}
+    server, url = serve(MathTeacher)
+    dry, first_look, evaluate = ([sys.executable, str(ROOT / shlex.split(line)[1]), *shlex.split(line)[2:]]
+                                 for line in lines)
+    try:
+        bill = json.loads((out := run(dry + ["--data-dir", str(site["data"])], site))[out.index("{"):])
+        assert not MathTeacher.log  # the dry run sent nothing
+        assert (bill["questions"], bill["requests"], bill["completions"]) == (23, 23, 92) and bill["cost_usd_est"] > 0
+        for name in ("svamp", "multiarith"):  # in this process: the same code as the command, less its start-up
+            tailored.main(["--data", name, "--dry-run", "--data-dir", str(site["data"])])
+            assert json.loads(capsys.readouterr().out)["questions"] == 19
+        run(first_look + ["--limit", "6", "--epochs", "1", "--max-new-tokens", "16", "--base-url", url + "/v1",
+                          "--data-dir", str(site["data"])], site)
+    finally:
+        server.shutdown()
+        server.server_close()
+    runs = site["root"] / "work" / "runs" / "tailored_gsm8k"
+    config = json.loads((runs / "config.json").read_text())
+    assert (config["data"], config["limit"], config["max_new_tokens"]) == ("gsm8k", 6, 16)
+    assert {"TL10 generation caps", "TL11 splits", "TL12 teacher settings", "TL13 parsers"} <= set(config["decisions"])
+    first = MathTeacher.log[0]
+    assert (first["model"], first["temperature"], first["max_tokens"], first["n"]) == ("gpt-4o-2024-05-13", 0.8, 512, 4)
+    assert first["messages"][0]["content"].startswith("Question: Albert is wondering how much pizza")  # GSM8K's demos
+    # round 1: the wrong fourth rationale is filtered out; the worked solution is kept (its annotations go at training)
+    teacher_rows = data.read_jsonl(runs / "round_1" / "teacher.jsonl")
+    assert [len(row["texts"]) for row in teacher_rows] == [3] * 6
+    assert any("<<" in row["texts"][0] for row in teacher_rows)
+    # round 2: one feedback request per mistake, its corrections filtered to the gold number, every one trained on
+    mistakes = data.read_jsonl(runs / "round_2" / "mistakes.jsonl")
+    corrections = data.read_jsonl(runs / "round_2" / "corrections.jsonl")
+    assert [(r["id"], r["wrong"]) for r in corrections] == [(m["id"], t) for m in mistakes for t in m["texts"]]
+    assert any(not r["texts"] for r in corrections)  # the wrong corrections were dropped
+    by_question = {q.question: q.id for q in data.load("gsm8k", "train", site["data"])}
+    sent, stored = defaultdict(set), defaultdict(set)
+    for question, correction in MathTeacher.sent:
+        sent[by_question[question]].add(correction)
+    for row in corrections:
+        stored[row["id"]].update(row["texts"])
+    assert {i: texts for i, texts in stored.items() if texts} == sent
+    summary = json.loads((runs / "summary.json").read_text())
+    assert summary["2"]["requests"] == len(corrections) == summary["2"]["mistakes"]
+    assert summary["2"]["rationales"] == sum(map(len, sent.values())) > 0
+    out = run(evaluate, site)
+    rows = json.loads((runs / "report.json").read_text())
+    assert [(r["phase"], r["data"], r["split"], r["questions"], r["chance"]) for r in rows] == [
+        (f"round {k}", "gsm8k", "test", 8, None) for k in (1, 2)]
+    assert "| round 2 | gsm8k | cot | test | greedy | 8 |" in out and out.count(" | - |") == 2  # no chance figure
 
 
 # ---------------------------------------------------------------------------------------------- defaults, failures

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 import threading
+import zlib
+from collections import defaultdict
 
 import pytest
 import torch
@@ -112,10 +114,88 @@ def test_cot_format_and_parser():
     assert data.parse_cot("It is wet. Therefore, the answer is lake (b). Or (a)", q) == "B"  # the first (x)
     assert data.parse_cot("(C)", q) == "C" and data.parse_cot("a", q) == "A"
     assert data.parse_cot("Therefore, the answer is sky (e).", q) is None  # not an offered option
-    s = data.Question("s", "Is it?", ["yes", "no"], "B")
+    s = data.Question("s", "Is it?", ["yes", "no"], "B", "yes_no")
     assert data.cot_target("It is not. So, the answer is No.", s) == "It is not. So, the answer is No. Answer: No"
     assert data.parse_cot("yes, it seems. Answer: No", s) == "B" and data.parse_cot("maybe yes", s) == "A"
     assert data.parse_cot("maybe", s) is None
+
+
+@pytest.mark.parametrize("text, number", [
+    ("He has 48 + 24 = 72 clips.\nAnswer: 72", "72"),
+    ("10% of 40 is 4, so 36 a day and 36 * 30 = 1,080 in all.\nAnswer: 1,080", "1080"),  # commas removed
+    ("Each costs $1,234.50 in total.", "1234.50"),
+    ("Half of 5 is 2.5 cups.\nAnswer: 2.5", "2.5"),
+    ("She paid 18 dollars.\nAnswer: 18.0", "18.0"),  # compared as strings: not "18"
+    ("The change is 3 - 5 = -2 degrees.\nAnswer: -2", "-2"),
+    ("He buys 2 and then 3 more, so he has 5.", "5"),  # no marker: the last number, its "." dropped
+    ("Therefore, the answer is 12. He started with 30.", "12"),  # the first number after the other marker
+    ("So 9 + 3 = 12.\nAnswer: 12\n\nQuestion: Tom has 4 apples and buys 6 more.", "12"),
+    ("He has 8 left.\n\nQuestion: Tom has 4 apples and buys 6 more.", "8"),  # a blank line ends the text
+    ("It is 5 or 6.\nAnswer: 5, then 6\nAnswer: 7", "5"),  # the first number after the first marker
+    ("no number here", None), ("\nAnswer: none", None),
+    ("It was 3 and 4 more makes 7 Answer: 7 of 10", "7"),  # TL2: the student's "Answer:" follows a space
+])
+def test_the_official_number_parser(text, number):
+    """Golden cases, each checked against the official tools.cleanup (Raibows/Learn-to-Reason) but the last, whose
+    marker follows a space as a T5 student writes it (TL2)."""
+    assert data.parse_cot(text, data.Question("g", "?", [], "0", "number")) == number
+
+
+def test_the_official_yes_no_and_multiple_choice_parsers():
+    """Cases where the official parsers differ from a lenient one: StrategyQA takes the first yes/no after the FIRST
+    answer marker, of whitespace-separated words with only "." stripped; CSQA takes the first "(x)" of the first line
+    or the line as a bare letter, and nothing else (TL13 reads letters in either case)."""
+    s = data.Question("s", "Is it?", ["yes", "no"], "A", "yes_no")
+    assert data.parse_cot("So, the answer is No.\nAnswer: Yes, no", s) == "B"  # "Yes," is not a yes/no word
+    assert data.parse_cot("Answer: yes\nAnswer: no", s) == "B" and data.parse_cot("No it is not. So yes.", s) == "A"
+    assert data.parse_cot("Yes, it is.", s) is None and data.parse_cot("It is so. (B)", s) is None
+    q = data.Question("q", "Where?", ["cave", "lake", "sea"], "B")
+    assert data.parse_cot("b.", q) is None and data.parse_cot("Hmm\n(a)", q) is None
+    assert data.parse_cot("It is lake (b) not (c)", q) == "B" and data.parse_cot("(B)", q) == "B"
+    assert data.parse_cot("So (e) or (a).", q) is None  # the first "(x)" is not offered: wrong, as the official's
+
+
+def test_math_teacher_completions_prompts_and_targets():
+    """GSM8K through the teacher's prompt, a completion's rationale and the student's target: the official demos,
+    the gold number in feedback, the "Answer:" line cut and the gold one appended after a space, calculator
+    annotations dropped."""
+    q = data.Question("train-25", "Adam earns $40 daily. 10% is taxed. What does he keep in 30 days?", [], "1080",
+                      "number")
+    message = tailored.cot_message(q, "gsm8k")
+    assert message.startswith("Question: Albert is wondering how much pizza he can eat in one day.")
+    assert message.endswith("Answer: 110\n\nQuestion: " + q.question + "\nReasoning:")
+    assert tailored.cot_message(q, "svamp").startswith("Question: Paul had 50 books.")
+    assert tailored.cot_message(q, "/data/my-sums").startswith("Question: Albert")  # one's own numbers: GSM8K's
+    assert "The correct answer is 1080.\nStudent: 40 * 30 = 1200" in tailored.feedback_message(q, "40 * 30 = 1200",
+                                                                                                "gsm8k")
+    completion = ("Error: the student forgot the taxes.\nReasoning: He keeps 40 - 4 = <<40-4=36>>36 a day,\nso "
+                  "36 * 30 = <<36*30=1080>>1,080.\nAnswer: 1,080\n\nQuestion: Next one")
+    rationale = tailored.parse_cot_completion(completion, q)
+    assert rationale == "He keeps 40 - 4 = <<40-4=36>>36 a day, so 36 * 30 = <<36*30=1080>>1,080."
+    assert data.cot_target(rationale, q) == "He keeps 40 - 4 = 36 a day, so 36 * 30 = 1,080. Answer: 1080"
+    assert data.parse_cot(data.cot_target(rationale, q), q) == "1080"
+    for wrong in ("He keeps 36 a day.\nAnswer: 1,000", "He keeps 40 a day for 30 days: 1,200."):
+        with pytest.raises(teacher.InvalidCompletion):
+            tailored.parse_cot_completion(wrong, q)
+
+
+def test_generation_caps_per_task(tmp_path):
+    """--max-new-tokens 0 resolves to the task's official cap (TL10), recorded as such in config.json."""
+    caps = {name: tailored.parse_config(["--data", name]).max_new_tokens
+            for name in ("gsm8k", "svamp", "multiarith", "csqa", "strategyqa", "obqa", "world")}
+    assert caps == dict(gsm8k=256, svamp=192, multiarith=192, csqa=96, strategyqa=128, obqa=96, world=64)
+    own = tmp_path / "sums.jsonl"
+    own.write_text("".join(json.dumps({"id": f"n{i}", "question": f"{i} + 1?", "answer": str(i + 1)}) + "\n"
+                           for i in range(10)))
+    assert tailored.parse_config(["--data", str(own)]).max_new_tokens == 256
+    assert tailored.parse_config(["--data", "gsm8k", "--max-new-tokens", "16"]).max_new_tokens == 16
+
+
+def test_tailored_names_every_task_it_takes():
+    with pytest.raises(data.DataError, match=r"^--data must be one of world, csqa, obqa, strategyqa, gsm8k, svamp, "
+                                             r"multiarith or a directory or .jsonl file of your own questions, "
+                                             r"not 'gsm'$"):
+        tailored.parse_config(["--data", "gsm"])
 
 
 def test_teacher_completions_keep_gold_rationales_only():
@@ -126,13 +206,13 @@ def test_teacher_completions_keep_gold_rationales_only():
     assert tailored.parse_cot_completion(feedback, q) == "It swims. Therefore, the answer is lake (b)."
     with pytest.raises(teacher.InvalidCompletion):
         tailored.parse_cot_completion("Therefore, the answer is cave (a).", q)
-    s = data.Question("s", "Is it?", ["yes", "no"], "A")
+    s = data.Question("s", "Is it?", ["yes", "no"], "A", "yes_no")
     assert tailored.parse_cot_completion("It is. So, the answer is Yes.\nAnswer: Yes", s) == \
         "It is. So, the answer is Yes."
-    message = tailored.cot_message(q)
+    message = tailored.cot_message(q, "obqa")
     assert message.startswith("Question: What do people use to absorb extra ink from a fountain pen?\nAnswer Choices:")
     assert message.endswith("\n\nQuestion: Where?\nAnswer Choices:\n(a) cave\n(b) lake\nAnswer:")
-    feedback = tailored.feedback_message(q, "Dry. Therefore, the answer is cave (a).")
+    feedback = tailored.feedback_message(q, "Dry. Therefore, the answer is cave (a).", "obqa")
     assert feedback.startswith(message) and "The correct answer is lake (b)." in feedback
     assert "Student: Dry. Therefore, the answer is cave (a)." in feedback
 
@@ -194,6 +274,40 @@ def test_evaluate_decodes_one_chain_of_thought_and_votes(monkeypatch):
     acc, chains = evaluate.accuracy(None, None, questions, "cot", samples=3, temperature=0.7)
     assert acc == 50.0 and [c.prediction for c in chains] == ["A", "B", "A", "A", None, "A"]
     assert chains[0].summary == "So (a)." and chains[0].recall is None
+
+
+class CharTokenizer:
+    """Text to ids, one per character (encode is all train_round asks of a tokenizer)."""
+
+    @staticmethod
+    def encode(text):
+        return [2 + ord(c) % 48 for c in text] + [1]
+
+
+def test_negatives_go_through_the_targets_formatter(tmp_path, monkeypatch):
+    """Anchors, positives and negatives are all data.cot_target's texts (METHOD 10.5), as the official preprocessor
+    formats all three: a student's wrong rationale of a number question gains the gold "Answer:" after its own."""
+    q = data.Question("g", "What is 2 + 3?", [], "5", "number")
+    anchors, wrong = [("g", "2 + 3 = 5."), ("g", "3 + 2 = 5.")], "2 + 3 = 6. Answer: 6"
+    seen = {}
+
+    def reflection(model, input_ids, attention_mask, anchors, positives, negatives, *args):
+        seen.update(anchors=anchors, positives=positives, negatives=negatives)
+        return torch.zeros(())
+
+    def one_step(cfg, out, model, tokenizer, plan, step_loss, validate, runtime, desc):
+        step_loss(model, *plan[0], None)
+        return 0.0
+
+    monkeypatch.setattr(triplet, "self_reflection_loss", reflection)
+    monkeypatch.setattr(tailored.train, "fit", one_step)
+    cfg = tailored.parse_config(["--data", "gsm8k", "--out", str(tmp_path), "--batch-size", "1"])
+    runtime = tailored.train.Runtime(torch.device("cpu"), None, 0, 1)
+    texts = anchors, {"g": [t for _, t in anchors]}, {"g": [wrong]}  # anchors, positives, negatives
+    tailored.train_round(cfg, 2, tiny_model(), CharTokenizer, texts, {"g": q}, [], runtime)
+    assert seen["negatives"] == [CharTokenizer.encode("2 + 3 = 6. Answer: 6 Answer: 5")]
+    targets = [CharTokenizer.encode(f"{t} Answer: 5") for _, t in anchors]
+    assert seen["anchors"][0] in targets and seen["positives"][0] in targets and seen["anchors"] != seen["positives"]
 
 
 # ---------------------------------------------------------------------------------------------- exam, batches
@@ -346,10 +460,11 @@ def write_handful_obqa(data_dir):
 
 class LLM:
     """A scripted OpenAI-compatible teacher on 127.0.0.1: round-1 requests get 3 right rationales and 1 wrong one,
-    feedback requests one right correction; every request is logged."""
+    feedback requests one right correction, its own for each wrong rationale; every request and correction is
+    logged."""
 
     def __init__(self):
-        self.log = []
+        self.log, self.corrections = [], []
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -362,7 +477,11 @@ class LLM:
                 answer = f"{choices['ABCD'.index(gold)]} ({gold.lower()})"
                 right = lambda i: f"Reason {i}. Therefore, the answer is {answer}."
                 if "Student:" in content:
-                    texts = ["Error: the student chose badly.\nAnswer: " + right("fixed")]
+                    student = content.split("\nStudent: ", 1)[1].split("\nFirst point out", 1)[0]
+                    correction = f"Reason fixed. Not {zlib.crc32(student.encode()):08x}. Therefore, the answer is " \
+                                 f"{answer}."
+                    outer.corrections.append((stem, correction))
+                    texts = ["Error: the student chose badly.\nAnswer: " + correction]
                 else:
                     texts = [right(i) for i in range(3)] + ["Bad. Therefore, the answer is nothing (z)."]
                 choices_ = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
@@ -402,6 +521,19 @@ def test_an_llm_teacher_through_every_round_and_its_cache(tmp_path):
     assert [len(row["texts"]) for row in first] == [3] * 4  # the wrong fourth rationale was filtered out
     corrections = data.read_jsonl(tmp_path / "run" / "round_2" / "corrections.jsonl")
     assert corrections and all(row["texts"][0].startswith("Reason fixed.") for row in corrections)
+    # Every correction of every mistake is stored and trained on: one feedback request per wrong rationale, and a
+    # question with several mistakes keeps each distinct correction (#29: it kept only its last request's).
+    mistakes = data.read_jsonl(tmp_path / "run" / "round_2" / "mistakes.jsonl")
+    assert max(len(row["texts"]) for row in mistakes) > 1  # a question with several mistakes
+    ids = {stem: f"q{i}" for i, (stem, _, _) in enumerate(HANDFUL)}
+    sent, stored = defaultdict(set), defaultdict(set)
+    for stem, correction in llm.corrections:
+        sent[ids[stem]].add(correction)
+    for row in corrections:
+        stored[row["id"]].update(row["texts"])
+    assert stored == sent
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["2"]["rationales"] == sum(map(len, sent.values())) > len(sent)
     cache = (tmp_path / "data" / "obqa" / "tailored.cache.jsonl").read_text().splitlines()
     assert len(cache) == asked
     llm.httpd.shutdown()
