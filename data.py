@@ -12,6 +12,7 @@ Your own data set: `--data DIR` or `--data FILE.jsonl` in place of csqa/obqa/str
 * A split without its file is drawn from train (A11's seed): a permutation by random.Random(SPLIT_SEED) gives valid
   its first tenth (at least one question) and test the next, whichever are missing; train keeps the rest in order.
 * An id is used once across the files: a question in two splits would be tested on what it was trained on.
+* UTF-8 (a byte-order mark is skipped); text UTF-8 cannot encode and questions over MAX_QUESTION_CHARS are refused.
 * It is named by dataset_name (DIR's basename, FILE's stem): teacher records go to {data_dir}/{that}/ and runs to
   runs/{that}/, not into your folder.
 
@@ -36,7 +37,7 @@ from pathlib import Path
 import requests
 import torch
 
-from t5 import atomic_write
+from t5 import atomic_write, read_json
 
 LETTERS = "ABCDE"
 SPLITS = ("train", "valid", "test")
@@ -129,8 +130,9 @@ class DataError(ValueError):
 
 
 def text_lines(path: Path):
-    """(line number, text) of a UTF-8 text file; a byte that is not UTF-8 is named with its line."""
-    for number, raw in enumerate(Path(path).read_bytes().split(b"\n"), 1):
+    """(line number, text) of a UTF-8 text file, without the byte-order mark some editors write first; a byte that
+    is not UTF-8 is named with its line."""
+    for number, raw in enumerate(Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1):
         try:
             yield number, raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -138,13 +140,24 @@ def text_lines(path: Path):
 
 
 def jsonl_objects(path: Path):
-    """(line number, parsed value) of every non-blank line of a JSONL file; a line that is not JSON is named."""
+    """(line number, parsed value) of every non-blank line of a JSONL file. A line is named when it is not JSON
+    (5,000-digit integers and deep nesting included), or when it holds text that UTF-8 cannot encode: a lone
+    surrogate such as "\\ud800", which JSON's escapes allow and which no output file could hold."""
     for number, line in text_lines(path):
-        if line.strip():
+        if not line.strip():
+            continue
+        try:
+            value = read_json(line)
+        except ValueError as e:
+            reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e).split(";")[0]
+            raise DataError(f"{path}:{number}: not valid JSON ({reason})") from None
+        if "\\u" in line:  # a surrogate can only come from an escape
             try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+                json.dumps(value, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(f"{path}:{number}: text holds {e.object[e.start:e.end]!r}, a lone surrogate that "
+                                "UTF-8 cannot encode") from None
+        yield number, value
 
 
 def _multiple_choice(obj, where: str) -> Question:
@@ -204,9 +217,11 @@ def _json_list(path: Path) -> list:
     if not text.strip():
         raise DataError(f"{path}: empty file")
     try:
-        items = json.loads(text)
+        items = read_json(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except ValueError as e:  # a 5,000-digit integer, deep nesting
+        raise DataError(f"{path}: not valid JSON ({str(e).split(';')[0]})") from None
     if not isinstance(items, list):
         raise DataError(f"{path}: expected a JSON list of questions")
     return items
@@ -279,6 +294,10 @@ def _read_multiarith(path: Path) -> list[Question]:
 
 
 OWN_FIELDS = {"id": str, "question": str, "choices": list, "answer": str}
+# The most characters a question and its options may hold together: T5 reads 512 tokens (its checkpoints'
+# n_positions), about 4 characters each (teacher.CHARS_PER_TOKEN). The official code truncates nothing (METHOD 5.1),
+# so a longer question is refused at load, before the teacher is paid for it or a batch is sized by it.
+MAX_QUESTION_CHARS = 512 * 4
 
 
 def _own_question(obj, where: str) -> Question:
@@ -314,6 +333,10 @@ def _read_own(path: Path, seen: dict[str, str]) -> list[Question]:
     questions = []
     for number, obj in jsonl_objects(path):
         q = _own_question(obj, f"{path}:{number}")
+        length = len(q.question) + sum(map(len, q.choices))
+        if length > MAX_QUESTION_CHARS:
+            raise DataError(f"{path}:{number}: the question and its options hold {length} characters, more than the "
+                            f"{MAX_QUESTION_CHARS} that fit T5's 512-token input")
         if q.id in seen:
             raise DataError(f"{path}:{number}: field 'id' {q.id!r} is used already at {seen[q.id]}")
         seen[q.id] = f"{path}:{number}"
@@ -365,15 +388,18 @@ def _short_name(path: str) -> str:
 
 
 def check_name(name: str, listed=tuple(n for n in FILES if n not in MATH)):
-    """One line for a --data that names no data set, or your own named like a built-in one (their teacher records
-    and runs would mix); "world" passes (its callers build it, it has no files). The line lists the built-in sets of
-    `listed`: TinyThinker's commands take the multiple-choice ones (check_choices refuses the others), tailored.py
-    every one."""
+    """One line for a --data that names no data set, your own named like a built-in one (their teacher records and
+    runs would mix), or named "" or ".x" (they would land in runs/ and the data folder themselves, or hidden); "world"
+    passes (its callers build it, it has no files). The line lists the built-in sets of `listed`: TinyThinker's
+    commands take the multiple-choice ones (check_choices refuses the others), tailored.py every one."""
     if name == "world" or name in FILES:
         return
     if not is_own(name):
         raise DataError(f"--data must be one of world, {', '.join(listed)} or a directory or .jsonl file of your own "
                         f"questions, not {name!r}")
+    if not _short_name(name) or _short_name(name).startswith("."):  # "/", "..jsonl": runs/{name} would be runs/
+        raise DataError(f"{name}: your own data set is named {_short_name(name)!r} (its folder's name or its file's "
+                        "stem); a name cannot be empty or start with '.'; rename it")
     if _short_name(name) in (*FILES, "world"):
         raise DataError(f"{name}: your own data set cannot be called {_short_name(name)!r}, a built-in data set's "
                         "name; rename it")
@@ -446,6 +472,14 @@ def load(name: str, split: str, data_dir=None) -> list[Question]:
     n_train, n_valid = len(questions) * 8 // 10, len(questions) // 10
     bounds = {"train": (0, n_train), "valid": (n_train, n_train + n_valid), "test": (n_train + n_valid, None)}[split]
     return questions[slice(*bounds)]
+
+
+def input_files(name: str, data_dir=None) -> list[Path]:
+    """The files `load` reads for a data set (or would download): what no output file may be."""
+    if is_own(name):
+        path = Path(name)
+        return [path / f"{s}.jsonl" for s in SPLITS] if path.is_dir() else [path]
+    return [Path(data_dir or DEFAULT_DIR) / name / "original" / f for f in FILES.get(name, ())]
 
 
 def read_jsonl(path) -> list[dict]:

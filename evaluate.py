@@ -22,7 +22,7 @@ import torch
 import data
 import train
 from data import Chain
-from t5 import T5, Tokenizer, atomic_write
+from t5 import atomic_write, load_pretrained
 
 
 def generate_texts(model, tokenizer, prompts, temperature=0.0, top_k=0, batch_size=256, max_new_tokens=200, desc=None,
@@ -135,11 +135,12 @@ def checkpoints(run_dir):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="*", default=["runs/world"], help="run directories made by tinythinker.py")
     parser.add_argument("--split", default="test")
     parser.add_argument("--samples", type=int, default=1, help="chains per question; > 1 votes (self-consistency)")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature when --samples > 1")
+    parser.add_argument("--temperature", type=train.finite, default=0.7,
+                        help="sampling temperature when --samples > 1")
     parser.add_argument("--seed", type=int, default=0, help="the sampled chains' seed when --samples > 1")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--out", default=None, help="report path without extension (default: RUN/report)")
@@ -153,6 +154,7 @@ def check(args):
     if args.split not in ("train", "valid", "test"):
         raise SystemExit(f"--split must be train, valid or test, not {args.split!r}")
     train.check_positive(args, ("samples", "batch_size"))
+    train.check_seed(args.seed)
     if args.samples > 1 and not args.temperature > 0:
         raise SystemExit(f"--temperature must be above 0 to sample {args.samples} chains, not {args.temperature}")
     for run_dir in args.runs:
@@ -160,12 +162,21 @@ def check(args):
         if not checkpoints(run_dir):
             raise SystemExit(f"{run_dir}: no trained model ({os.path.join(run_dir, 'best')}); train one first: "
                              f"python tinythinker.py --phase acquire --out {run_dir}")
+    # every folder evaluate writes to, checked before a chain is computed (os.access sees a read-only disk as root too)
+    report_dir = os.path.dirname(os.path.abspath(args.out or os.path.join(args.runs[0], "report")))
+    for folder in [report_dir, *args.runs, *(path for run_dir in args.runs for _, path in checkpoints(run_dir))]:
+        if not os.access(folder, os.W_OK):
+            raise SystemExit(f"{folder}: cannot be written to (missing or read-only); evaluate.py writes its lock "
+                             f"into each run folder, predictions_{args.split}.jsonl beside each checkpoint and the "
+                             "report at --out")
 
 
 def evaluate(args):
     """Every checkpoint of every run on one split; rank 0 writes each checkpoint's predictions and the report."""
     runtime = train.setup_device()
     lead = runtime.rank == 0
+    for run_dir in args.runs:  # no training or other evaluation may write there meanwhile
+        train.hold_run(run_dir)
     rows = []
     for run_dir in args.runs:
         cfg = train.read_run_config(run_dir)
@@ -178,7 +189,7 @@ def evaluate(args):
         temperature = args.temperature if args.samples > 1 else 0.0
         decoding = f"vote of {args.samples} at T={temperature}" if args.samples > 1 else "greedy"
         for phase, path in checkpoints(run_dir):
-            model, tokenizer = T5.from_pretrained(path, device=runtime.device), Tokenizer.from_pretrained(path)
+            model, tokenizer = load_pretrained(path, device=runtime.device)
             model.amp_dtype = train.PRECISIONS[cfg.get("precision", "fp32")]  # as the run validated
             # Reflect trains recall and analyze inside the full chain, so its model is always evaluated on it.
             stages = "recall_analyze_summarize" if phase == "reflect" else cfg["stages"]
@@ -196,6 +207,8 @@ def evaluate(args):
             shown = phase, split_questions[0], chains[0]
     if lead:
         report(args, rows, *shown)
+    for run_dir in args.runs:
+        train.release_run(run_dir)
 
 
 def report(args, rows, phase, q, chain):

@@ -19,7 +19,9 @@ import math
 import mmap
 import os
 import re
+import shutil
 import sys
+import typing
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -29,6 +31,20 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class LoadError(ValueError):
+    """A model, tokenizer or download that cannot be used; the message, one line, names the file, folder or repository
+    and the problem."""
+
+
+def read_json(text):
+    """json.loads with every way it fails a ValueError: invalid JSON and an integer of over 4300 digits are, nesting
+    too deep for Python's recursion limit is a RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 @dataclass
@@ -57,9 +73,11 @@ class T5Config:
 
     def __post_init__(self):
         for f in fields(self):  # "d_model": "512" fails here, by name, rather than deep inside nn.Linear
-            value, allowed = getattr(self, f.name), (int, float) if f.type is float else f.type
-            if f.type in (int, float, str, bool) and not isinstance(value, allowed):
-                raise ValueError(f"field {f.name} should be {f.type.__name__}, got {value!r}")
+            value, allowed = getattr(self, f.name), typing.get_args(f.type) or (f.type,)
+            allowed += (int,) * (float in allowed)
+            if not isinstance(value, allowed) or isinstance(value, bool) and bool not in allowed:  # true is an int
+                raise ValueError(f"field {f.name} should be {f.type.__name__ if isinstance(f.type, type) else f.type}, "
+                                 f"got {value!r}")
         if self.num_decoder_layers is None:
             self.num_decoder_layers = self.num_layers
         # transformers 5 always ties its lm_head and records the Mesh-TF rescale in its own key, so configs it
@@ -69,9 +87,28 @@ class T5Config:
         if self.feed_forward_proj not in ("relu", "gated-gelu"):
             raise ValueError(f"feed_forward_proj {self.feed_forward_proj!r} is not supported: "
                              "T5 uses 'relu', T5 v1.1 and FLAN-T5 use 'gated-gelu'")
+        # Values a checkpoint's config.json could hold that no T5 has: each named here rather than met as a NaN in
+        # training or a crash in a layer (json reads NaN and Infinity).
+        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads"):
+            if not 1 <= getattr(self, name) < 2 ** 31:
+                raise ValueError(f"field {name} must be from 1 to 2**31 - 1, got {getattr(self, name)}")
+        if not 4 <= self.relative_attention_num_buckets < self.relative_attention_max_distance * 2 < 2 ** 31:
+            raise ValueError("fields relative_attention_num_buckets and relative_attention_max_distance must be at "
+                             "least 4 and above half the buckets, got "
+                             f"{self.relative_attention_num_buckets} and {self.relative_attention_max_distance}")
+        for name in ("pad_token_id", "decoder_start_token_id"):  # embedded (eos is only compared with)
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(f"field {name} must be an id below vocab_size {self.vocab_size}, "
+                                 f"got {getattr(self, name)}")
+        if not 0 <= self.dropout_rate < 1:
+            raise ValueError(f"field dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        if not 0 < self.layer_norm_epsilon < math.inf:
+            raise ValueError(f"field layer_norm_epsilon must be a finite number above 0, got {self.layer_norm_epsilon}")
 
     @classmethod
     def from_dict(cls, d, source="config"):
+        if not isinstance(d, dict):
+            raise LoadError(f"{source}: not a JSON object of settings")
         known = {f.name for f in fields(cls)}
         d = dict(d)
         # Early FLAN-T5 configs said "gelu" + is_gated_act; the Hub fixed them to "gated-gelu" (the weights were
@@ -81,14 +118,14 @@ class T5Config:
         try:
             return cls(**{k: v for k, v in d.items() if k in known})
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {e}") from None
+            raise LoadError(f"{source}: {e}") from None
 
     @classmethod
     def from_json(cls, path):
         try:
-            d = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+            d = read_json(Path(path).read_bytes())
+        except ValueError as e:  # UnicodeDecodeError too
+            raise LoadError(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(d, source=str(path))
 
     def to_dict(self):
@@ -623,7 +660,7 @@ class T5(nn.Module):
         """Load a local checkpoint directory or a Hub repository id (e.g. "google/flan-t5-base"), in float32 unless
         `dtype` says otherwise, in eval mode."""
         directory = resolve_model_directory(name_or_dir)
-        config = T5Config.from_json(directory / "config.json")
+        config = parse(directory / "config.json", T5Config.from_json)
         tensors, origin = read_checkpoint(directory)
         aliases = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight") + \
             ("lm_head.weight",) * config.tie_word_embeddings
@@ -648,14 +685,17 @@ class T5(nn.Module):
                 if name in UNUSED_KEYS or name == "lm_head.weight":
                     skipped.append(name)
                     continue
-                raise ValueError(f"{origin[name]}: unexpected tensor {name!r} (not a T5 parameter)")
+                raise LoadError(f"{origin[name]}: unexpected tensor {name!r} (not a T5 parameter)")
             if t.shape != expected[name].shape:
-                raise ValueError(f"{origin[name]}: tensor {name!r} has shape {list(t.shape)}, but "
-                                 f"{directory / 'config.json'} implies {list(expected[name].shape)}")
+                raise LoadError(f"{origin[name]}: tensor {name!r} has shape {list(t.shape)}, but "
+                                f"{directory / 'config.json'} implies {list(expected[name].shape)}")
+            # a sum is quick and not finite when an element is not (or, rarely, when it overflows: then look closer)
+            if t.is_floating_point() and not (t.sum().isfinite() or t.isfinite().all()):
+                raise LoadError(f"{origin[name]}: tensor {name!r} holds NaN or inf")
             state[name] = t.to(device=device, dtype=dtype, copy=True)
         missing = sorted(expected.keys() - state.keys())
         if missing:
-            raise ValueError(f"{directory}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+            raise LoadError(f"{directory}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
         if skipped:
             print(f"T5.from_pretrained: ignored {', '.join(sorted(skipped))} (aliases of shared.weight or the "
                   "unused cross-attention position bias of old checkpoints)", file=sys.stderr)
@@ -685,11 +725,19 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 
 def atomic_write(path, content):
     """Write `content` (bytes, or a function that writes into a binary file) to path.tmp, then rename it over path:
-    a killed writer leaves the old file or the new one, never half of one. The project's one writer of files."""
+    a killed writer leaves the old file or the new one, never half of one. The project's one writer of files. The
+    .tmp is made afresh, so a .tmp left in a copied folder (a link to a file elsewhere, say) is never written
+    through; a failure (a full disk, a read-only folder) is an OSError naming `path`."""
     tmp = Path(f"{path}.tmp")
-    with open(tmp, "wb") as f:
-        content(f) if callable(content) else f.write(content)
-    os.replace(tmp, path)
+    try:
+        tmp.unlink(missing_ok=True)
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+            content(f) if callable(content) else f.write(content)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def read_safetensors(path):
@@ -700,16 +748,16 @@ def read_safetensors(path):
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 8:
-            raise ValueError(f"{path}: truncated ({size} bytes; a safetensors file starts with an 8-byte length)")
+            raise LoadError(f"{path}: truncated ({size} bytes; a safetensors file starts with an 8-byte length)")
         n = int.from_bytes(f.read(8), "little")
         if n > min(size - 8, 100_000_000):
-            raise ValueError(f"{path}: header length {n} does not fit in the file ({size} bytes)")
+            raise LoadError(f"{path}: header length {n} does not fit in the file ({size} bytes)")
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: header is not valid JSON ({e})") from None
+            header = read_json(f.read(n))
+        except ValueError as e:  # UnicodeDecodeError too
+            raise LoadError(f"{path}: header is not valid JSON ({e})") from None
         if not isinstance(header, dict):
-            raise ValueError(f"{path}: header is not a JSON object")
+            raise LoadError(f"{path}: header is not a JSON object")
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writes never reach the file
     header.pop("__metadata__", None)
     tensors, covered = {}, []
@@ -717,30 +765,31 @@ def read_safetensors(path):
     for name, info in header.items():
         where = f"{path}: tensor {name!r}"
         if not isinstance(info, dict) or {"dtype", "shape", "data_offsets"} - info.keys():
-            raise ValueError(f"{where}: expected fields dtype, shape, data_offsets, got {info!r}")
+            raise LoadError(f"{where}: expected fields dtype, shape, data_offsets, got {info!r}")
         if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{where}: unsupported dtype {info['dtype']!r}")
+            raise LoadError(f"{where}: unsupported dtype {info['dtype']!r}")
         dtype, shape, offsets = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
         if not all(isinstance(i, int) and i >= 0 for i in [*shape, *offsets]) or len(offsets) != 2:
-            raise ValueError(f"{where}: shape {shape} and data_offsets {offsets} must be non-negative integers")
+            raise LoadError(f"{where}: shape {shape} and data_offsets {offsets} must be non-negative integers")
         begin, end = offsets
         if not begin <= end <= data_size:
-            raise ValueError(f"{where}: data_offsets [{begin}, {end}] point outside the data ({data_size} bytes)")
+            raise LoadError(f"{where}: data_offsets [{begin}, {end}] point outside the data ({data_size} bytes)")
         numel = math.prod(shape)
         if end - begin != numel * dtype.itemsize:
-            raise ValueError(f"{where}: data_offsets span {end - begin} bytes, shape {shape} x {info['dtype']} needs "
-                             f"{numel * dtype.itemsize}")
+            raise LoadError(f"{where}: data_offsets span {end - begin} bytes, shape {shape} x {info['dtype']} needs "
+                            f"{numel * dtype.itemsize}")
         covered.append((begin, end))
         tensors[name] = (torch.frombuffer(data, dtype=dtype, count=numel, offset=8 + n + begin).reshape(shape)
                          if numel else torch.empty(shape, dtype=dtype))
     position = 0  # the tensors must tile the data: no gaps, no overlaps, nothing left over
     for begin, end in sorted(covered):
         if begin != position:
-            raise ValueError(f"{path}: data bytes {min(begin, position)}..{max(begin, position)} are not covered "
-                             "exactly once by the tensors")
+            raise LoadError(f"{path}: data bytes {min(begin, position)}..{max(begin, position)} are not covered "
+                            "exactly once by the tensors")
         position = end
     if position != data_size:
-        raise ValueError(f"{path}: {data_size - position} bytes after the last tensor (file larger than its header says)")
+        raise LoadError(f"{path}: {data_size - position} bytes after the last tensor (file larger than its header "
+                        "says)")
     return tensors
 
 
@@ -769,25 +818,57 @@ def read_checkpoint(directory):
         path = directory / weights
         if not path.exists():
             continue
-        files = [directory / shard for shard in shards(path)] if weights.endswith(".index.json") else [path]
+        files = [directory / shard for shard in parse(path, shards)] if weights.endswith(".index.json") else [path]
         tensors, origin = {}, {}
         for file in files:
             if not file.exists():
-                raise FileNotFoundError(f"{file}: shard listed in {path} is missing")
-            part = read_safetensors(file) if file.suffix == ".safetensors" else \
-                torch.load(file, map_location="cpu", weights_only=True)
+                raise LoadError(f"{file}: shard listed in {path} is missing")
+            part = parse(file, read_safetensors if file.suffix == ".safetensors" else read_pickled_tensors)
             tensors.update(part)
             origin.update(dict.fromkeys(part, file))
         return tensors, origin
-    raise FileNotFoundError(f"{directory}: no checkpoint found (looked for {', '.join(WEIGHT_FILES)})")
+    raise LoadError(f"{directory}: no checkpoint found (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def read_pickled_tensors(path):
+    """{name: tensor} of a pytorch_model.bin, unpickled with weights_only=True: tensors and plain data, never code."""
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the unpickler's refusals, a zip or pickle cut short, not a checkpoint at all
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise LoadError(f"{path}: not a PyTorch checkpoint of tensors ({reason})") from None
+    if not (isinstance(tensors, dict) and all(isinstance(t, torch.Tensor) for t in tensors.values())):
+        raise LoadError(f"{path}: not a dictionary of tensors")
+    return tensors
 
 
 def shards(index_path):
-    """Shard file names of a sharded checkpoint, from its index's weight_map {tensor name: shard file}."""
+    """Shard file names of a sharded checkpoint, from its index's weight_map {tensor name: shard file}. A name must
+    be a relative path of plain parts, so that it stays inside the checkpoint's folder: a downloaded index naming
+    "../x" or "/x" would have the download write there (pip refuses such names in a wheel for the same reason)."""
     try:
-        return sorted(set(json.loads(Path(index_path).read_text())["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
-        raise ValueError(f"{index_path}: expected JSON with a weight_map of tensor name -> shard file ({e!r})") from None
+        names = sorted(set(read_json(Path(index_path).read_bytes())["weight_map"].values()))
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        raise LoadError(f"{index_path}: expected JSON with a weight_map of tensor name -> shard file ({e!r})") from None
+    for name in names:
+        if not (isinstance(name, str) and name and "\\" not in name and not name.startswith("/")
+                and all(part not in ("", ".", "..") for part in name.split("/"))):
+            raise LoadError(f"{index_path}: shard name {name!r} is not a relative path inside the checkpoint's folder")
+    return names
+
+
+def parse(path, read):
+    """read(path), where a file of the download cache that fails to be read (LoadError) is moved aside to
+    path.invalid, so that the next run downloads it again instead of failing on it every time (an HTML page served
+    as model.safetensors, say)."""
+    try:
+        return read(path)
+    except LoadError as e:
+        if not Path(path).resolve().is_relative_to(cache_root().resolve()):
+            raise
+        aside = f"{path}.invalid"
+        os.replace(path, aside)
+        raise LoadError(f"{e}; moved aside to {aside}, the next run downloads it again") from None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -798,39 +879,50 @@ def cache_root():
 
 
 def resolve_model_directory(name_or_dir):
-    """A local directory as is; a Hub repository id -> its cached copy (config.json and weights), fetched if needed."""
+    """A local directory as is; a Hub repository id -> its cached copy (config.json and weights), fetched if needed.
+    A cached copy asks the Hub nothing, except for a file moved aside (parse) or missing."""
     if Path(name_or_dir).is_dir():
-        if not (Path(name_or_dir) / "config.json").exists():
-            raise FileNotFoundError(f"{Path(name_or_dir) / 'config.json'} not found")
+        if not (Path(name_or_dir) / "config.json").is_file():
+            raise LoadError(f"{Path(name_or_dir) / 'config.json'} not found")
         return Path(name_or_dir)
     repo = check_repo_id(name_or_dir)
-    local = cache_root() / repo
-    if (local / "config.json").exists() and any((local / w).exists() for w in WEIGHT_FILES):
-        return local
     if hub_download(repo, "config.json") is None:
-        raise FileNotFoundError(f"{repo}: not a local directory, and the Hub repository has no config.json")
-    for weights in WEIGHT_FILES:
+        raise LoadError(f"{repo}: not a local directory, and the Hub repository has no config.json")
+    local = cache_root() / repo
+    for weights in [w for w in WEIGHT_FILES if (local / w).exists()] or WEIGHT_FILES:
         path = hub_download(repo, weights)
         if path is not None:
             if weights.endswith(".index.json"):
-                for shard in shards(path):
+                for shard in parse(path, shards):
                     if hub_download(repo, shard) is None:
-                        raise FileNotFoundError(f"{repo}: shard {shard} listed in {weights} is not on the Hub")
+                        raise LoadError(f"{repo}: shard {shard} listed in {weights} is not on the Hub")
             return local
-    raise FileNotFoundError(f"{repo}: the Hub repository has none of {', '.join(WEIGHT_FILES)}")
+    raise LoadError(f"{repo}: the Hub repository has none of {', '.join(WEIGHT_FILES)}")
+
+
+REPO_PART = r"\w(?:[\w.-]*\w)?"  # letters, digits, "_", "-", "."; a letter or digit at both ends
 
 
 def check_repo_id(name):
-    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(name)):
-        raise FileNotFoundError(f"{name}: neither a local directory nor a Hub repository id like google/flan-t5-base")
-    return str(name)
+    """A Hub repository id as the Hub allows them (huggingface_hub's validate_repo_id): "name" or "owner/name" of at
+    most 96 characters, no ".." or "--". So a repository is always one folder of the cache: "a/..", "../a" or
+    "a/../../b" name none."""
+    name = str(name)
+    if not (re.fullmatch(f"({REPO_PART}/)?{REPO_PART}", name) and ".." not in name and "--" not in name
+            and len(name) <= 96):
+        raise LoadError(f"{name}: neither a local directory nor a Hub repository id like google/flan-t5-base")
+    return name
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+SMALL_FILE_BYTES = 64 << 20  # config.json, spiece.model, an index: far smaller (t5-small's spiece.model is 0.8 MB)
 
 
 def hub_download(repo, filename):
     """Path of `filename` from Hub repository `repo`, downloaded once into the cache; None if the repo lacks it.
     The transfer goes to a .part file; an interrupted one is resumed with a Range request for as long as each try
-    makes progress. The result is checked against the size and hash the Hub announces (X-Linked-Size/-Etag for
-    LFS files, ETag = git blob sha1 otherwise), then renamed into place."""
+    makes progress. It may take no more than download_limit allows. The result is checked against the size and hash
+    the Hub announces (X-Linked-Size/-Etag for LFS files, ETag = git blob sha1 otherwise), then renamed into place."""
     dest = cache_root() / repo / filename
     if dest.exists():
         return dest
@@ -840,7 +932,7 @@ def hub_download(repo, filename):
                "local directory (config.json + model.safetensors or pytorch_model.bin; spiece.model for the "
                "tokenizer) instead of a repository id")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise OSError(offline.format("HF_HUB_OFFLINE=1"))
+        raise LoadError(offline.format("HF_HUB_OFFLINE=1"))
     headers = {"Accept-Encoding": "identity"}  # sizes and hashes are of the raw bytes
     if os.environ.get("HF_TOKEN"):
         headers["authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
@@ -857,30 +949,57 @@ def hub_download(repo, filename):
                     part.unlink()
                     continue
                 if r.status_code in (401, 403):
-                    raise OSError(f"{url}: HTTP {r.status_code}; for a gated or private repository set HF_TOKEN")
-                r.raise_for_status()
+                    raise LoadError(f"{url}: HTTP {r.status_code}; for a gated or private repository set HF_TOKEN")
+                if r.status_code >= 400:
+                    raise LoadError(f"{url}: HTTP {r.status_code}")
                 size, digest = announced_size_and_hash(r)
-                with open(part, "ab" if r.status_code == 206 else "wb") as f:
+                resumed = r.status_code == 206
+                limit = download_limit(url, size, have if resumed else 0, part.parent)
+                with open(part, "ab" if resumed else "wb") as f:
                     for chunk in r.iter_content(1 << 14):  # small: a broken connection loses the chunk in flight
                         f.write(chunk)
+                        if f.tell() > limit:
+                            part.unlink()
+                            raise LoadError(f"{url}: the server sent more than {limit} bytes "
+                                            f"({'the size it announced' if size >= 0 else 'no small file is larger'})")
             break
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
             if not part.exists() or part.stat().st_size == have:  # no progress: give up
-                raise OSError(offline.format(e)) from None
+                raise LoadError(offline.format(e)) from None
     verify_download(part, url, size, digest)
     os.replace(part, dest)  # not atomic_write: the .part is a resumable download, renamed once it is verified
     return dest
 
 
+def download_limit(url, size, have, folder):
+    """The bytes a download may reach: its announced size, which must fit on the disk beside the `have` already
+    there. Weights must announce one (a body that never ends would fill the disk); a small file (config, tokenizer,
+    index) that announces none is cut off past SMALL_FILE_BYTES."""
+    weights = url.endswith(WEIGHT_SUFFIXES)
+    if size < 0 and weights:
+        raise LoadError(f"{url}: the server announces no size for these weights; refusing a download without bound")
+    if size < 0:
+        return SMALL_FILE_BYTES
+    if not weights and size > SMALL_FILE_BYTES:
+        raise LoadError(f"{url}: the server announces {size} bytes, more than a config, tokenizer or index holds")
+    free = shutil.disk_usage(folder).free
+    if size - have > free:
+        raise LoadError(f"{url}: the server announces {size} bytes, more than {folder} can take ({free} bytes free)")
+    return size
+
+
 def announced_size_and_hash(r):
-    """Full size and hash of the file behind a (possibly redirected, possibly partial) response."""
+    """Full size (-1: none announced) and hash of the file behind a (possibly redirected, possibly partial) response."""
+    def number(header):  # a count, or -1 for a header absent or garbled
+        return int(header) if header and header.isdigit() else -1
+
     for response in (*r.history, r):
         if "X-Linked-Etag" in response.headers:  # LFS file: the Hub's answer before the redirect to storage
-            return int(response.headers.get("X-Linked-Size", -1)), response.headers["X-Linked-Etag"].strip('"')
+            return number(response.headers.get("X-Linked-Size")), response.headers["X-Linked-Etag"].strip('"')
     if r.status_code == 206:
-        size = int(r.headers["Content-Range"].rsplit("/", 1)[1])
+        size = number(r.headers.get("Content-Range", "").rsplit("/", 1)[-1])
     else:
-        size = int(r.headers.get("Content-Length", -1))
+        size = number(r.headers.get("Content-Length"))
     return size, r.headers.get("ETag", "").removeprefix("W/").strip('"')
 
 
@@ -898,7 +1017,7 @@ def verify_download(part, url, size, digest):
             problem = f"content hash {h.hexdigest()} differs from the announced {digest}"
     if problem:
         part.unlink()
-        raise OSError(f"{url}: {problem}; the partial file was removed, try again")
+        raise LoadError(f"{url}: {problem}; the partial file was removed, try again")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -913,11 +1032,14 @@ class Tokenizer:
     def __init__(self, spiece_model_path):
         self.path = Path(spiece_model_path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: sentencepiece model not found")
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+            raise LoadError(f"{self.path}: sentencepiece model not found")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError) as e:  # sentencepiece's "Internal: ... could not parse ModelProto"
+            raise LoadError(f"{self.path}: not a sentencepiece model ({str(e).strip()[:200]})") from None
         if (self.sp.pad_id(), self.sp.eos_id(), self.sp.unk_id()) != (0, 1, 2):
-            raise ValueError(f"{self.path}: T5 needs pad/eos/unk ids 0/1/2, this model has "
-                             f"{self.sp.pad_id()}/{self.sp.eos_id()}/{self.sp.unk_id()}")
+            raise LoadError(f"{self.path}: T5 needs pad/eos/unk ids 0/1/2, this model has "
+                            f"{self.sp.pad_id()}/{self.sp.eos_id()}/{self.sp.unk_id()}")
         self.spm_size = self.sp.get_piece_size()
         self.vocab_size = self.spm_size + 100
         self.special = {"<pad>": 0, "</s>": 1, "<unk>": 2,
@@ -929,8 +1051,8 @@ class Tokenizer:
             return cls(Path(name_or_dir) / "spiece.model")
         path = hub_download(check_repo_id(name_or_dir), "spiece.model")
         if path is None:
-            raise FileNotFoundError(f"{name_or_dir}: not a local directory, and the Hub repository has no spiece.model")
-        return cls(path)
+            raise LoadError(f"{name_or_dir}: not a local directory, and the Hub repository has no spiece.model")
+        return parse(path, cls)
 
     @classmethod
     def train(cls, texts, vocab_size, directory):
@@ -980,3 +1102,14 @@ class Tokenizer:
 
 
 SPECIAL_TOKEN = re.compile(r"(<extra_id_(?:[1-9]?\d)>|</s>|<pad>|<unk>)")
+
+
+def load_pretrained(name_or_dir, device=None):
+    """The model and the tokenizer of one checkpoint (a local directory or a Hub repository id), checked to fit each
+    other: a tokenizer with more ids than the model's vocabulary would feed it tokens past its embedding."""
+    model, tokenizer = T5.from_pretrained(name_or_dir, device=device), Tokenizer.from_pretrained(name_or_dir)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise LoadError(f"{name_or_dir}: the tokenizer has {tokenizer.vocab_size} ids (spiece.model's "
+                        f"{tokenizer.spm_size} + 100 sentinels), the model's vocab_size is only "
+                        f"{model.config.vocab_size}")
+    return model, tokenizer

@@ -31,7 +31,7 @@ import train
 import triplet
 import world
 from data import DEFAULT_DIR, Question
-from t5 import T5, Tokenizer, atomic_write
+from t5 import atomic_write, load_pretrained
 
 
 @dataclass
@@ -117,7 +117,7 @@ FREE_ON_RESUME = ("resume", "dry_run", "out", "data_dir", "rounds", "eval_batch_
 
 def parse_config(argv=None):
     """Defaults, then the world's presets, then the command line."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_flags(parser, Config)
     given = train.given_flags(parser, argv)
     data.check_name(given.get("data", Config.data), listed=tuple(data.FILES))
@@ -131,9 +131,16 @@ def parse_config(argv=None):
 def check(cfg):
     """One clear line for a setting that cannot work, before anything is loaded or written (--data: parse_config)."""
     train.check_positive(cfg, ("rounds", "epochs", "batch_size", "exam_samples", "eval_batch_size", "max_new_tokens",
-                               "workers", *(("limit",) if cfg.limit is not None else ())))
-    if not (cfg.lr > 0 and cfg.lam >= 0 and cfg.exam_temperature > 0):
-        raise SystemExit("--lr and --exam-temperature must be above 0, --lam at least 0")
+                               "workers", "sr_max_length",
+                               *(("limit",) if cfg.limit is not None else ())))
+    train.check_positive(cfg, ("exam_top_k", "later_epochs", "eval_every"), least=0)
+    train.check_seed(cfg.seed)
+    if not (cfg.lr > 0 and cfg.lam >= 0 and cfg.exam_temperature > 0 and cfg.margin >= 0 and cfg.later_lr >= 0
+            and 0 <= cfg.warmup < 1 and cfg.grad_clip > 0):
+        raise SystemExit("--lr, --exam-temperature and --grad-clip must be above 0, --later-lr, --margin and --lam at "
+                         "least 0, --warmup in [0, 1)")
+    train.check_learning_rate(cfg.lr)
+    train.check_learning_rate(cfg.later_lr, "--later-lr")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -425,6 +432,7 @@ def train_round(cfg, k, model, tokenizer, texts, questions, valid, runtime):
 def tailored(cfg):
     runtime = train.setup_device(cfg.precision, cfg.seed)
     lead = runtime.rank == 0
+    train.hold_run(cfg.out)
     if os.path.isfile(os.path.join(cfg.out, "config.json")):
         train.check_resume(cfg, cfg.out, FREE_ON_RESUME)
     else:
@@ -450,7 +458,7 @@ def tailored(cfg):
             anchors = [(row["id"], t) for row in first for t in row["texts"]]
             negatives, requests = {}, len(train_questions)
         else:
-            model, tokenizer = T5.from_pretrained(previous, device=runtime.device), Tokenizer.from_pretrained(previous)
+            model, tokenizer = load_pretrained(previous, device=runtime.device)
             model.amp_dtype = runtime.amp
             negatives = {row["id"]: row["texts"] for row in rationales_file(
                 os.path.join(round_dir, "mistakes.jsonl"), lambda: [
@@ -489,6 +497,7 @@ def tailored(cfg):
         print("tailored: " + "; ".join(f"round {k}: validation {r['best']:.2f}%, {r['steps']} steps, "
                                        f"{r['requests']} teacher requests" for k, r in results.items()))
         print(f"next: python evaluate.py {cfg.out}")
+    train.release_run(cfg.out)
 
 
 def main(argv=None):

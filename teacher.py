@@ -29,8 +29,7 @@ Decisions:
 * Faults: a dropped connection, a timeout, 408/429/5xx and a malformed or oversized body are retried (Retry-After
   capped at --max-backoff); another 4xx fails that question alone, with its reason; 401/403/404 stop the run.
 """
-import argparse
-import fcntl
+import errno
 import hashlib
 import json
 import math
@@ -53,7 +52,7 @@ from tqdm import tqdm
 import data
 import train
 from data import LETTERS, DataError, Question, with_period
-from t5 import atomic_write
+from t5 import atomic_write, read_json
 
 PROMPTS = Path(__file__).resolve().parent / "prompts.json"
 N = {"csqa": 8, "obqa": 4, "strategyqa": 4}  # completions per question (METHOD 3.2)
@@ -269,8 +268,9 @@ class RequestFailed(Exception):
     request alone (HTTP 400: context length, content filter). Its question is reported, not cached: a rerun asks."""
 
 
-class Fatal(Exception):
-    """A fault that concerns every request (key, permission, URL, model, a busy cache): the run stops at once."""
+class Fatal(DataError):
+    """A fault that concerns every request (key, permission, URL, model, an endpoint that answers in another form):
+    the run stops at once, with one line (DataError, as a file that cannot be used)."""
 
 
 MAX_RESPONSE_BYTES = 8 << 20  # a full answer (8 completions of a few thousand tokens) is well under 1 MB
@@ -289,11 +289,21 @@ def usable(body) -> bool:
         message = choice["message"]  # reasoning_content: the thinking of a reasoning model, when served apart
         if not all(isinstance(message.get(k), optional_str) for k in ("content", "reasoning_content")):
             return False
+        if not utf8((message.get("content") or "") + (message.get("reasoning_content") or "")):
+            return False  # a lone surrogate ("\\ud800" in the JSON): the records could never be written
         if not isinstance(choice.get("finish_reason"), optional_str):
             return False
     usage = body.get("usage")
     return usage is None or isinstance(usage, dict) and all(
         isinstance(usage.get(k, 0), int) for k in ("prompt_tokens", "completion_tokens"))
+
+
+def utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def read_body(response: requests.Response, deadline: float) -> bytes:
@@ -305,7 +315,7 @@ def read_body(response: requests.Response, deadline: float) -> bytes:
         raise TransientError("response too large")
     try:  # our own handle on the connection's socket, for the watchdog (the response may close its own)
         sock = socket.socket(fileno=os.dup(response.raw.fileno()))
-    except OSError:  # no body left to read
+    except (OSError, AttributeError):  # no body left to read (http.client drops the file of an empty one)
         sock = None
 
     def cut():
@@ -337,7 +347,7 @@ def read_body(response: requests.Response, deadline: float) -> bytes:
 def error_message(raw: bytes) -> str:
     """The reason an endpoint gives for refusing a request (OpenAI's {"error": {"message"}}, else the text)."""
     try:
-        message = json.loads(raw)["error"]["message"]
+        message = read_json(raw)["error"]["message"]
     except (ValueError, KeyError, TypeError):
         message = raw.decode("utf-8", "replace")
     return " ".join(str(message).split())[:200]
@@ -364,19 +374,31 @@ class Client:
             raise Fatal(f"{self.url}: {e}") from None
         if status in (408, 429) or status >= 500:
             raise TransientError(f"HTTP {status}", headers.get("Retry-After"))
+        if 300 <= status < 400:  # not followed: requests would resend a 301/302's POST as a GET
+            self.stop(f"HTTP {status} redirects to {headers.get('Location')}; pass the --base-url it points to")
         if status in FATAL_STATUS:  # the key, the permissions, the URL or the model: no request can succeed
-            self.meter.stop.set()  # the other workers send nothing more
-            raise Fatal(f"{self.url}: HTTP {status}: {error_message(raw)}")
+            self.stop(f"HTTP {status}: {error_message(raw)}")
         if status != 200:  # about this request alone (context length, content filter): its question fails
             self.meter.add(**{f"error HTTP {status}": 1})
             raise RequestFailed(f"HTTP {status}: {error_message(raw)}")
+        if headers.get("Content-Type", "").startswith("text/event-stream") or raw.lstrip().startswith(b"data:"):
+            self.stop("the endpoint streams server-sent events, which the request does not ask for (no \"stream\"); "
+                      "it needs a setting to answer with one JSON body")
         try:
-            body = json.loads(raw)
+            body = read_json(raw)
         except ValueError:
             raise TransientError("malformed response") from None
         if not usable(body):
             raise TransientError("malformed response")
+        if any(c["message"].get("content") is None and c["message"].get("tool_calls") for c in body["choices"]):
+            self.stop("the model answered with a tool call (content null), though the request offers no tools: the "
+                      "endpoint adds them; it needs to answer with text")
         return body
+
+    def stop(self, cause: str):
+        """A Fatal for the way the endpoint answers every request: the other workers send nothing more."""
+        self.meter.stop.set()
+        raise Fatal(f"{self.url}: {cause}")
 
     def _exchange(self, payload: dict, deadline: float):
         """(status, headers, body) of one POST, or its exception, by the deadline. read_body's watchdog ends a
@@ -387,8 +409,10 @@ class Client:
         def send():
             try:
                 with requests.post(self.url, json=payload, headers=self.headers, timeout=self.cfg.timeout,
-                                   stream=True) as response:
-                    outcome["value"] = response.status_code, response.headers, read_body(response, deadline)
+                                   stream=True, allow_redirects=False) as response:
+                    events = response.headers.get("Content-Type", "").startswith("text/event-stream")  # may not end
+                    outcome["value"] = (response.status_code, response.headers,
+                                        b"" if events else read_body(response, deadline))
             except Exception as e:  # re-raised in the caller's thread
                 outcome["error"] = e
         thread = threading.Thread(target=send, daemon=True)
@@ -424,29 +448,19 @@ class Client:
 
 class Cache:
     """Append-only JSONL {"model", "key", "response"}; each line is fsync'd before its response is used. A run holds
-    `{cache}.lock` (flock, released when the process ends, however it ends) and writes its pid there."""
+    `{cache}.lock` (train.hold: released when the process ends, however it ends) until it closes the cache."""
 
     def __init__(self, path: Path):
         self.lock, self.responses = threading.Lock(), {}
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.holder = open(path.with_name(path.name + ".lock"), "a+")
-        try:
-            fcntl.flock(self.holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.holder.seek(0)
-            who = self.holder.read().strip() or "another process"
-            self.holder.close()
-            raise Fatal(f"{path} is in use by {who}; wait for that run to end, or pass another --out") from None
-        self.holder.truncate(0)
-        started = time.strftime("%Y-%m-%d %H:%M:%S")
-        self.holder.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
-        self.holder.flush()
+        self.path, self.holder = path, path.with_name(path.name + ".lock")
+        train.hold(self.holder, path)
         try:
             self._load(path)
+            self.file = open(path, "ab", buffering=0)  # unbuffered: put knows what reached the disk
         except BaseException:
-            self.holder.close()
+            train.release(self.holder)
             raise
-        self.file = open(path, "a", encoding="utf-8")
 
     def _load(self, path: Path):
         if not path.exists():
@@ -457,7 +471,7 @@ class Cache:
             os.truncate(path, len(raw))
         for number, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
             try:
-                entry = json.loads(line)
+                entry = read_json(line)
             except ValueError:
                 entry = None
             if not (isinstance(entry, dict) and isinstance(entry.get("key"), str) and "response" in entry):
@@ -466,16 +480,22 @@ class Cache:
                 self.responses[entry["key"]] = entry["response"]
 
     def put(self, model: str, key: str, response: dict):
+        line = (json.dumps({"model": model, "key": key, "response": response}) + "\n").encode()
         with self.lock:
-            self.file.write(json.dumps({"model": model, "key": key, "response": response}) + "\n")
-            self.file.flush()
-            os.fsync(self.file.fileno())
+            end = self.file.seek(0, os.SEEK_END)
+            try:
+                if self.file.write(line) != len(line):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                os.fsync(self.file.fileno())
+            except OSError as e:  # a full disk: the part written is taken back (the entries before stay readable),
+                self.file.truncate(end)  # and the run stops, naming the file; the answer is not used
+                raise Fatal(f"{self.path}: {e.strerror}") from None
             self.responses[key] = response
 
     def close(self):
         with self.lock:  # after a write in progress
             self.file.close()
-            self.holder.close()
+            train.release(self.holder)
 
 
 # ---------------------------------------------------------------- one question, the whole run
@@ -530,8 +550,43 @@ def counts(cfg: TeacherConfig) -> tuple[int, int]:
     return cfg.n or N[prompt_set(cfg.data)], cfg.rounds or ROUNDS[prompt_set(cfg.data)]
 
 
+def check(cfg: TeacherConfig):
+    """One line for a setting that cannot work, before anything is read, written or sent (a dry run too)."""
+    for name in ("workers", "max_attempts", "max_tokens", "n", "rounds", "limit"):  # n, rounds, limit may be None
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise Fatal(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+    if not 0 < cfg.timeout < math.inf:
+        raise Fatal(f"--timeout must be a number of seconds above 0, not {cfg.timeout}")
+    for name in ("temperature", "backoff", "max_backoff", "price_in", "price_out"):
+        if not 0 <= getattr(cfg, name) < math.inf:
+            raise Fatal(f"--{name.replace('_', '-')} must be a number of at least 0, not {getattr(cfg, name)}")
+    if not 0 <= cfg.prompt_seed < train.SEEDS:
+        raise Fatal(f"--prompt-seed must be from 0 to {train.SEEDS - 1}, not {cfg.prompt_seed}")
+
+
+def output_files(cfg: TeacherConfig) -> tuple[Path, Path, Path]:
+    """(records, cache, failed list): --out (default {data_dir}/{data set}/teacher_{split}.jsonl), --cache (default
+    {out stem}.cache.jsonl) and {out stem}.failed.jsonl, checked to be files apart from each other, from the cache's
+    lock and from every file the run reads: one written over another would lose paid answers or questions."""
+    out = Path(cfg.out or Path(cfg.data_dir or data.DEFAULT_DIR) / data.dataset_name(cfg.data) /
+               f"teacher_{cfg.split}.jsonl")
+    cache = Path(cfg.cache or out.with_suffix(".cache.jsonl"))
+    failed = out.with_suffix(".failed.jsonl")
+    files = [(out, "--out"), (cache, "--cache"), (failed, "the failed list"),
+             (Path(f"{cache}.lock"), "the cache's lock"), (PROMPTS, "the prompts"),
+             *((path, "the data set") for path in data.input_files(cfg.data, cfg.data_dir))]
+    seen = {}
+    for path, role in files:
+        other = seen.setdefault(os.path.realpath(path), role)
+        if other != role:
+            raise Fatal(f"{path} would be both {other} and {role}; pass --out (and --cache) naming other files")
+    return out, cache, failed
+
+
 def prompt_and_questions(cfg: TeacherConfig) -> tuple[str, list[Question]]:
     """The data set's system message and the questions to ask (the split, cut to --limit), for a run or its bill."""
+    check(cfg)
     data.check_name(cfg.data)
     if cfg.data == "world":
         raise Fatal("the world's teacher is built into world.py; tinythinker.py --data world needs no teacher.py run")
@@ -545,8 +600,6 @@ def prompt_and_questions(cfg: TeacherConfig) -> tuple[str, list[Question]]:
 
 def run(cfg: TeacherConfig) -> dict:
     """Teach every question of the split; write records and failures in question order; return the summary."""
-    if min(cfg.workers, cfg.max_attempts) < 1 or not cfg.timeout > 0:
-        raise Fatal("needs --workers and --max-attempts at least 1, --timeout above 0")
     system, questions = prompt_and_questions(cfg)
     api_key = os.environ.get(cfg.api_key_env)
     if not api_key and urlparse(cfg.base_url).hostname == "api.openai.com":  # say so before any request goes out
@@ -554,8 +607,8 @@ def run(cfg: TeacherConfig) -> dict:
                     f"or --base-url for a local server)")
     cfg.n, cfg.rounds = counts(cfg)
     name = data.dataset_name(cfg.data)
-    out = Path(cfg.out or Path(cfg.data_dir or data.DEFAULT_DIR) / name / f"teacher_{cfg.split}.jsonl")
-    cache = Cache(Path(cfg.cache or out.with_suffix(".cache.jsonl")))
+    out, cache_path, failed_path = output_files(cfg)
+    cache = Cache(cache_path)
     meter = Meter()
     client = Client(cfg, api_key, meter)
     results = [None] * len(questions)
@@ -581,7 +634,7 @@ def run(cfg: TeacherConfig) -> dict:
     failed = [{"id": q.id, "reasons": reasons} for q, (rs, reasons) in zip(questions, results) if not rs]
     out.parent.mkdir(parents=True, exist_ok=True)
     data.write_jsonl(out, records)
-    data.write_jsonl(out.with_suffix(".failed.jsonl"), failed)
+    data.write_jsonl(failed_path, failed)
     c = meter.counts
     summary = {"questions": len(questions), "records": len(records), "failed_questions": len(failed),
                "invalid_left": dict(Counter(reason for _, reasons in results for reason in reasons)),
@@ -610,6 +663,7 @@ def bill(cfg: TeacherConfig, prompt_chars: list[int], n: int, completion_chars: 
             "prompt_tokens_est": prompt_tokens, "completion_tokens_est": completion_tokens,
             "cost_usd_est": round(prompt_tokens * cfg.price_in + completion_tokens * cfg.price_out, 2),
             "prices_per_token": {"prompt": cfg.price_in, "completion": cfg.price_out}, "model": cfg.model,
+            "out": str(output_files(cfg)[0]),
             "tokens": f"estimated at {CHARS_PER_TOKEN} characters per token; the first round only"}
 
 
@@ -626,7 +680,7 @@ def estimate(cfg: TeacherConfig) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Teacher rationales (METHOD section 3).")
+    parser = train.Parser(description="Teacher rationales (METHOD section 3).")
     parser.add_argument("--make-prompts", metavar="DATASETS_DIR", help="regenerate prompts.json and exit")
     parser.add_argument("--dry-run", action="store_true", help="print the questions, requests, tokens and cost "
                         "a run would need, and send nothing")
@@ -644,8 +698,12 @@ def main(argv=None):
               file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(130)  # at once: a worker may be inside a request, and every answer received is already on disk
-    except (Fatal, DataError) as e:
+    except DataError as e:  # Fatal too
         raise SystemExit(f"teacher.py: {e}") from None
+    except OSError as e:  # a file that could not be written: a full disk, a read-only folder
+        if e.filename is None:
+            raise
+        raise SystemExit(f"teacher.py: {e.filename}: {e.strerror}") from None
 
 
 if __name__ == "__main__":

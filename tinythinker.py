@@ -24,7 +24,7 @@ import teacher
 import train
 import world
 from data import DEFAULT_DIR
-from t5 import T5, Tokenizer
+from t5 import load_pretrained
 
 
 @dataclass
@@ -87,7 +87,7 @@ def parse_config(argv=None):
     acquire run in --from: its data set, data directory and stage variant come from that run's config.json, then
     the method's reflect values (REFLECT), then the world's if that run was on the world, then the command line.
     cfg.sources records where each setting came from; it is written to config.json."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_flags(parser, Config)
     parser.add_argument("--from", dest="out", help="reflect: the acquire run directory (same as --out)")
     given = train.given_flags(parser, argv)
@@ -124,10 +124,13 @@ def check(cfg):
         raise SystemExit(f"--stages must be one of {', '.join(data.STAGES)}, not {cfg.stages!r}")
     train.check_positive(cfg, ("batch_size", "grad_accum", "epochs", "interval", "eval_batch_size", "max_new_tokens",
                                "iterations", "samples", "max_length"))
+    train.check_positive(cfg, ("steps",), least=0)
+    train.check_seed(cfg.seed)
     if not (cfg.lr > 0 and 0 <= cfg.warmup < 1 and cfg.eval_every >= 0 and cfg.temperature > 0 and cfg.beta > 0
             and cfg.grad_clip > 0 and cfg.alpha >= 0):
         raise SystemExit("--lr, --temperature, --beta and --grad-clip must be above 0, --warmup in [0, 1), "
                          "--eval-every and --alpha at least 0")
+    train.check_learning_rate(cfg.lr)
     if cfg.phase == "reflect":  # reflect starts from an acquired model (parse_config has read the run's settings)
         if not os.path.isdir(os.path.join(cfg.out, "best")):
             raise SystemExit(f"{cfg.out}: no acquired model ({os.path.join(cfg.out, 'best')}); "
@@ -169,6 +172,7 @@ def teacher_records(cfg):
 def acquire(cfg):
     runtime = train.setup_device(cfg.precision, cfg.seed)
     run_dir, lead = cfg.out, runtime.rank == 0
+    train.hold_run(run_dir)
     effective = cfg.batch_size * cfg.grad_accum * runtime.world_size
     started = os.path.isfile(os.path.join(run_dir, "state.pt"))
     if started:
@@ -209,6 +213,7 @@ def acquire(cfg):
                      validate=evaluate.validator(cfg, tokenizer, valid, cfg.stages), runtime=runtime, desc="acquire")
     if lead:
         print(f"acquire: best validation accuracy {best:.2f}%, model in {os.path.join(run_dir, 'best')}")
+    train.release_run(run_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,6 +273,7 @@ def reflect_plan(cfg, pairs, seed):
 def reflect(cfg):
     runtime = train.setup_device(cfg.precision, cfg.seed)
     lead = runtime.rank == 0
+    train.hold_run(cfg.out)  # the acquire run's folder: reflect reads its best/
     reflect_dir = os.path.join(cfg.out, "reflect")
     if os.path.isfile(os.path.join(reflect_dir, "iter_1", "state.pt")):  # saved at iteration 1's first validation
         train.check_resume(cfg, reflect_dir, FREE_ON_RESUME)
@@ -298,7 +304,7 @@ def reflect(cfg):
             previous = os.path.join(iteration_dir, "best")
             continue
         # Policy and reference both start from the previous iteration's best model (METHOD 7, step 3).
-        model, tokenizer = T5.from_pretrained(previous, device=runtime.device), Tokenizer.from_pretrained(previous)
+        model, tokenizer = load_pretrained(previous, device=runtime.device)
         model.amp_dtype = runtime.amp
         recall_pairs, analyze_pairs = self_pairs(cfg, model, tokenizer, train_questions, records, iteration_dir,
                                                  iteration, lead)
@@ -344,6 +350,7 @@ def reflect(cfg):
         shutil.rmtree(best_dir, ignore_errors=True)
         os.replace(best_dir + ".tmp", best_dir)
         print(f"reflect: validation accuracy by iteration {results}; iteration {chosen} -> {best_dir}")
+    train.release_run(cfg.out)
 
 
 def main(argv=None):

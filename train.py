@@ -4,15 +4,19 @@ tinythinker.py and tailored.py each supply a plan of steps, the loss of a micro-
 everything else (backward, loss scaling, clipping, DDP, checkpoints, resume, logging). `sharded` spreads any list of
 batches over the ranks torchrun starts, which is how generation (validation, sampling, exams, evaluation) scales out.
 """
+import argparse
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import json
 import math
 import os
 import platform
 import random
+import socket
 import sys
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -23,7 +27,7 @@ from tqdm import tqdm
 
 import data
 import world
-from t5 import T5, T5Config, Tokenizer, atomic_write
+from t5 import T5, LoadError, T5Config, Tokenizer, atomic_write, load_pretrained, read_json
 
 # --precision: the autocast dtype of the model (T5.amp_dtype), fp32 unless asked (A20).
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,6 +35,21 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Settings: flags from a config dataclass, checks, run directories
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a flag it cannot read said in one line (argparse prints its whole usage first)."""
+
+    def error(self, message):
+        raise SystemExit(f"{self.prog}: {message}")
+
+
+def finite(text):
+    """A float flag's value: float() reads "inf" and "nan" too, which would be trained or sent as they are."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
 
 def add_flags(parser, config):
     """One --flag per field of the `config` dataclass (a bool is a switch), None when not given, so that the command
@@ -43,7 +62,8 @@ def add_flags(parser, config):
             parser.add_argument(flag, action="store_true", default=None)
         else:
             kind = field.type if isinstance(field.type, type) else field.type.__args__[0]  # `int | None` -> int
-            parser.add_argument(flag, type=kind, default=None, help=f"default {field.default!r}")
+            parser.add_argument(flag, type=finite if kind is float else kind, default=None,
+                                help=f"default {field.default!r}")
 
 
 def given_flags(parser, argv=None):
@@ -55,11 +75,26 @@ def given_flags(parser, argv=None):
     return given
 
 
-def check_positive(cfg, names):
-    """One clear line for a count that must be at least 1."""
+def check_positive(cfg, names, least=1):
+    """One clear line for a count that must be at least `least` (1 unless said)."""
     for name in names:
-        if getattr(cfg, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
+        if getattr(cfg, name) < least:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least {least}, not {getattr(cfg, name)}")
+
+
+def check_learning_rate(lr, flag="--lr"):
+    """AdamW moves each weight by about lr a step: above 1 a T5's weights (of order 1) are lost in one step, and from
+    about 3e37 the step no longer fits a float32 (the optimizer stops with an overflow error)."""
+    if lr > 1:
+        raise SystemExit(f"{flag} must be at most 1, not {lr}")
+
+
+SEEDS = 2 ** 32  # numpy's range; the seeds drawn from --seed (seed * 1_000_003 + epoch, ...) stay within torch's
+
+
+def check_seed(seed, flag="--seed"):
+    if not 0 <= seed < SEEDS:
+        raise SystemExit(f"{flag} must be from 0 to {SEEDS - 1}, not {seed}")
 
 
 def read_run_config(run_dir):
@@ -68,12 +103,14 @@ def read_run_config(run_dir):
     if not os.path.isfile(path):
         raise data.DataError(f"{run_dir}: no config.json; pass a run directory made by tinythinker.py or tailored.py")
     try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        with open(path, "rb") as f:
+            cfg = read_json(f.read())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, deep nesting
         raise data.DataError(f"{path}: not a run config ({e})") from None
-    if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k), str) for k in ("data", "stages")):
-        raise data.DataError(f"{path}: not a run config (no data or stages)")
+    if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k), str) for k in ("data", "data_dir", "stages")):
+        raise data.DataError(f"{path}: not a run config (no data, data_dir or stages)")
+    if not (isinstance(cfg.get("max_new_tokens"), int) and cfg["max_new_tokens"] >= 1):
+        raise data.DataError(f"{path}: max_new_tokens must be a count of at least 1, not {cfg.get('max_new_tokens')!r}")
     return cfg
 
 
@@ -100,16 +137,69 @@ def check_resume(cfg, run_dir, free, **extra):
         raise SystemExit(f"{run_dir}: cannot resume with other settings: {', '.join(changed)}")
 
 
+HELD = {}  # lock file -> its open file: the locks this process holds
+
+
+def hold(path, what):
+    """Make this process the one writer of `what` (a run folder, a teacher cache) with an exclusive flock on the file
+    `path`, which then names the holder: pid, host and start. The kernel releases a flock when its process ends,
+    however it ends, so a crashed run blocks nothing. Held by this process already: nothing to do (a run's phases, a
+    test, come back to a folder). Held by another: DataError naming `what` and the holder."""
+    path = os.path.realpath(path)
+    if path in HELD:
+        return
+    # not through a link: a copied folder's lock file could point at a file to overwrite
+    handle = open(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666), "r+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        who = handle.read().strip() or "another process"
+        handle.close()
+        raise data.DataError(f"{what} is in use by {who}; wait for that process to end") from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    HELD[path] = handle
+
+
+def release(path):
+    handle = HELD.pop(os.path.realpath(path), None)
+    if handle:
+        handle.close()
+
+
+def hold_run(run_dir):
+    """Rank 0 makes the run folder and holds it (`hold`, in run_dir/run.lock) until release_run, or the end of the
+    process if that comes first: a second process on it (a phase of either method, an evaluation) stops at once,
+    naming this one."""
+    if rank() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        hold(os.path.join(run_dir, "run.lock"), run_dir)
+
+
+def release_run(run_dir):
+    """The end of a phase or an evaluation: another process may use the folder (the next phase, say)."""
+    if rank() == 0:
+        release(os.path.join(run_dir, "run.lock"))
+
+
 def command(run, interrupted="interrupted; continue with --resume"):
-    """A command's entry point: a file that cannot be read is one line naming it; Ctrl-C exits 130."""
+    """A command's entry point: a file, folder or model it cannot use is one line naming it (DataError, LoadError,
+    an OSError about a file: a full disk, a read-only folder); Ctrl-C exits 130."""
     try:
         run()
-    except data.DataError as e:
+    except (data.DataError, LoadError) as e:
         raise SystemExit(str(e)) from None
+    except OSError as e:
+        if e.filename is None:  # not about a file: a bug to see whole
+            raise
+        raise SystemExit(f"{e.filename}: {e.strerror or e}") from None
     except KeyboardInterrupt:
         print(f"\n{interrupted}", file=sys.stderr)
         sys.exit(130)
     finally:
+        for path in list(HELD):  # a command's locks end with it (as the kernel would end them with the process)
+            release(path)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -130,7 +220,7 @@ def student(cfg, run_dir, texts):
     if cfg.model != "scratch":  # rank 0 downloads first; the others then read its cache
         if rank() > 0:
             barrier()
-        loaded = T5.from_pretrained(cfg.model), Tokenizer.from_pretrained(cfg.model)
+        loaded = load_pretrained(cfg.model)
         if rank() == 0:
             barrier()
         return loaded
@@ -299,6 +389,36 @@ def backward(trained, scaler, step_loss, stage, indices, weight, micro_batch, ru
     return sums
 
 
+def log_lines_until(log_path, step):
+    """The lines of log.jsonl up to `step` (those of the state a run resumes from), without a torn last line; a line
+    that is not a log record is named."""
+    with open(log_path, "rb") as f:
+        lines = f.read().split(b"\n")[:-1]  # the piece after the last newline is torn or empty
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            text = line.decode("utf-8")
+            record_step = read_json(text)["step"]
+            if not isinstance(record_step, int):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
+            raise data.DataError(f"{log_path}:{number}: not a log record; remove the line to resume") from None
+        if record_step <= step:
+            kept.append(text + "\n")
+    return kept
+
+
+def append_line(path, line):
+    """Append a line to a log, opened for it alone: never through a link (a copied run folder's log.jsonl could
+    point at a file elsewhere), and a failure (a full disk) names the file."""
+    try:
+        with open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666), "a",
+                  encoding="utf-8") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
+
+
 def fit(cfg, run_dir, model, tokenizer, plan, *, step_loss, validate, runtime, desc, weight=examples_of,
         dropout=True):
     """AdamW over `plan` (len(plan) steps, plan[step] = (stage, indices)) with warm-up + cosine learning rate, clipping
@@ -321,14 +441,12 @@ def fit(cfg, run_dir, model, tokenizer, plan, *, step_loss, validate, runtime, d
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         start, best = state["step"], state["best"]
-        if lead and os.path.isfile(log_path):  # drop log lines written after that state, and a torn last line
-            with open(log_path) as f:
-                kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= start]
-            atomic_write(log_path, "".join(kept).encode())
+        if lead and os.path.isfile(log_path):
+            atomic_write(log_path, "".join(log_lines_until(log_path, start)).encode())
     barrier()  # every rank has read the state before rank 0 may write the next one
     trained = DistributedDataParallel(model) if runtime.world_size > 1 else model
-    # a fresh start drops the lines of a run killed before its first saved state
-    log = open(log_path, "a" if start else "w") if lead else None
+    if lead and not start:  # a fresh start drops the lines of a run killed before its first saved state
+        atomic_write(log_path, b"")
     model.train(dropout)
     bar = tqdm(range(start, len(plan)), desc=desc, initial=start, total=len(plan), disable=not lead)
     for step in bar:
@@ -339,14 +457,23 @@ def fit(cfg, run_dir, model, tokenizer, plan, *, step_loss, validate, runtime, d
         metrics = backward(trained, scaler, step_loss, stage, indices, weight, cfg.batch_size, runtime)
         scaler.unscale_(optimizer)
         metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        # fp16's scaler skips a step whose scaled gradients overflowed and tries a smaller scale; any other NaN or inf
+        # would be trained into the weights
+        if not (math.isfinite(metrics["loss"]) and (scaler.is_enabled() or math.isfinite(metrics["grad_norm"]))):
+            raise SystemExit(f"{desc} step {step + 1}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}; "
+                             "the run stops before this step changes the weights (state.pt and best/ hold the last "
+                             "validation's); a lower --lr or --precision fp32 may help")
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if lead:
-            log.write(json.dumps(dict(step=step + 1, lr=lr, **({"stage": stage} if isinstance(stage, str) else {}),
-                                      **metrics)) + "\n")
+            record = dict(step=step + 1, lr=lr, **({"stage": stage} if isinstance(stage, str) else {}), **metrics)
+            append_line(log_path, json.dumps(record))
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", **({"stage": stage} if isinstance(stage, str) else {}))
         if (step + 1) % (cfg.eval_every or plan.cycle) == 0 or step + 1 == len(plan):
+            if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():  # never saved
+                raise SystemExit(f"{desc} step {step + 1}: the weights hold NaN or inf; the run stops before saving "
+                                 "them (state.pt and best/ hold the last validation's); a lower --lr may help")
             accuracy = validate(model)  # on every rank: its generation is sharded
             if accuracy > best:
                 best = accuracy
@@ -354,15 +481,11 @@ def fit(cfg, run_dir, model, tokenizer, plan, *, step_loss, validate, runtime, d
                     model.save_pretrained(os.path.join(run_dir, "best"))
                     tokenizer.save_pretrained(os.path.join(run_dir, "best"))
             if lead:
-                log.write(json.dumps(dict(step=step + 1, valid_accuracy=accuracy, best=best)) + "\n")
-                log.flush()
+                append_line(log_path, json.dumps(dict(step=step + 1, valid_accuracy=accuracy, best=best)))
                 tqdm.write(f"{desc} step {step + 1}/{len(plan)}: loss {metrics['loss']:.4f}, "
                            f"validation accuracy {accuracy:.2f}% (best {best:.2f}%)")
                 state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                              rng=rng_state(), step=step + 1, best=best)
                 atomic_write(state_path, lambda f: torch.save(state, f))
             barrier()
-    if log:
-        log.close()
     return best
-

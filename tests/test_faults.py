@@ -1,13 +1,20 @@
 """Faults and bad input (tests/README.md, "Faults and bad input"): what real endpoints do to the teacher client,
 broken data files, and user mistakes on the command line. Each README row names the test here that backs it."""
+import ctypes
 import dataclasses
+import errno
 import json
+import math
 import os
 import random
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,10 +23,13 @@ import torch
 
 import data
 import evaluate
+import t5
+import tailored
 import teacher
 import tinythinker
 import train
 from data import Question
+from t5 import T5, T5Config
 from test_teacher import Server, body, completion, write_obqa
 from test_tinythinker import args, read_log, world  # noqa: F401  (world: the handful fixture)
 
@@ -178,6 +188,39 @@ def test_an_error_about_every_request_stops_at_once(tmp_path, status):
     assert len(server.log) == 1 and not (tmp_path / "t.jsonl").exists()
 
 
+def events(handler):
+    """A 200 that streams server-sent events, as to "stream": true, and does not end."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/event-stream")
+    handler.end_headers()
+    handler.wfile.write(b'data: {"choices": [{"delta": {"content": "Key"}}]}\n\n')
+
+
+TOOL_CALL = {"choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+    "role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+        "name": "answer", "arguments": "{}"}}]}}]}
+
+
+@pytest.mark.parametrize("answer, message", [
+    (events, "the endpoint streams server-sent events, which the request does not ask for"),
+    ((200, {}, b'data: {"choices": []}\n\ndata: [DONE]\n\n'), "the endpoint streams server-sent events"),  # untyped
+    *[((status, {"Location": "https://api.example.com/v1/chat/completions"}, b""),
+       f"HTTP {status} redirects to https://api.example.com/v1/chat/completions; pass the --base-url it points to")
+      for status in (301, 302, 307, 308)],
+    ((200, {}, json.dumps(TOOL_CALL).encode()), "the model answered with a tool call"),
+], ids=["events", "events-untyped", "301", "302", "307", "308", "tool-call"])
+def test_an_endpoint_answering_in_another_form_stops_at_once(tmp_path, answer, message):
+    """Each would be met by every request: one line naming the cause, one request paid, nothing cached (a redirected
+    POST is not resent as a GET: requests would do that for a 301 or 302)."""
+    write_obqa(tmp_path, ["q1", "q2", "q3"])
+    with Server(lambda stem, count, payload: answer) as server:
+        with pytest.raises(SystemExit, match=f"^teacher.py: {server.url}/chat/completions: {re.escape(message)}"):
+            teacher.main(["--data", "obqa", "--data-dir", str(tmp_path), "--out", str(tmp_path / "t.jsonl"),
+                          "--base-url", server.url, "--workers", "1"])
+    assert len(server.log) == 1 and (tmp_path / "t.cache.jsonl").read_text() == ""
+    assert not (tmp_path / "t.jsonl").exists()
+
+
 def test_no_api_key_for_the_official_endpoint_is_said_before_any_request(tmp_path, monkeypatch):
     write_obqa(tmp_path, ["q1"])
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
@@ -187,28 +230,29 @@ def test_no_api_key_for_the_official_endpoint_is_said_before_any_request(tmp_pat
     assert list(tmp_path.glob("t.*")) == []
 
 
-def test_a_second_run_on_the_same_cache_is_refused_naming_the_holder(tmp_path):
-    write_obqa(tmp_path, ["q1"])
-    holder = teacher.Cache(tmp_path / "t.cache.jsonl")
-    try:
-        with pytest.raises(SystemExit, match=rf"t.cache.jsonl is in use by pid {os.getpid()} on "):
-            teacher.main(["--data", "obqa", "--data-dir", str(tmp_path), "--out", str(tmp_path / "t.jsonl"),
-                          "--base-url", "http://127.0.0.1:9/v1"])
-    finally:
-        holder.close()
-    teacher.Cache(tmp_path / "t.cache.jsonl").close()  # free again once the holder is gone
-
-
 @pytest.mark.parametrize("flags, message", [
     (["--data", "foo"], "--data must be one of"), (["--split", "habitat"], "--split must be train, valid or test"),
-    (["--workers", "0"], "--workers and --max-attempts at least 1"), (["--timeout", "0"], "--timeout above 0"),
+    (["--workers", "0"], "--workers must be at least 1, not 0"),
+    (["--timeout", "0"], "--timeout must be a number of seconds above 0, not 0.0"),
     (["--data", "foo", "--dry-run"], "--data must be one of"),
     (["--split", "habitat", "--dry-run"], "--split must be train, valid or test"),
     (["--data", "svamp", "--dry-run"], "--data svamp: its questions have numeric answers and no options"),
+    (["--limit", "-1"], "--limit must be at least 1, not -1"), (["--n", "0"], "--n must be at least 1, not 0"),
+    (["--rounds", "0", "--dry-run"], "--rounds must be at least 1, not 0"), (["--n", "-3"], "--n must be at least 1"),
+    (["--max-tokens", "0"], "--max-tokens must be at least 1, not 0"),
+    (["--temperature", "-5"], "--temperature must be a number of at least 0, not -5.0"),
+    (["--timeout", "inf"], "argument --timeout: not a finite number: 'inf'"),
+    (["--price-in", "nan", "--dry-run"], "argument --price-in: not a finite number: 'nan'"),
+    (["--max-backoff", "-1"], "--max-backoff must be a number of at least 0, not -1.0"),
+    (["--prompt-seed", "-1"], "--prompt-seed must be from 0 to 4294967295, not -1"),
+    (["--workers", "many"], "argument --workers: invalid int value: 'many'"),
 ])
 def test_teacher_argument_mistakes_get_one_line(tmp_path, flags, message):
-    with pytest.raises(SystemExit, match=message):
+    """Before anything is read, written or sent: a count of 0 no longer means the default, a negative --limit no
+    longer drops the last question."""
+    with pytest.raises(SystemExit, match=re.escape(message)):
         teacher.main(["--data", "obqa", "--data-dir", str(tmp_path), "--base-url", "http://127.0.0.1:9/v1", *flags])
+    assert list(tmp_path.iterdir()) == []
 
 
 def interruptible(command, **kwargs):
@@ -462,6 +506,10 @@ def test_command_line_mistakes_get_one_line(tmp_path):
         json.dumps([{"qid": f"s{i}", "question": "?", "answer": True} for i in range(5)]))
     write_obqa(tmp_path / "d", ["q1", "q2"])
     (tmp_path / "d" / "obqa" / "teacher_train.jsonl").write_text("")
+    nan_model = tmp_path / "nan_model"  # a checkpoint whose config.json holds a NaN that json reads
+    shutil.copytree(ROOT / "tests" / "fixtures" / "t5_relu", nan_model)
+    config = (nan_model / "config.json").read_text()
+    (nan_model / "config.json").write_text(re.sub(r'"layer_norm_epsilon": [^,]*', '"layer_norm_epsilon": NaN', config))
     tt, ev = "tinythinker.py", "evaluate.py"
     cases = [
         ((tt, "--phase", "foo"), "--phase must be acquire or reflect, not 'foo'"),
@@ -474,6 +522,8 @@ def test_command_line_mistakes_get_one_line(tmp_path):
         ((tt, "--phase", "reflect", "--from", runs["garbage"]), "garbage/config.json: not a run config"),
         ((tt, "--phase", "reflect", "--from", runs["good"], "--samples", "0"), "--samples must be at least 1, not 0"),
         ((tt, "--epochs", "0"), "--epochs must be at least 1, not 0"),
+        ((tt, "--model", nan_model, "--out", tmp_path / "nan_run"),
+         f"{nan_model / 'config.json'}: field layer_norm_epsilon must be a finite number above 0, got nan"),
         ((tt, "--data", "obqa", "--data-dir", tmp_path / "d", "--out", tmp_path / "r"),
          "teacher_train.jsonl: no teacher records in the file"),
         ((ev, runs["nobest"]), f"{runs['nobest']}: no trained model"),
@@ -531,3 +581,285 @@ def test_ctrl_c_in_training_says_how_to_continue(world, tmp_path):  # noqa: F811
     _, err = proc.communicate(timeout=30)
     err = err.decode()
     assert proc.returncode == 130 and "interrupted; continue with --resume" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- shared run folders, full disks, non-finite values
+
+HOLDER = ("import sys, time, train; train.hold_run(sys.argv[1]); train.hold(sys.argv[2] + '.lock', sys.argv[2]); "
+          "print('held', flush=True); time.sleep(300)")
+
+
+def acquired_run(path):
+    """A run folder as acquire leaves it, as far as reflect and evaluate look before they start: config.json, best/."""
+    cfg = tinythinker.parse_config(["--out", str(path)])
+    path.mkdir()
+    train.write_run_config(cfg, str(path), train.Runtime(torch.device("cpu"), None, 0, 1), tinythinker.DECISIONS,
+                           effective_batch_size=cfg.batch_size)
+    (path / "best").mkdir()
+    return path
+
+
+def test_one_writer_per_run_folder_and_a_crashed_holder_blocks_nothing(tmp_path):
+    """A process holds a run folder and a teacher cache (train.hold, as a running phase does); every command that
+    would write there stops at once naming it; once it is killed (-9: nothing of ours runs), the folder is free."""
+    run, cache = acquired_run(tmp_path / "run"), tmp_path / "t.cache.jsonl"
+    write_obqa(tmp_path, ["q1"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run), str(cache)], cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        in_use = f" is in use by pid {holder.pid} on {socket.gethostname()}, started "
+        code, stderr = cli("evaluate.py", run)  # as typed, before any model is loaded
+        assert code != 0 and f"{run}{in_use}" in stderr and "Traceback" not in stderr, stderr
+        for main, argv, folder in [
+            (tinythinker.main, ["--out", str(run)], run),  # acquire
+            (tinythinker.main, ["--phase", "reflect", "--from", str(run)], run),
+            (tailored.main, ["--out", str(run)], run),
+            (teacher.main, ["--data", "obqa", "--data-dir", str(tmp_path), "--out", str(tmp_path / "t.jsonl"),
+                            "--base-url", "http://127.0.0.1:9/v1"], cache),
+        ]:
+            with pytest.raises(SystemExit, match=re.escape(f"{folder}{in_use}")):
+                main(argv)
+        assert sorted(p.name for p in run.iterdir()) == ["best", "config.json", "run.lock"]  # nothing else written
+    finally:
+        holder.kill()
+        holder.communicate()
+    train.hold_run(str(run))
+    assert (run / "run.lock").read_text().startswith(f"pid {os.getpid()} on ")
+    train.release_run(str(run))
+
+
+def file_modes_bind_root():
+    """Run in the child before it starts: as root, give up CAP_DAC_OVERRIDE (prctl PR_CAPBSET_DROP), which lets root
+    write into a folder whatever its mode; the child then meets chmod a-w as any user does."""
+    if os.geteuid() == 0 and ctypes.CDLL(None, use_errno=True).prctl(24, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP, CAP_DAC_OVERRIDE)")
+
+
+def test_evaluate_finds_a_read_only_run_folder_before_any_chain(tmp_path):
+    """best/ is empty: a model loaded before the check would fail on its missing config.json instead."""
+    run = acquired_run(tmp_path / "run")
+    for folder in (run / "best", run):
+        folder.chmod(0o555)
+    try:
+        result = subprocess.run([sys.executable, "evaluate.py", str(run)], cwd=ROOT, capture_output=True, text=True,
+                                timeout=120, preexec_fn=file_modes_bind_root)
+    except subprocess.SubprocessError as e:  # a container that does not let root drop a capability
+        pytest.skip(f"cannot make a folder read-only for this user: {e}")
+    finally:
+        for folder in (run / "best", run):
+            folder.chmod(0o755)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert f"{run}: cannot be written to (missing or read-only)" in result.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["best", "config.json"]
+
+
+class Steps:
+    """A plan of `n` one-example steps, validated after each."""
+    cycle = 1
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, step):
+        return step, [0]
+
+
+def tiny_fit(run, amp, scale, resume=False, step_loss=None):
+    """train.fit on a tiny T5 and one example, its loss times scale.get(step, 1); validations score 10, 20, ..."""
+    torch.manual_seed(0)
+    model = T5(T5Config(vocab_size=40, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, dropout_rate=0.0))
+    cfg = types.SimpleNamespace(lr=1e-2, warmup=0.0, grad_clip=1.0, batch_size=1, eval_every=1, resume=resume)
+    ids, labels = torch.tensor([[5, 6, 1]]), torch.tensor([[7, 1]])
+    scores = iter(range(10, 100, 10))
+    return train.fit(cfg, str(run), model, types.SimpleNamespace(save_pretrained=lambda directory: None), Steps(5),
+                     step_loss=step_loss or (lambda trained, step, indices, batch: (
+                         trained(input_ids=ids, labels=labels)[1] * scale.get(step, 1.0), {})),
+                     validate=lambda model: next(scores), runtime=train.Runtime(torch.device("cpu"), amp, 0, 1),
+                     desc="tiny")
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step(tmp_path):
+    """fp16: step 1's scaled gradients overflow (its loss times 1e35, finite), which the GradScaler skips; step 3's
+    loss is NaN, which stops the run before that step changes anything. A garbage line in log.jsonl then stops a
+    --resume in one line; without it the run resumes at step 3."""
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(SystemExit, match=r"^tiny step 3: loss nan, gradient norm nan; the run stops before"):
+        tiny_fit(run, torch.float16, {0: 1e35, 2: math.nan})
+    log = read_log(run)
+    assert [r["step"] for r in log] == [1, 1, 2, 2] and not math.isfinite(log[0]["grad_norm"])  # skipped, went on
+    best = t5.read_safetensors(run / "best" / "model.safetensors")
+    assert all(t.isfinite().all() for t in best.values())
+    lines = (run / "log.jsonl").read_text().splitlines(keepends=True)
+    (run / "log.jsonl").write_text(lines[0] + '{"step": 1, "lo\n' + "".join(lines[1:]))
+    with pytest.raises(data.DataError, match=r"log\.jsonl:2: not a log record; remove the line to resume$"):
+        tiny_fit(run, torch.float16, {}, resume=True)
+    (run / "log.jsonl").write_text("".join(lines))
+    assert tiny_fit(run, torch.float16, {}, resume=True) == 30  # its validations score 10, 20, 30 (best was 20)
+    assert [r["step"] for r in read_log(run)] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+
+
+def test_weights_made_non_finite_are_never_saved(tmp_path):
+    """However a weight became NaN or inf while the loss and gradient stayed finite (here a row of the position-bias
+    table that three tokens never read, set to inf), the validation that would save best/ and state.pt stops."""
+    def planted(model, step, indices, batch):
+        if step == 0:
+            with torch.no_grad():
+                model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight[31] = math.inf
+        return model(input_ids=torch.tensor([[5, 6, 1]]), labels=torch.tensor([[7, 1]]))[1], {}
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(SystemExit, match=r"^tiny step 1: the weights hold NaN or inf; the run stops before saving"):
+        tiny_fit(run, None, {}, step_loss=planted)
+    assert [r["step"] for r in read_log(run)] == [1] and math.isfinite(read_log(run)[0]["loss"])
+    assert sorted(p.name for p in run.iterdir()) == ["log.jsonl"]
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_loses_nothing(tmp_path):
+    """ENOSPC while a file is written: atomic_write keeps the old file, a log line is named, and a teacher cache
+    takes back the part of an entry that reached the disk, so the answers before it stay readable."""
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    path = tmp_path / "state.pt"
+    path.write_bytes(b"the last state")
+    with pytest.raises(SystemExit, match=f"^{re.escape(str(path))}: No space left on device$"):
+        train.command(lambda: t5.atomic_write(path, lambda f: (f.write(b"half"), full_disk())))
+    assert path.read_bytes() == b"the last state" and not Path(f"{path}.tmp").exists()
+    if os.path.exists("/dev/full"):  # a device whose every write fails with ENOSPC
+        with pytest.raises(SystemExit, match="^/dev/full: No space left on device$"):
+            train.command(lambda: train.append_line("/dev/full", '{"step": 1}'))
+
+    class HalfWritten:  # the disk fills up halfway through a line
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, line):
+            self.file.write(line[:len(line) // 2])
+            full_disk()
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    cache = teacher.Cache(tmp_path / "t.cache.jsonl")
+    cache.put("m", "k1", {"choices": []})
+    cache.file = HalfWritten(cache.file)
+    with pytest.raises(teacher.Fatal, match=r"t\.cache\.jsonl: No space left on device$"):
+        cache.put("m", "k2", {"choices": []})
+    cache.close()
+    reread = teacher.Cache(tmp_path / "t.cache.jsonl")
+    assert reread.responses == {"k1": {"choices": []}}
+    reread.close()
+
+
+# ---------------------------------------------------------------- one's own data, outputs, names, flags
+
+def own(tmp_path, *lines, name="mine.jsonl", raw=None):
+    """Your own data set as one .jsonl file: four good questions and `lines` (or `raw` bytes in place of it all)."""
+    path = tmp_path / name
+    good = [json.dumps({"id": f"g{i}", "question": f"question {i}?", "choices": [
+        {"label": "A", "text": "yes"}, {"label": "B", "text": "no"}], "answer": "A"}) for i in range(4)]
+    path.write_bytes(raw if raw is not None else "\n".join(good + list(lines)).encode() + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"id": "s", "question": "\\ud800?", "choices": [{"label": "A", "text": "a"}, {"label": "B", "text": "b"}], '
+     '"answer": "A"}', r":5: text holds '\\ud800', a lone surrogate that UTF-8 cannot encode"),
+    ('{"id": ' + "9" * 5000 + "}", r":5: not valid JSON \(Exceeds the limit \(4300 digits\) for integer string "
+                                  r"conversion: value has 5000 digits\)$"),
+    ("[" * 100_000 + "]" * 100_000, r":5: not valid JSON \(nested too deeply\)$"),
+    (json.dumps({"id": "big", "question": "x" * (10 << 20), "choices": [{"label": "A", "text": "a"},
+                                                                       {"label": "B", "text": "b"}], "answer": "A"}),
+     r":5: the question and its options hold 10485762 characters, more than the 2048 that fit T5's 512-token "
+     r"input$"),
+], ids=["lone-surrogate", "5000-digits", "deep-nesting", "10-MB-question"])
+def test_own_data_that_no_run_could_use_is_refused_at_load(tmp_path, line, message):
+    """One line naming file:line, from the loader and from teacher.py's dry run, before any request or bill."""
+    path = own(tmp_path, line)
+    with pytest.raises(data.DataError, match=re.escape(str(path)) + message):
+        data.load(str(path), "train")
+    with pytest.raises(SystemExit, match=f"^teacher.py: {re.escape(str(path))}{message}"):
+        teacher.main(["--data", str(path), "--dry-run"])
+
+
+def test_a_lone_surrogate_is_refused_before_any_request_and_a_bom_is_read(tmp_path):
+    path = own(tmp_path, '{"id": "s", "question": "q?", "choices": [{"label": "A", "text": "\\udfff"}, '
+                         '{"label": "B", "text": "b"}], "answer": "B"}')
+    code, stderr = cli("teacher.py", "--data", path, "--dry-run")  # as typed
+    assert code != 0 and f"{path}:5: text holds '\\udfff', a lone surrogate" in stderr and "Traceback" not in stderr
+    with Server(lambda stem, count, payload: (200, {}, body([completion(gold="A")]))) as server:
+        with pytest.raises(SystemExit, match=":5: text holds"):
+            teacher.main(["--data", str(path), "--data-dir", str(tmp_path), "--base-url", server.url])
+    assert server.log == [] and sorted(p.name for p in tmp_path.iterdir()) == ["mine.jsonl"]
+    good = own(tmp_path, name="bom.jsonl").read_bytes()
+    bom = own(tmp_path, name="bom.jsonl", raw=b"\xef\xbb\xbf" + good)  # a byte-order mark, as Notepad writes
+    assert sorted(q.id for split in data.SPLITS for q in data.load(str(bom), split)) == ["g0", "g1", "g2", "g3"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cache", "{out}"], "{out} would be both --out and --cache"),
+    (["--cache", "{tmp}/t.failed.jsonl"], "{tmp}/t.failed.jsonl would be both --cache and the failed list"),
+    (["--cache", "{tmp}/c.jsonl", "--out", "{tmp}/c.jsonl.lock"], "c.jsonl.lock would be both --out and the cache's"),
+    (["--out", "{data}"], "{data} would be both --out and the data set"),
+    (["--cache", "{data}"], "{data} would be both --cache and the data set"),
+    (["--out", "{prompts}"], "prompts.json would be both --out and the prompts"),
+], ids=["cache-is-out", "cache-is-failed", "out-is-lock", "out-is-data", "cache-is-data", "out-is-prompts"])
+def test_teacher_outputs_never_overwrite_an_input_or_each_other(tmp_path, flags, message):
+    path = own(tmp_path)
+    before = path.read_bytes()
+    names = dict(out=tmp_path / "t.jsonl", tmp=tmp_path, data=path, prompts=teacher.PROMPTS)
+    flags = [f.format(**names) for f in flags]
+    if "--out" not in flags:
+        flags += ["--out", str(names["out"])]
+    for dry_run in ([], ["--dry-run"]):
+        with pytest.raises(SystemExit, match=re.escape(message.format(**names))):
+            teacher.main(["--data", str(path), "--base-url", "http://127.0.0.1:9/v1", *flags, *dry_run])
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["mine.jsonl"]
+
+
+@pytest.mark.parametrize("name", ["..jsonl", "...jsonl", ".hidden.jsonl", ".hidden"])
+def test_a_data_set_name_that_is_empty_or_starts_with_a_dot_is_refused(tmp_path, name):
+    """Named by its stem or folder: "..jsonl" would put runs in runs/. and records in the data folder itself."""
+    path = tmp_path / name
+    if name.endswith(".jsonl"):
+        own(tmp_path, name=name)
+    else:
+        path.mkdir()
+        own(path, name="train.jsonl")
+    named = re.escape(path.stem if path.suffix else name)
+    for main in (teacher.main, tinythinker.main, tailored.main):
+        with pytest.raises(SystemExit, match=f"your own data set is named '{named}'.*cannot be empty or start with"):
+            main(["--data", str(path), *(["--dry-run"] if main is teacher.main else [])])
+    with pytest.raises(data.DataError, match="named '' .*cannot be empty"):
+        data.check_name("/")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+@pytest.mark.parametrize("main, flags, message", [
+    (tinythinker.main, ["--steps", "-5"], "--steps must be at least 0, not -5"),
+    (tinythinker.main, ["--lr", "inf"], "argument --lr: not a finite number: 'inf'"),
+    (tinythinker.main, ["--lr", "nan"], "argument --lr: not a finite number: 'nan'"),
+    (tinythinker.main, ["--temperature", "inf"], "argument --temperature: not a finite number: 'inf'"),
+    (tinythinker.main, ["--seed", "-1"], "--seed must be from 0 to 4294967295, not -1"),
+    (tinythinker.main, ["--seed", str(2 ** 70)], f"--seed must be from 0 to 4294967295, not {2 ** 70}"),
+    (tinythinker.main, ["--seed", "1e20"], "argument --seed: invalid int value: '1e20'"),
+    (tailored.main, ["--lam", "nan"], "argument --lam: not a finite number: 'nan'"),
+    (tailored.main, ["--seed", "4294967296"], "--seed must be from 0 to 4294967295, not 4294967296"),
+    (tailored.main, ["--exam-top-k", "-1"], "--exam-top-k must be at least 0, not -1"),
+    (tailored.main, ["--margin", "-1"], "--later-lr, --margin and --lam at least 0, --warmup in [0, 1)"),
+    (tailored.main, ["--later-lr", "2"], "--later-lr must be at most 1, not 2.0"),
+    (tinythinker.main, ["--lr", "1e37"], "--lr must be at most 1, not 1e+37"),
+    (evaluate.main, ["--temperature", "nan"], "argument --temperature: not a finite number: 'nan'"),
+    (evaluate.main, ["--seed", "-3"], "--seed must be from 0 to 4294967295, not -3"),
+])
+def test_numbers_out_of_range_get_one_line(tmp_path, capsys, main, flags, message):
+    """Parsed (argparse's own errors in one line too, without its usage) and checked before anything is read or
+    written."""
+    with pytest.raises(SystemExit, match=re.escape(message) + "$"):
+        main([*flags, "--out", str(tmp_path / "run")])
+    assert list(tmp_path.iterdir()) == [] and capsys.readouterr().err == ""

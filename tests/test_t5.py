@@ -1,6 +1,7 @@
 """Tests for t5.py. Parity with transformers where it is installed (tiny random models built here), golden fixtures
 from tests/make_t5_fixtures.py everywhere else, then checkpoint files, Hub download and the tokenizer."""
 
+import contextlib
 import hashlib
 import http.server
 import json
@@ -384,10 +385,10 @@ def fixture_copy(tmp_path, name="t5_relu"):
 
 
 def test_missing_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(t5.LoadError, match="config.json"):
         t5.T5.from_pretrained(tmp_path)
     shutil.copy(FIXTURES / "t5_relu" / "config.json", tmp_path)
-    with pytest.raises(FileNotFoundError, match="model.safetensors.*pytorch_model.bin"):
+    with pytest.raises(t5.LoadError, match="model.safetensors.*pytorch_model.bin"):
         t5.T5.from_pretrained(tmp_path)
 
 
@@ -403,6 +404,21 @@ def test_bad_config_fields(tmp_path):
     (directory / "config.json").write_text("{")
     with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
         t5.T5.from_pretrained(directory)
+    for changes, message in [  # what json reads and no T5 has (NaN and Infinity are valid to json.loads)
+        ('"layer_norm_epsilon": NaN', "field layer_norm_epsilon must be a finite number above 0, got nan"),
+        ('"dropout_rate": Infinity', r"field dropout_rate must be in \[0, 1\), got inf"),
+        ('"d_model": true', "field d_model should be int, got True"),
+        ('"num_heads": 0', "field num_heads must be from 1 to 2\\*\\*31 - 1, got 0"),
+        ('"pad_token_id": 64', "field pad_token_id must be an id below vocab_size 64, got 64"),
+        ('"num_decoder_layers": "2"', "field num_decoder_layers should be int | None, got '2'"),
+    ]:
+        (directory / "config.json").write_text(json.dumps(config)[:-1] + ", " + changes + "}")
+        with pytest.raises(t5.LoadError, match=r"config\.json: " + message):
+            t5.T5.from_pretrained(directory)
+    for text in ("[1, 2]", "1" * 5000, "[" * 100_000):
+        (directory / "config.json").write_text(text)
+        with pytest.raises(t5.LoadError, match=r"config\.json: not (valid JSON|a JSON object)"):
+            t5.T5.from_pretrained(directory)
 
 
 def test_wrong_shape_missing_and_unexpected_tensors(tmp_path):
@@ -634,8 +650,9 @@ def test_cuda_graph_decode_keeps_every_greedy_token(amp_dtype):
 
 class FakeHub(http.server.BaseHTTPRequestHandler):
     """{endpoint}/{repo}/resolve/main/{file}. *.safetensors and *.bin are 'LFS' files: answered with a redirect to
-    /storage/{sha256} carrying X-Linked-Etag/-Size, and the first transfer of each is cut off halfway."""
-    files, log, cut, wrong_hash = {}, [], set(), set()
+    /storage/{sha256} carrying X-Linked-Etag/-Size (or the size in `announced`), and the first transfer of each is
+    cut off halfway. A file in `endless` is a body without a size that never ends."""
+    files, log, cut, wrong_hash, endless, announced = {}, [], set(), set(), set(), {}
 
     def log_message(self, *args):
         pass
@@ -644,6 +661,14 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
         self.log.append((self.path, self.headers.get("Range"), self.headers.get("authorization")))
         if match := re.fullmatch(r"/([^/]+/[^/]+)/resolve/main/(.+)", self.path):
             repo, file = match.groups()
+            if f"{repo}/{file}" in self.endless:
+                self.send_response(200)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                with contextlib.suppress(OSError):  # until the client hangs up
+                    while True:
+                        self.wfile.write(b"4000\r\n" + b"x" * 0x4000 + b"\r\n")
+                return
             data = self.files.get(f"{repo}/{file}")
             if data is None:
                 return self.send_error(404)
@@ -652,7 +677,7 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
                 self.send_response(302)
                 self.send_header("Location", f"/storage/{sha}")
                 self.send_header("X-Linked-Etag", f'"{"0" * 64 if repo in self.wrong_hash else sha}"')
-                self.send_header("X-Linked-Size", str(len(data)))
+                self.send_header("X-Linked-Size", str(self.announced.get(f"{repo}/{file}", len(data))))
                 self.send_header("Content-Length", "0")
                 return self.end_headers()
             git_sha1 = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # the Hub's ETag of a git file
@@ -689,6 +714,8 @@ def hub(tmp_path, monkeypatch, tokenizer):
     FakeHub.wrong_hash = {"acme/corrupt"}
     FakeHub.log.clear()
     FakeHub.cut.clear()
+    FakeHub.endless.clear()
+    FakeHub.announced.clear()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}/")
@@ -730,15 +757,15 @@ def test_hub_falls_back_to_pytorch_model_bin(hub):
 
 
 def test_hub_errors(hub, monkeypatch):
-    with pytest.raises(OSError, match="content hash .* differs from the announced 0000"):
+    with pytest.raises(t5.LoadError, match="content hash .* differs from the announced 0000"):
         t5.T5.from_pretrained("acme/corrupt")
     assert not list(hub.rglob("*.part"))
-    with pytest.raises(FileNotFoundError, match="acme/missing: not a local directory.*no config.json"):
+    with pytest.raises(t5.LoadError, match="acme/missing: not a local directory.*no config.json"):
         t5.T5.from_pretrained("acme/missing")
-    with pytest.raises(FileNotFoundError, match="neither a local directory nor a Hub repository id"):
+    with pytest.raises(t5.LoadError, match="neither a local directory nor a Hub repository id"):
         t5.T5.from_pretrained("no such/dir/here")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(OSError, match="HF_HUB_OFFLINE=1.*pass its local directory"):
+    with pytest.raises(t5.LoadError, match="HF_HUB_OFFLINE=1.*pass its local directory"):
         t5.T5.from_pretrained("acme/other")
 
 
@@ -749,9 +776,91 @@ def test_offline_error_says_how_to_pass_a_local_directory(tmp_path, monkeypatch)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("TINYTHINKER_CACHE", str(tmp_path))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    with pytest.raises(OSError, match=r"cannot download http://127\.0\.0\.1:\d+/google/flan-t5-base/resolve/main/"
-                                      r"config\.json.*offline.*pass its local directory"):
+    with pytest.raises(t5.LoadError, match=r"cannot download http://127\.0\.0\.1:\d+/google/flan-t5-base/resolve/main/"
+                                          r"config\.json.*offline.*pass its local directory"):
         t5.T5.from_pretrained("google/flan-t5-base")
+
+
+def hub_repo(repo, **files):
+    """A repository on the FakeHub: t5_relu's config and weights and the tokenizer fixture's spiece.model, with
+    `files` in place of any of them (file name with "_" for "." and "__" for "/")."""
+    for name in ("config.json", "model.safetensors"):
+        FakeHub.files[f"{repo}/{name}"] = (FIXTURES / "t5_relu" / name).read_bytes()
+    FakeHub.files[f"{repo}/spiece.model"] = FakeHub.files["acme/tiny-t5/spiece.model"]
+    for name, content in files.items():
+        FakeHub.files[f"{repo}/{name.replace('__', '/').replace('_', '.')}"] = content
+
+
+@pytest.mark.parametrize("shard", ["../../../x.safetensors", "/tmp/x.safetensors", "a/../../x.safetensors",
+                                   "..\\..\\x.safetensors", "a//x.safetensors"])
+def test_a_sharded_index_cannot_name_a_file_outside_the_checkpoint(hub, shard):
+    index = json.dumps({"weight_map": {"shared.weight": shard}}).encode()
+    hub_repo("acme/evil", model_safetensors=None, model_safetensors_index_json=index)
+    del FakeHub.files["acme/evil/model.safetensors"]
+    with pytest.raises(t5.LoadError, match=re.escape(f"shard name {shard!r} is not a relative path inside")):
+        t5.T5.from_pretrained("acme/evil")
+    assert not any("x.safetensors" in path for path, _, _ in FakeHub.log)  # never asked for, never written
+    assert not list(hub.parent.rglob("x.safetensors")) and not Path("/tmp/x.safetensors").exists()
+    assert (hub / "acme" / "evil" / "model.safetensors.index.json.invalid").read_bytes() == index  # moved aside
+    local = hub.parent / "local"  # the same index in a local directory is refused alike (it would read outside)
+    local.mkdir()
+    shutil.copy(FIXTURES / "t5_relu" / "config.json", local)
+    (local / "model.safetensors.index.json").write_bytes(index)
+    with pytest.raises(t5.LoadError, match="is not a relative path inside"):
+        t5.T5.from_pretrained(local)
+
+
+@pytest.mark.parametrize("repo", ["acme/..", "../acme", "acme/../../x", "/nonexistent", "acme/x--y", "acme/.x",
+                                  "a" * 97])
+def test_a_repository_id_is_one_folder_of_the_cache(hub, repo):
+    with pytest.raises(t5.LoadError, match="neither a local directory nor a Hub repository id"):
+        t5.T5.from_pretrained(repo)
+    with pytest.raises(t5.LoadError, match="neither a local directory nor a Hub repository id"):
+        t5.Tokenizer.from_pretrained(repo)
+    assert FakeHub.log == [] and not hub.exists()
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "spiece.model"])
+def test_a_cached_file_that_fails_to_parse_is_moved_aside_and_fetched_again(hub, name):
+    """The Hub (or a proxy) serves an HTML page in place of a file; its announced hash is the page's, so only
+    reading the file finds out."""
+    page = b"<!DOCTYPE html><html><body>Sign in to continue</body></html>"
+    hub_repo("acme/page", **{name.replace(".", "_"): page})
+    FakeHub.cut.add(f"/storage/{hashlib.sha256(page).hexdigest()}")  # served whole: 60 bytes are one chunk
+    load = t5.Tokenizer.from_pretrained if name == "spiece.model" else t5.T5.from_pretrained
+    cached = hub / "acme" / "page" / name
+    with pytest.raises(t5.LoadError, match=f"{re.escape(str(cached))}: .*; moved aside to "
+                                           f"{re.escape(str(cached))}.invalid, the next run downloads it again"):
+        load("acme/page")
+    assert Path(f"{cached}.invalid").read_bytes() == page and not cached.exists()
+    hub_repo("acme/page")  # the real file again
+    load("acme/page")
+    assert cached.read_bytes() == FakeHub.files[f"acme/page/{name}"]
+
+
+def test_downloads_have_a_size_cap(hub, monkeypatch):
+    monkeypatch.setattr(t5, "SMALL_FILE_BYTES", 1 << 20)
+    hub_repo("acme/endless-config")
+    FakeHub.endless.add("acme/endless-config/config.json")
+    with pytest.raises(t5.LoadError, match=r"config\.json: the server sent more than 1048576 bytes \(no small file"):
+        t5.T5.from_pretrained("acme/endless-config")
+    hub_repo("acme/endless-weights")
+    FakeHub.endless.add("acme/endless-weights/model.safetensors")
+    with pytest.raises(t5.LoadError, match="model.safetensors: the server announces no size for these weights"):
+        t5.T5.from_pretrained("acme/endless-weights")
+    hub_repo("acme/huge")
+    FakeHub.announced["acme/huge/model.safetensors"] = 1 << 60
+    with pytest.raises(t5.LoadError, match=r"model.safetensors: the server announces 1152921504606846976 bytes, "
+                                           r"more than .* can take"):
+        t5.T5.from_pretrained("acme/huge")
+    assert not [p for p in hub.rglob("*") if p.is_file() and p.stat().st_size > 1 << 20]
+    assert not list(hub.rglob("*.part"))
+
+
+def test_a_tokenizer_must_fit_the_models_vocabulary(hub):
+    """acme/tiny-t5: a vocabulary of 64 (t5_relu) with the tokenizer fixture's (187 pieces + 100 sentinels)."""
+    with pytest.raises(t5.LoadError, match="tiny-t5: the tokenizer has 287 ids .* the model's vocab_size is only 64"):
+        t5.load_pretrained("acme/tiny-t5")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -888,5 +997,5 @@ def test_tokenizer_rejects_non_t5_ids(tmp_path):
                                    vocab_size=100, hard_vocab_limit=False, minloglevel=2)  # default ids: unk 0 bos 1
     with pytest.raises(ValueError, match=r"spiece\.model: T5 needs pad/eos/unk ids 0/1/2"):
         t5.Tokenizer(tmp_path / "spiece.model")
-    with pytest.raises(FileNotFoundError, match="nothing.model"):
+    with pytest.raises(t5.LoadError, match="nothing.model"):
         t5.Tokenizer(tmp_path / "nothing.model")
