@@ -261,8 +261,8 @@ def learning_rate(cfg, step, total):
 
 
 def adamw(model, lr):
-    """AdamW without weight decay (METHOD 5.3), fused: one kernel for all parameters on a GPU, one vectorised loop on
-    the CPU; the unfused updates within float rounding (tests/test_train.py)."""
+    """AdamW without weight decay (METHOD 5.3), fused: every parameter's update in a few kernel launches on a GPU,
+    one vectorised loop on the CPU; the unfused updates within float rounding (tests/test_train.py)."""
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
 
 
