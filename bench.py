@@ -648,7 +648,9 @@ def render(runs):
             notes = []
             if "same_tokens" in r:
                 notes.append(f"{r['same_tokens']:.1%} of tokens identical")
-            eager = [e for e in run["rows"] if r["variant"] == "compile" and e["variant"] == "eager" and
+            # the eager row of the same GPU and shape, from any run: gpu_check.sh times compiled rows on their own
+            eager = [e for other in runs if other["machine"]["gpu"] == m["gpu"] for e in other["rows"]
+                     if r["variant"] == "compile" and e["variant"] == "eager" and
                      (e["size"], e["bench"], e["shape"]) == (r["size"], r["bench"], r["shape"])]
             if eager:  # the issue's goal for compiled decoding is against transformers' default generate
                 notes.append(f"against transformers' eager: {r['ours'] / eager[0]['theirs']:.2f}x")
@@ -764,7 +766,8 @@ def main():
                    "sampled)")
     p.add_argument("--data-dir", default=None, help="chain: holds csqa/original/*.jsonl and {csqa,obqa}/prompt/"
                    "*_cot.json (default: data.py's folder, downloading the questions)")
-    p.add_argument("--no-compile", action="store_true", help="CUDA: skip the torch.compile rows")
+    p.add_argument("--variants", default=None, help="train, generate: comma list of eager, compile (torch.compile, "
+                   "CUDA only; default both on CUDA, eager on the CPU)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler top operators of each side")
     p.add_argument("--run", default="runs/world", help="ranks: the acquired world run to reflect on")
     p.add_argument("--out", default="bench.json")
@@ -783,7 +786,10 @@ def main():
     if args.memory_child:
         return peak_memory_child(args.impl, args.only[0], args.memory_child, args)
     device = torch.device(args.device)
-    variants = ["eager"] if device.type == "cpu" or args.no_compile else ["eager", "compile"]
+    default = "eager,compile" if device.type == "cuda" else "eager"
+    variants = (args.variants or default).split(",")
+    if set(variants) - {"eager", "compile"} or (device.type == "cpu" and "compile" in variants):
+        p.error(f"--variants {args.variants}: expected eager and/or compile, compile on CUDA only")
     run = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
            "machine": machine(device), "rows": []}
     start = time.perf_counter()

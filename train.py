@@ -12,6 +12,7 @@ import fcntl
 import json
 import math
 import os
+import pickle
 import platform
 import random
 import socket
@@ -248,14 +249,16 @@ def setup_device(precision="fp32", seed=0):
     """This process's Runtime. torchrun sets LOCAL_RANK; a plain `python` run is rank 0 of 1."""
     if precision not in PRECISIONS:
         raise SystemExit(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
-    if "LOCAL_RANK" in os.environ and not dist.is_initialized():
-        # Long timeout: rank 0 alone asks the teacher (tailored.py) or writes while the others wait at a barrier.
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=12))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    if "LOCAL_RANK" in os.environ and not dist.is_initialized():
+        # Long timeout: rank 0 alone asks the teacher (tailored.py) or writes while the others wait at a barrier.
+        # device_id binds NCCL to this rank's GPU from the start, so its barriers never guess the device.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=12),
+                                device_id=device if device.type == "cuda" else None)
     torch.manual_seed(seed)  # dropout masks; a model from scratch is seeded again in student()
     return Runtime(device, PRECISIONS[precision], rank(), world_size())
 
@@ -347,17 +350,67 @@ def learning_rate(cfg, step, total):
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-def rng_state():
-    return dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+def adamw(model, lr):
+    """AdamW without weight decay (METHOD 5.3), fused: every parameter's update in a few kernel launches on a GPU,
+    one vectorised loop on the CPU; the unfused updates within float rounding (tests/test_train.py)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
 
 
-def set_rng_state(state):
+def rng_state(device):
+    """This process's generators as tensors and plain data (numpy's key as a list): torch's CPU one, this rank's
+    CUDA one, Python's and numpy's."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                python=random.getstate(), numpy=(kind, key.tolist(), pos, has_gauss, gauss))
+
+
+def set_rng_state(state, device):
     torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(key, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+def rank_rng_states(runtime):
+    """[rng_state of rank 0, of rank 1, ...], gathered on every rank: each rank draws its own dropout masks."""
+    mine = rng_state(runtime.device)
+    if not dist.is_initialized():
+        return [mine]
+    states = [None] * runtime.world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def save_state(path, model, optimizer, scaler, rngs, step, best):
+    """state.pt: tensors and plain data only, every rank's generators (rngs) in the one file with the weights, so
+    that a kill never leaves them from different steps."""
+    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rngs,
+                 step=step, best=best)
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_state(path, model, optimizer, scaler, runtime):
+    """Restore state.pt (weights_only: a copied run folder runs no code) and this rank's generators; (step, best).
+    Saved by N ranks and resumed on another number, rank r takes saved rank r mod N's generators (README, "Several
+    GPUs"). Anything else in the file is one line naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        saved_ranks = len(state["rng"])
+        set_rng_state(state["rng"][runtime.rank % saved_ranks], runtime.device)
+        step, best = state["step"], state["best"]
+    except Exception as e:  # truncated, garbage, another format, a pickle that would run code
+        reason = "not tensors and plain data alone, so it was not unpickled" if isinstance(
+            e, pickle.UnpicklingError) else f"{type(e).__name__}: {' '.join(str(e).split()).split('. ')[0][:200]}"
+        raise data.DataError(f"{path}: not a training state this code can resume ({reason})") from None
+    if saved_ranks != runtime.world_size and runtime.rank == 0:
+        print(f"{path}: saved by {saved_ranks} processes, resumed on {runtime.world_size}: weights, optimizer and "
+              f"step carry over; rank r continues the generators of saved rank r mod {saved_ranks}")
+    return step, best
 
 
 def examples_of(stage, indices):
@@ -426,7 +479,7 @@ def fit(cfg, run_dir, model, tokenizer, plan, *, step_loss, validate, runtime, d
     model in {run_dir}/best and the resumable state {run_dir}/state.pt. `step_loss(trained, stage, indices, batch)` is
     a micro-batch's (mean loss, {metric: float}) and `weight(stage, indices)` its share of the batch (examples by
     default, target tokens for a token mean); `batch` is the whole step's. Returns the best validation accuracy."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    optimizer = adamw(model, cfg.lr)
     # fp16 gradients underflow without loss scaling
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp == torch.float16)
     state_path, log_path = os.path.join(run_dir, "state.pt"), os.path.join(run_dir, "log.jsonl")
@@ -435,12 +488,7 @@ def fit(cfg, run_dir, model, tokenizer, plan, *, step_loss, validate, runtime, d
     if os.path.isfile(state_path):
         if not cfg.resume:
             raise SystemExit(f"{state_path} exists: pass --resume to continue that run, or --out for a new one")
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start, best = state["step"], state["best"]
+        start, best = load_state(state_path, model, optimizer, scaler, runtime)
         if lead and os.path.isfile(log_path):
             atomic_write(log_path, "".join(log_lines_until(log_path, start)).encode())
     barrier()  # every rank has read the state before rank 0 may write the next one
@@ -475,6 +523,7 @@ def fit(cfg, run_dir, model, tokenizer, plan, *, step_loss, validate, runtime, d
                 raise SystemExit(f"{desc} step {step + 1}: the weights hold NaN or inf; the run stops before saving "
                                  "them (state.pt and best/ hold the last validation's); a lower --lr may help")
             accuracy = validate(model)  # on every rank: its generation is sharded
+            rngs = rank_rng_states(runtime)  # every rank's own generators, for rank 0 to save
             if accuracy > best:
                 best = accuracy
                 if lead:
@@ -484,8 +533,6 @@ def fit(cfg, run_dir, model, tokenizer, plan, *, step_loss, validate, runtime, d
                 append_line(log_path, json.dumps(dict(step=step + 1, valid_accuracy=accuracy, best=best)))
                 tqdm.write(f"{desc} step {step + 1}/{len(plan)}: loss {metrics['loss']:.4f}, "
                            f"validation accuracy {accuracy:.2f}% (best {best:.2f}%)")
-                state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                             rng=rng_state(), step=step + 1, best=best)
-                atomic_write(state_path, lambda f: torch.save(state, f))
+                save_state(state_path, model, optimizer, scaler, rngs, step + 1, best)
             barrier()
     return best

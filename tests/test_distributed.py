@@ -46,6 +46,59 @@ def test_acquire_on_two_processes_follows_one_and_validates_alike(world, tmp_pat
     assert len(single_valid) == 2 and double_valid == single_valid
 
 
+# Run by torchrun: an acquire that goes through, then one killed at its second validation (after one saved state)
+# by Ctrl-C's KeyboardInterrupt on every rank, as test_tinythinker's resume test does in one process, then its
+# --resume; rank 0 keeps the killed run's state.pt as state_at_kill.pt. One launch for the three: each costs seconds.
+KILL_AND_RESUME = """
+import os, shutil, sys
+sys.path.insert(0, os.getcwd())
+import torch.distributed as dist
+import evaluate, tinythinker
+whole, killed, *flags = sys.argv[1:]
+tinythinker.acquire(tinythinker.parse_config([*flags, "--out", whole]))
+real, calls = evaluate.accuracy, []
+def dies_at_second(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        raise KeyboardInterrupt
+    return real(*args, **kwargs)
+evaluate.accuracy = dies_at_second
+try:
+    tinythinker.acquire(tinythinker.parse_config([*flags, "--out", killed]))
+except KeyboardInterrupt:
+    evaluate.accuracy = real
+if dist.get_rank() == 0:
+    shutil.copy(os.path.join(killed, "state.pt"), os.path.join(killed, "state_at_kill.pt"))
+tinythinker.acquire(tinythinker.parse_config([*flags, "--out", killed, "--resume"]))
+dist.destroy_process_group()
+"""
+
+
+def test_two_processes_resume_each_with_its_own_generators(world, tmp_path):
+    """Dropout on (the handful's model with dropout_rate 0.1), two processes: a run killed after its first saved
+    state and resumed ends with the weights, log and every rank's generators of the run that went through. The two
+    ranks' saved generators differ, so a rank resumed with the other's would draw other dropout masks."""
+    model = tmp_path / "model"
+    shutil.copytree(world / "model", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "dropout_rate": 0.1}))
+    (tmp_path / "kill_and_resume.py").write_text(KILL_AND_RESUME)
+    # the script puts its own --out after these: whole, then killed
+    flags = args(world, tmp_path / "whole", "--model", str(model), "--epochs", "2", "--eval-every", "3",
+                 "--max-new-tokens", "8")
+    launch(TORCHRUN, str(tmp_path / "kill_and_resume.py"), str(tmp_path / "whole"), str(tmp_path / "killed"), *flags)
+    at_kill = torch.load(tmp_path / "killed" / "state_at_kill.pt", weights_only=True)
+    assert at_kill["step"] == 3 and len(at_kill["rng"]) == 2
+    assert not torch.equal(at_kill["rng"][0]["torch"], at_kill["rng"][1]["torch"])
+    whole, resumed = (torch.load(tmp_path / run / "state.pt", weights_only=True) for run in ("whole", "killed"))
+    assert whole["step"] == resumed["step"] == 8
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    for rank in (0, 1):
+        assert torch.equal(whole["rng"][rank]["torch"], resumed["rng"][rank]["torch"]), rank
+    assert read_log(tmp_path / "whole") == read_log(tmp_path / "killed")
+
+
 def test_reflect_samples_the_same_pairs_on_two_processes_and_resumes(acquired, tmp_path):
     reflect = ["--phase", "reflect", "--samples", "4", "--epochs", "2", "--batch-size", "4", "--lr", "1e-4",
                "--max-new-tokens", "24"]

@@ -3,6 +3,7 @@ broken data files, and user mistakes on the command line. Each README row names 
 import ctypes
 import dataclasses
 import errno
+import io
 import json
 import math
 import os
@@ -555,6 +556,45 @@ def test_resume_refuses_changed_settings_naming_them(tmp_path):
             in stderr)  # --eval-batch-size moves no step: it may change
     with pytest.raises(SystemExit, match="holds a started run: pass --resume"):
         tinythinker.main(flags)
+
+
+class RunsCode:
+    """Pickled as a call of open(marker, "w"): unpickling it creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_damaged_or_hostile_state_pt_is_one_line_and_runs_nothing(world, tmp_path):  # noqa: F811
+    """--resume on a state.pt whose pickle creates a file (issue #30's reproduction), on one cut short and on one of
+    garbage bytes: one line naming the file, and the pickle's code never runs (state.pt loads with weights_only),
+    though torch.load without it would run it."""
+    marker, whole, hostile = tmp_path / "marker", io.BytesIO(), io.BytesIO()
+    torch.save({"step": 3, "model": {"shared.weight": torch.zeros(1000)}}, whole)
+    torch.save({"step": 3, "model": RunsCode(marker)}, hostile)
+    contents = {"hostile": hostile.getvalue(), "truncated": whole.getvalue()[:len(whole.getvalue()) // 2],
+                "garbage": b"\x80\x02garbage" * 100}
+    flags = {}
+    for name, content in contents.items():
+        run = tmp_path / name
+        run.mkdir()
+        flags[name] = [*args(world, run), "--resume"]
+        cfg = tinythinker.parse_config(flags[name])
+        cpu = train.Runtime(torch.device("cpu"), None, 0, 1)
+        train.write_run_config(cfg, str(run), cpu, tinythinker.DECISIONS, effective_batch_size=cfg.batch_size)
+        (run / "state.pt").write_bytes(content)
+    with ThreadPoolExecutor(2) as pool:
+        results = dict(zip(flags, pool.map(lambda name: cli("tinythinker.py", *flags[name]), flags)))
+    for name, (code, stderr) in results.items():
+        [line] = stderr.strip().splitlines()
+        assert code != 0 and line.startswith(f"{tmp_path / name / 'state.pt'}: not a training state this code can "
+                                             "resume ("), stderr
+    assert not marker.exists()
+    torch.load(tmp_path / "hostile" / "state.pt", weights_only=False)
+    assert marker.exists()
 
 
 def test_a_restart_before_the_first_validation_logs_each_step_once(world, tmp_path, monkeypatch):  # noqa: F811

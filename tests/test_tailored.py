@@ -408,7 +408,7 @@ def test_a_killed_round_resumes_to_the_same_weights(tmp_path, monkeypatch, shrun
         tailored.tailored(tailored.parse_config(["--out", str(tmp_path / "killed"), *flags]))
     monkeypatch.setattr(evaluate, "accuracy", real)
     tailored.tailored(tailored.parse_config(["--out", str(tmp_path / "killed"), *flags, "--resume"]))
-    whole, resumed = (torch.load(tmp_path / run / "round_2" / "state.pt", weights_only=False)
+    whole, resumed = (torch.load(tmp_path / run / "round_2" / "state.pt", weights_only=True)
                       for run in ("whole", "killed"))
     assert whole["step"] == resumed["step"] >= 3  # killed at step 3's validation, resumed from step 2
     for name, tensor in whole["model"].items():

@@ -151,8 +151,8 @@ def test_acquire_resumes_a_killed_run_to_the_same_weights(world, tmp_path, monke
         tinythinker.acquire(tinythinker.parse_config(args(world, tmp_path / "killed", *flags)))
     tinythinker.acquire(tinythinker.parse_config(args(world, tmp_path / "killed", *flags, "--resume")))
 
-    whole = torch.load(tmp_path / "whole" / "state.pt", weights_only=False)
-    resumed = torch.load(tmp_path / "killed" / "state.pt", weights_only=False)
+    whole = torch.load(tmp_path / "whole" / "state.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "killed" / "state.pt", weights_only=True)
     assert whole["step"] == resumed["step"] == 20
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
