@@ -21,7 +21,7 @@ import subprocess
 import sys
 
 import data
-from t5 import atomic_write
+from files import atomic_write
 from world import PRESETS
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -22,7 +22,8 @@ import torch
 import data
 import train
 from data import Chain
-from t5 import atomic_write, load_pretrained
+from files import atomic_write
+from t5 import load_pretrained
 
 
 def generate_texts(model, tokenizer, prompts, temperature=0.0, top_k=0, batch_size=256, max_new_tokens=200, desc=None,

@@ -31,7 +31,8 @@ import train
 import triplet
 import world
 from data import DEFAULT_DIR, Question
-from t5 import atomic_write, load_pretrained
+from files import atomic_write
+from t5 import load_pretrained
 
 
 @dataclass

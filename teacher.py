@@ -52,7 +52,7 @@ from tqdm import tqdm
 import data
 import train
 from data import LETTERS, DataError, Question, with_period
-from t5 import atomic_write, read_json
+from files import LoadError, atomic_write, hold, read_json, release
 
 PROMPTS = Path(__file__).resolve().parent / "prompts.json"
 N = {"csqa": 8, "obqa": 4, "strategyqa": 4}  # completions per question (METHOD 3.2)
@@ -448,18 +448,18 @@ class Client:
 
 class Cache:
     """Append-only JSONL {"model", "key", "response"}; each line is fsync'd before its response is used. A run holds
-    `{cache}.lock` (train.hold: released when the process ends, however it ends) until it closes the cache."""
+    `{cache}.lock` (files.hold: released when the process ends, however it ends) until it closes the cache."""
 
     def __init__(self, path: Path):
         self.lock, self.responses = threading.Lock(), {}
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path, self.holder = path, path.with_name(path.name + ".lock")
-        train.hold(self.holder, path)
+        hold(self.holder, path)
         try:
             self._load(path)
             self.file = open(path, "ab", buffering=0)  # unbuffered: put knows what reached the disk
         except BaseException:
-            train.release(self.holder)
+            release(self.holder)
             raise
 
     def _load(self, path: Path):
@@ -495,7 +495,7 @@ class Cache:
     def close(self):
         with self.lock:  # after a write in progress
             self.file.close()
-            train.release(self.holder)
+            release(self.holder)
 
 
 # ---------------------------------------------------------------- one question, the whole run
@@ -698,7 +698,7 @@ def main(argv=None):
               file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(130)  # at once: a worker may be inside a request, and every answer received is already on disk
-    except DataError as e:  # Fatal too
+    except (DataError, LoadError) as e:  # Fatal too; a cache another run holds
         raise SystemExit(f"teacher.py: {e}") from None
     except OSError as e:  # a file that could not be written: a full disk, a read-only folder
         if e.filename is None:

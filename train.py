@@ -8,16 +8,13 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import fcntl
 import json
 import math
 import os
 import pickle
 import platform
 import random
-import socket
 import sys
-import time
 from typing import NamedTuple
 
 import numpy as np
@@ -28,7 +25,8 @@ from tqdm import tqdm
 
 import data
 import world
-from t5 import T5, LoadError, T5Config, Tokenizer, atomic_write, load_pretrained, read_json
+from files import HELD, LoadError, atomic_write, hold, read_json, release
+from t5 import T5, T5Config, Tokenizer, load_pretrained
 
 # --precision: the autocast dtype of the model (T5.amp_dtype), fp32 unless asked (A20).
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -136,37 +134,6 @@ def check_resume(cfg, run_dir, free, **extra):
                if k in saved and k not in free and now[k] != saved[k]]
     if changed:
         raise SystemExit(f"{run_dir}: cannot resume with other settings: {', '.join(changed)}")
-
-
-HELD = {}  # lock file -> its open file: the locks this process holds
-
-
-def hold(path, what):
-    """Make this process the one writer of `what` (a run folder, a teacher cache) with an exclusive flock on the file
-    `path`, which then names the holder: pid, host and start. The kernel releases a flock when its process ends,
-    however it ends, so a crashed run blocks nothing. Held by this process already: nothing to do (a run's phases, a
-    test, come back to a folder). Held by another: DataError naming `what` and the holder."""
-    path = os.path.realpath(path)
-    if path in HELD:
-        return
-    # not through a link: a copied folder's lock file could point at a file to overwrite
-    handle = open(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666), "r+", encoding="utf-8")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        who = handle.read().strip() or "another process"
-        handle.close()
-        raise data.DataError(f"{what} is in use by {who}; wait for that process to end") from None
-    handle.truncate(0)
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    handle.flush()
-    HELD[path] = handle
-
-
-def release(path):
-    handle = HELD.pop(os.path.realpath(path), None)
-    if handle:
-        handle.close()
 
 
 def hold_run(run_dir):

@@ -24,7 +24,7 @@ import torch
 
 import data
 import evaluate
-import t5
+import files
 import tailored
 import teacher
 import tinythinker
@@ -625,8 +625,8 @@ def test_ctrl_c_in_training_says_how_to_continue(world, tmp_path):  # noqa: F811
 
 # ---------------------------------------------------------------- shared run folders, full disks, non-finite values
 
-HOLDER = ("import sys, time, train; train.hold_run(sys.argv[1]); train.hold(sys.argv[2] + '.lock', sys.argv[2]); "
-          "print('held', flush=True); time.sleep(300)")
+HOLDER = ("import sys, time, files, train; train.hold_run(sys.argv[1]); "
+          "files.hold(sys.argv[2] + '.lock', sys.argv[2]); print('held', flush=True); time.sleep(300)")
 
 
 def acquired_run(path):
@@ -640,7 +640,7 @@ def acquired_run(path):
 
 
 def test_one_writer_per_run_folder_and_a_crashed_holder_blocks_nothing(tmp_path):
-    """A process holds a run folder and a teacher cache (train.hold, as a running phase does); every command that
+    """A process holds a run folder and a teacher cache (files.hold, as a running phase does); every command that
     would write there stops at once naming it; once it is killed (-9: nothing of ours runs), the folder is free."""
     run, cache = acquired_run(tmp_path / "run"), tmp_path / "t.cache.jsonl"
     write_obqa(tmp_path, ["q1"])
@@ -731,7 +731,7 @@ def test_a_non_finite_loss_stops_training_naming_the_step(tmp_path):
         tiny_fit(run, torch.float16, {0: 1e35, 2: math.nan})
     log = read_log(run)
     assert [r["step"] for r in log] == [1, 1, 2, 2] and not math.isfinite(log[0]["grad_norm"])  # skipped, went on
-    best = t5.read_safetensors(run / "best" / "model.safetensors")
+    best = files.read_safetensors(run / "best" / "model.safetensors")
     assert all(t.isfinite().all() for t in best.values())
     lines = (run / "log.jsonl").read_text().splitlines(keepends=True)
     (run / "log.jsonl").write_text(lines[0] + '{"step": 1, "lo\n' + "".join(lines[1:]))
@@ -768,7 +768,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_loses_nothing(tmp_path):
     path = tmp_path / "state.pt"
     path.write_bytes(b"the last state")
     with pytest.raises(SystemExit, match=f"^{re.escape(str(path))}: No space left on device$"):
-        train.command(lambda: t5.atomic_write(path, lambda f: (f.write(b"half"), full_disk())))
+        train.command(lambda: files.atomic_write(path, lambda f: (f.write(b"half"), full_disk())))
     assert path.read_bytes() == b"the last state" and not Path(f"{path}.tmp").exists()
     if os.path.exists("/dev/full"):  # a device whose every write fails with ENOSPC
         with pytest.raises(SystemExit, match="^/dev/full: No space left on device$"):
