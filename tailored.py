@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import cli
 import data
 import evaluate
 import teacher
@@ -118,9 +119,9 @@ FREE_ON_RESUME = ("resume", "dry_run", "out", "data_dir", "rounds", "eval_batch_
 
 def parse_config(argv=None):
     """Defaults, then the world's presets, then the command line."""
-    parser = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_flags(parser, Config)
-    given = train.given_flags(parser, argv)
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_flags(parser, Config)
+    given = cli.given_flags(parser, argv)
     data.check_name(given.get("data", Config.data), listed=tuple(data.FILES))
     cfg = Config(**{**(world.PRESETS["tailored"] if given.get("data", Config.data) == "world" else {}), **given})
     cfg.out = cfg.out or os.path.join("runs", f"tailored_{data.dataset_name(cfg.data)}")
@@ -131,17 +132,17 @@ def parse_config(argv=None):
 
 def check(cfg):
     """One clear line for a setting that cannot work, before anything is loaded or written (--data: parse_config)."""
-    train.check_positive(cfg, ("rounds", "epochs", "batch_size", "exam_samples", "eval_batch_size", "max_new_tokens",
+    cli.check_positive(cfg, ("rounds", "epochs", "batch_size", "exam_samples", "eval_batch_size", "max_new_tokens",
                                "workers", "sr_max_length",
                                *(("limit",) if cfg.limit is not None else ())))
-    train.check_positive(cfg, ("exam_top_k", "later_epochs", "eval_every"), least=0)
-    train.check_seed(cfg.seed)
+    cli.check_positive(cfg, ("exam_top_k", "later_epochs", "eval_every"), least=0)
+    cli.check_seed(cfg.seed)
     if not (cfg.lr > 0 and cfg.lam >= 0 and cfg.exam_temperature > 0 and cfg.margin >= 0 and cfg.later_lr >= 0
             and 0 <= cfg.warmup < 1 and cfg.grad_clip > 0):
         raise SystemExit("--lr, --exam-temperature and --grad-clip must be above 0, --later-lr, --margin and --lam at "
                          "least 0, --warmup in [0, 1)")
-    train.check_learning_rate(cfg.lr)
-    train.check_learning_rate(cfg.later_lr, "--later-lr")
+    cli.check_learning_rate(cfg.lr)
+    cli.check_learning_rate(cfg.later_lr, "--later-lr")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -309,10 +310,10 @@ def rationales_file(path, make, everyone=False) -> list[dict]:
     request repeated). Rank 0 makes it and writes it, or every rank takes part in making it (`everyone`: a sharded
     exam)."""
     if not os.path.isfile(path):
-        made = make() if everyone or train.rank() == 0 else None
-        if train.rank() == 0:
+        made = make() if everyone or cli.rank() == 0 else None
+        if cli.rank() == 0:
             data.write_jsonl(path, made)
-    train.barrier()
+    cli.barrier()
     return data.read_jsonl(path)
 
 
@@ -431,19 +432,19 @@ def train_round(cfg, k, model, tokenizer, texts, questions, valid, runtime):
 
 
 def tailored(cfg):
-    runtime = train.setup_device(cfg.precision, cfg.seed)
+    runtime = cli.setup_device(cfg.precision, cfg.seed)
     lead = runtime.rank == 0
-    train.hold_run(cfg.out)
+    cli.hold_run(cfg.out)
     if os.path.isfile(os.path.join(cfg.out, "config.json")):
-        train.check_resume(cfg, cfg.out, FREE_ON_RESUME)
+        cli.check_resume(cfg, cfg.out, FREE_ON_RESUME)
     else:
         os.makedirs(cfg.out, exist_ok=True)
-        train.write_run_config(cfg, cfg.out, runtime, DECISIONS, method="tailored", stages="cot")
+        cli.write_run_config(cfg, cfg.out, runtime, DECISIONS, method="tailored", stages="cot")
     if cfg.data == "world" and lead:
         print("demo: Tailored Learning on the embedded world with a T5 from scratch; a real run: "
               "python tailored.py --data csqa")
-    train_questions = train.questions(cfg.data, "train", cfg.data_dir)[:cfg.limit]
-    valid = train.questions(cfg.data, "valid", cfg.data_dir)
+    train_questions = cli.questions(cfg.data, "train", cfg.data_dir)[:cfg.limit]
+    valid = cli.questions(cfg.data, "valid", cfg.data_dir)
     by_id = {q.id: q for q in train_questions}
     ask = Teacher(cfg) if lead else None  # rank 0 alone talks to the teacher and holds its cache
     os.makedirs(os.path.join(cfg.out, "round_1"), exist_ok=True)
@@ -484,21 +485,21 @@ def tailored(cfg):
             break
         if k == 1:
             texts = [data.cot_input(by_id[i]) + " " + data.cot_target(t, by_id[i]) for i, t in anchors]
-            model, tokenizer = train.student(cfg, cfg.out, texts)
+            model, tokenizer = cli.student(cfg, cfg.out, texts)
             model.to(runtime.device).amp_dtype = runtime.amp
         best, steps = train_round(cfg, k, model, tokenizer, (anchors, positives, negatives), by_id, valid, runtime)
         results[k] = dict(best=best, steps=steps, requests=requests, rationales=len(anchors),
                           mistakes=sum(map(len, negatives.values())))
         if lead:
             data.write_jsonl(done_path, [results[k]])
-        train.barrier()
+        cli.barrier()
         previous = os.path.join(round_dir, "best")
     if lead:
         atomic_write(os.path.join(cfg.out, "summary.json"), json.dumps(results, indent=1).encode())
         print("tailored: " + "; ".join(f"round {k}: validation {r['best']:.2f}%, {r['steps']} steps, "
                                        f"{r['requests']} teacher requests" for k, r in results.items()))
         print(f"next: python evaluate.py {cfg.out}")
-    train.release_run(cfg.out)
+    cli.release_run(cfg.out)
 
 
 def main(argv=None):
@@ -508,7 +509,7 @@ def main(argv=None):
         if cfg.dry_run:
             return print(json.dumps(round_one_bill(cfg), indent=1))
         tailored(cfg)
-    train.command(run)
+    cli.command(run)
 
 
 if __name__ == "__main__":

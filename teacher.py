@@ -49,8 +49,8 @@ from urllib.parse import urlparse
 import requests
 from tqdm import tqdm
 
+import cli
 import data
-import train
 from data import LETTERS, DataError, Question, with_period
 from files import LoadError, atomic_write, hold, read_json, release
 
@@ -561,8 +561,8 @@ def check(cfg: TeacherConfig):
     for name in ("temperature", "backoff", "max_backoff", "price_in", "price_out"):
         if not 0 <= getattr(cfg, name) < math.inf:
             raise Fatal(f"--{name.replace('_', '-')} must be a number of at least 0, not {getattr(cfg, name)}")
-    if not 0 <= cfg.prompt_seed < train.SEEDS:
-        raise Fatal(f"--prompt-seed must be from 0 to {train.SEEDS - 1}, not {cfg.prompt_seed}")
+    if not 0 <= cfg.prompt_seed < cli.SEEDS:
+        raise Fatal(f"--prompt-seed must be from 0 to {cli.SEEDS - 1}, not {cfg.prompt_seed}")
 
 
 def output_files(cfg: TeacherConfig) -> tuple[Path, Path, Path]:
@@ -680,12 +680,12 @@ def estimate(cfg: TeacherConfig) -> dict:
 
 
 def main(argv=None):
-    parser = train.Parser(description="Teacher rationales (METHOD section 3).")
+    parser = cli.Parser(description="Teacher rationales (METHOD section 3).")
     parser.add_argument("--make-prompts", metavar="DATASETS_DIR", help="regenerate prompts.json and exit")
     parser.add_argument("--dry-run", action="store_true", help="print the questions, requests, tokens and cost "
                         "a run would need, and send nothing")
-    train.add_flags(parser, TeacherConfig)
-    args = train.given_flags(parser, argv)
+    cli.add_flags(parser, TeacherConfig)
+    args = cli.given_flags(parser, argv)
     datasets_dir, dry_run = args.pop("make_prompts", None), args.pop("dry_run", None)
     if datasets_dir:
         return make_prompts(datasets_dir)

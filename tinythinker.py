@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+import cli
 import data
 import dpo
 import evaluate
@@ -87,10 +88,10 @@ def parse_config(argv=None):
     acquire run in --from: its data set, data directory and stage variant come from that run's config.json, then
     the method's reflect values (REFLECT), then the world's if that run was on the world, then the command line.
     cfg.sources records where each setting came from; it is written to config.json."""
-    parser = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_flags(parser, Config)
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_flags(parser, Config)
     parser.add_argument("--from", dest="out", help="reflect: the acquire run directory (same as --out)")
-    given = train.given_flags(parser, argv)
+    given = cli.given_flags(parser, argv)
     phase, name = given.get("phase", Config.phase), given.get("data", Config.data)
     layers = []
     if phase == "reflect":
@@ -122,15 +123,15 @@ def check(cfg):
     data.check_choices(cfg.data)
     if cfg.phase == "acquire" and cfg.stages not in data.STAGES:
         raise SystemExit(f"--stages must be one of {', '.join(data.STAGES)}, not {cfg.stages!r}")
-    train.check_positive(cfg, ("batch_size", "grad_accum", "epochs", "interval", "eval_batch_size", "max_new_tokens",
+    cli.check_positive(cfg, ("batch_size", "grad_accum", "epochs", "interval", "eval_batch_size", "max_new_tokens",
                                "iterations", "samples", "max_length"))
-    train.check_positive(cfg, ("steps",), least=0)
-    train.check_seed(cfg.seed)
+    cli.check_positive(cfg, ("steps",), least=0)
+    cli.check_seed(cfg.seed)
     if not (cfg.lr > 0 and 0 <= cfg.warmup < 1 and cfg.eval_every >= 0 and cfg.temperature > 0 and cfg.beta > 0
             and cfg.grad_clip > 0 and cfg.alpha >= 0):
         raise SystemExit("--lr, --temperature, --beta and --grad-clip must be above 0, --warmup in [0, 1), "
                          "--eval-every and --alpha at least 0")
-    train.check_learning_rate(cfg.lr)
+    cli.check_learning_rate(cfg.lr)
     if cfg.phase == "reflect":  # reflect starts from an acquired model (parse_config has read the run's settings)
         if not os.path.isdir(os.path.join(cfg.out, "best")):
             raise SystemExit(f"{cfg.out}: no acquired model ({os.path.join(cfg.out, 'best')}); "
@@ -144,7 +145,7 @@ def acquire_settings(run_dir):
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no acquire run to reflect on; run python tinythinker.py --phase acquire first, "
                          "or pass --from RUN_DIR")
-    acquired = train.read_run_config(run_dir)
+    acquired = cli.read_run_config(run_dir)
     if acquired["stages"] != "recall_analyze_summarize":
         raise SystemExit(f"{path}: reflect continues a recall_analyze_summarize run, not a {acquired['stages']} one")
     return dict(data=acquired["data"], data_dir=acquired["data_dir"], stages="recall_analyze")
@@ -170,21 +171,21 @@ def teacher_records(cfg):
 # Phase 1: reasoning acquisition (METHOD 5)
 
 def acquire(cfg):
-    runtime = train.setup_device(cfg.precision, cfg.seed)
+    runtime = cli.setup_device(cfg.precision, cfg.seed)
     run_dir, lead = cfg.out, runtime.rank == 0
-    train.hold_run(run_dir)
+    cli.hold_run(run_dir)
     effective = cfg.batch_size * cfg.grad_accum * runtime.world_size
     started = os.path.isfile(os.path.join(run_dir, "state.pt"))
     if started:
-        train.check_resume(cfg, run_dir, FREE_ON_RESUME, effective_batch_size=effective)
+        cli.check_resume(cfg, run_dir, FREE_ON_RESUME, effective_batch_size=effective)
     os.makedirs(run_dir, exist_ok=True)
     if cfg.data == "world" and cfg.model == "scratch" and lead:
         print("demo: acquiring on the embedded world with a T5 from scratch; a real run: "
               "python teacher.py --data csqa --split train && python tinythinker.py --phase acquire --data csqa")
     records = teacher_records(cfg)
-    valid = train.questions(cfg.data, "valid", cfg.data_dir)
+    valid = cli.questions(cfg.data, "valid", cfg.data_dir)
     stage_texts = {stage: pairs for stage, pairs in data.stage_examples(records, cfg.stages).items() if pairs}
-    model, tokenizer = train.student(cfg, run_dir, [x + " " + y for pairs in stage_texts.values() for x, y in pairs])
+    model, tokenizer = cli.student(cfg, run_dir, [x + " " + y for pairs in stage_texts.values() for x, y in pairs])
     model.to(runtime.device).amp_dtype = runtime.amp
     examples = {stage: [(tokenizer.encode(x), tokenizer.encode(y)) for x, y in pairs]
                 for stage, pairs in stage_texts.items()}
@@ -194,7 +195,7 @@ def acquire(cfg):
     plan = train.Plan({s: len(e) for s, e in examples.items()}, effective, cfg.epochs, cfg.seed, quotas,
                       cfg.steps or None)
     if not started:  # a resumed run keeps the config.json it started with
-        train.write_run_config(cfg, run_dir, runtime, DECISIONS, effective_batch_size=effective,
+        cli.write_run_config(cfg, run_dir, runtime, DECISIONS, effective_batch_size=effective,
                                total_steps=len(plan), examples={s: len(e) for s, e in examples.items()})
     if lead:
         print(f"acquire: {', '.join(f'{len(e)} {s}' for s, e in examples.items())} examples; effective batch "
@@ -213,7 +214,7 @@ def acquire(cfg):
                      validate=evaluate.validator(cfg, tokenizer, valid, cfg.stages), runtime=runtime, desc="acquire")
     if lead:
         print(f"acquire: best validation accuracy {best:.2f}%, model in {os.path.join(run_dir, 'best')}")
-    train.release_run(run_dir)
+    cli.release_run(run_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,19 +272,19 @@ def reflect_plan(cfg, pairs, seed):
 
 
 def reflect(cfg):
-    runtime = train.setup_device(cfg.precision, cfg.seed)
+    runtime = cli.setup_device(cfg.precision, cfg.seed)
     lead = runtime.rank == 0
-    train.hold_run(cfg.out)  # the acquire run's folder: reflect reads its best/
+    cli.hold_run(cfg.out)  # the acquire run's folder: reflect reads its best/
     reflect_dir = os.path.join(cfg.out, "reflect")
     if os.path.isfile(os.path.join(reflect_dir, "iter_1", "state.pt")):  # saved at iteration 1's first validation
-        train.check_resume(cfg, reflect_dir, FREE_ON_RESUME)
+        cli.check_resume(cfg, reflect_dir, FREE_ON_RESUME)
     else:
         os.makedirs(reflect_dir, exist_ok=True)
-        train.write_run_config(cfg, reflect_dir, runtime, DECISIONS)
+        cli.write_run_config(cfg, reflect_dir, runtime, DECISIONS)
     if cfg.data == "world" and lead:
         print("demo: self-reflection on the embedded world; a real run: python tinythinker.py --phase reflect "
               "--from runs/csqa")
-    train_questions, valid = (train.questions(cfg.data, split, cfg.data_dir) for split in ("train", "valid"))
+    train_questions, valid = (cli.questions(cfg.data, split, cfg.data_dir) for split in ("train", "valid"))
     records = teacher_records(cfg)
     # Only questions with teacher records are sampled, as in the official code (its training set is the teacher's
     # output): a recall pair may need the teacher's Key Information as its chosen side (METHOD 7.2, step 4), and
@@ -295,7 +296,7 @@ def reflect(cfg):
     train_questions = [q for q in train_questions if q.id in taught]
     previous, results = os.path.join(cfg.out, "best"), {}
     for iteration in range(1, cfg.iterations + 1):
-        train.barrier()  # what rank 0 wrote in the last iteration is there for every rank to read
+        cli.barrier()  # what rank 0 wrote in the last iteration is there for every rank to read
         iteration_dir = os.path.join(reflect_dir, f"iter_{iteration}")
         done_path = os.path.join(iteration_dir, "done.json")
         os.makedirs(iteration_dir, exist_ok=True)
@@ -318,7 +319,7 @@ def reflect(cfg):
         # Dropout stays off in policy and reference (TRL's disable_dropout): the reference log-probs are computed
         # once, before training, by the same weights, and the policy must score its targets the same way.
         model.eval()
-        reference = {s: torch.cat(train.sharded(train.chunks(p, cfg.eval_batch_size),
+        reference = {s: torch.cat(cli.sharded(cli.chunks(p, cfg.eval_batch_size),
                                                 lambda batch: dpo.reference_logprobs(model, batch, runtime.device)))
                      for s, p in pairs.items()}
         plan = reflect_plan(cfg, pairs, cfg.seed + iteration)
@@ -350,7 +351,7 @@ def reflect(cfg):
         shutil.rmtree(best_dir, ignore_errors=True)
         os.replace(best_dir + ".tmp", best_dir)
         print(f"reflect: validation accuracy by iteration {results}; iteration {chosen} -> {best_dir}")
-    train.release_run(cfg.out)
+    cli.release_run(cfg.out)
 
 
 def main(argv=None):
@@ -358,7 +359,7 @@ def main(argv=None):
         cfg = parse_config(argv)
         check(cfg)
         acquire(cfg) if cfg.phase == "acquire" else reflect(cfg)
-    train.command(run)
+    cli.command(run)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
 import data
 import evaluate
 import files
@@ -475,7 +476,7 @@ def test_loaders_return_questions_or_raise_data_error_on_mutations(tmp_path):
 
 # ---------------------------------------------------------------- the command line
 
-def cli(*argv, cwd=ROOT):
+def as_typed(*argv, cwd=ROOT):
     result = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, cwd=cwd, timeout=120,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     return result.returncode, result.stderr
@@ -535,7 +536,7 @@ def test_command_line_mistakes_get_one_line(tmp_path):
         ((ev, runs["empty"], "--split", "valid"), "the valid split of strategyqa has no questions"),
     ]
     with ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(lambda case: cli(*case[0]), cases))
+        results = list(pool.map(lambda case: as_typed(*case[0]), cases))
     for (argv, message), (code, stderr) in zip(cases, results):
         assert code != 0 and message in stderr and "Traceback" not in stderr, (argv, stderr)
 
@@ -545,10 +546,10 @@ def test_resume_refuses_changed_settings_naming_them(tmp_path):
     flags = ["--data", "obqa", "--out", str(tmp_path / "run")]
     cfg = tinythinker.parse_config(flags)
     (tmp_path / "run").mkdir()
-    cpu = train.Runtime(torch.device("cpu"), None, 0, 1)
-    train.write_run_config(cfg, str(tmp_path / "run"), cpu, tinythinker.DECISIONS, effective_batch_size=cfg.batch_size)
+    cpu = cli.Runtime(torch.device("cpu"), None, 0, 1)
+    cli.write_run_config(cfg, str(tmp_path / "run"), cpu, tinythinker.DECISIONS, effective_batch_size=cfg.batch_size)
     (tmp_path / "run" / "state.pt").write_bytes(b"")
-    code, stderr = cli("tinythinker.py", *flags, "--resume", "--epochs", "3", "--seed", "1", "--batch-size", "8",
+    code, stderr = as_typed("tinythinker.py", *flags, "--resume", "--epochs", "3", "--seed", "1", "--batch-size", "8",
                        "--lr", "0.1", "--eval-batch-size", "8")
     assert code != 0 and "Traceback" not in stderr
     assert ("cannot resume with other settings: --seed 1 (the run has 42), --batch-size 8 (the run has 64), "
@@ -583,11 +584,11 @@ def test_a_damaged_or_hostile_state_pt_is_one_line_and_runs_nothing(world, tmp_p
         run.mkdir()
         flags[name] = [*args(world, run), "--resume"]
         cfg = tinythinker.parse_config(flags[name])
-        cpu = train.Runtime(torch.device("cpu"), None, 0, 1)
-        train.write_run_config(cfg, str(run), cpu, tinythinker.DECISIONS, effective_batch_size=cfg.batch_size)
+        cpu = cli.Runtime(torch.device("cpu"), None, 0, 1)
+        cli.write_run_config(cfg, str(run), cpu, tinythinker.DECISIONS, effective_batch_size=cfg.batch_size)
         (run / "state.pt").write_bytes(content)
     with ThreadPoolExecutor(2) as pool:
-        results = dict(zip(flags, pool.map(lambda name: cli("tinythinker.py", *flags[name]), flags)))
+        results = dict(zip(flags, pool.map(lambda name: as_typed("tinythinker.py", *flags[name]), flags)))
     for name, (code, stderr) in results.items():
         [line] = stderr.strip().splitlines()
         assert code != 0 and line.startswith(f"{tmp_path / name / 'state.pt'}: not a training state this code can "
@@ -625,7 +626,7 @@ def test_ctrl_c_in_training_says_how_to_continue(world, tmp_path):  # noqa: F811
 
 # ---------------------------------------------------------------- shared run folders, full disks, non-finite values
 
-HOLDER = ("import sys, time, files, train; train.hold_run(sys.argv[1]); "
+HOLDER = ("import sys, time, cli, files; cli.hold_run(sys.argv[1]); "
           "files.hold(sys.argv[2] + '.lock', sys.argv[2]); print('held', flush=True); time.sleep(300)")
 
 
@@ -633,7 +634,7 @@ def acquired_run(path):
     """A run folder as acquire leaves it, as far as reflect and evaluate look before they start: config.json, best/."""
     cfg = tinythinker.parse_config(["--out", str(path)])
     path.mkdir()
-    train.write_run_config(cfg, str(path), train.Runtime(torch.device("cpu"), None, 0, 1), tinythinker.DECISIONS,
+    cli.write_run_config(cfg, str(path), cli.Runtime(torch.device("cpu"), None, 0, 1), tinythinker.DECISIONS,
                            effective_batch_size=cfg.batch_size)
     (path / "best").mkdir()
     return path
@@ -648,7 +649,7 @@ def test_one_writer_per_run_folder_and_a_crashed_holder_blocks_nothing(tmp_path)
     try:
         assert holder.stdout.readline() == b"held\n"
         in_use = f" is in use by pid {holder.pid} on {socket.gethostname()}, started "
-        code, stderr = cli("evaluate.py", run)  # as typed, before any model is loaded
+        code, stderr = as_typed("evaluate.py", run)  # as typed, before any model is loaded
         assert code != 0 and f"{run}{in_use}" in stderr and "Traceback" not in stderr, stderr
         for main, argv, folder in [
             (tinythinker.main, ["--out", str(run)], run),  # acquire
@@ -663,9 +664,9 @@ def test_one_writer_per_run_folder_and_a_crashed_holder_blocks_nothing(tmp_path)
     finally:
         holder.kill()
         holder.communicate()
-    train.hold_run(str(run))
+    cli.hold_run(str(run))
     assert (run / "run.lock").read_text().startswith(f"pid {os.getpid()} on ")
-    train.release_run(str(run))
+    cli.release_run(str(run))
 
 
 def file_modes_bind_root():
@@ -717,7 +718,7 @@ def tiny_fit(run, amp, scale, resume=False, step_loss=None):
     return train.fit(cfg, str(run), model, types.SimpleNamespace(save_pretrained=lambda directory: None), Steps(5),
                      step_loss=step_loss or (lambda trained, step, indices, batch: (
                          trained(input_ids=ids, labels=labels)[1] * scale.get(step, 1.0), {})),
-                     validate=lambda model: next(scores), runtime=train.Runtime(torch.device("cpu"), amp, 0, 1),
+                     validate=lambda model: next(scores), runtime=cli.Runtime(torch.device("cpu"), amp, 0, 1),
                      desc="tiny")
 
 
@@ -768,11 +769,11 @@ def test_a_full_disk_is_one_line_naming_the_file_and_loses_nothing(tmp_path):
     path = tmp_path / "state.pt"
     path.write_bytes(b"the last state")
     with pytest.raises(SystemExit, match=f"^{re.escape(str(path))}: No space left on device$"):
-        train.command(lambda: files.atomic_write(path, lambda f: (f.write(b"half"), full_disk())))
+        cli.command(lambda: files.atomic_write(path, lambda f: (f.write(b"half"), full_disk())))
     assert path.read_bytes() == b"the last state" and not Path(f"{path}.tmp").exists()
     if os.path.exists("/dev/full"):  # a device whose every write fails with ENOSPC
         with pytest.raises(SystemExit, match="^/dev/full: No space left on device$"):
-            train.command(lambda: train.append_line("/dev/full", '{"step": 1}'))
+            cli.command(lambda: train.append_line("/dev/full", '{"step": 1}'))
 
     class HalfWritten:  # the disk fills up halfway through a line
         def __init__(self, file):
@@ -830,7 +831,7 @@ def test_own_data_that_no_run_could_use_is_refused_at_load(tmp_path, line, messa
 def test_a_lone_surrogate_is_refused_before_any_request_and_a_bom_is_read(tmp_path):
     path = own(tmp_path, '{"id": "s", "question": "q?", "choices": [{"label": "A", "text": "\\udfff"}, '
                          '{"label": "B", "text": "b"}], "answer": "B"}')
-    code, stderr = cli("teacher.py", "--data", path, "--dry-run")  # as typed
+    code, stderr = as_typed("teacher.py", "--data", path, "--dry-run")  # as typed
     assert code != 0 and f"{path}:5: text holds '\\udfff', a lone surrogate" in stderr and "Traceback" not in stderr
     with Server(lambda stem, count, payload: (200, {}, body([completion(gold="A")]))) as server:
         with pytest.raises(SystemExit, match=":5: text holds"):

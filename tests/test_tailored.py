@@ -302,7 +302,7 @@ def test_negatives_go_through_the_targets_formatter(tmp_path, monkeypatch):
     monkeypatch.setattr(triplet, "self_reflection_loss", reflection)
     monkeypatch.setattr(tailored.train, "fit", one_step)
     cfg = tailored.parse_config(["--data", "gsm8k", "--out", str(tmp_path), "--batch-size", "1"])
-    runtime = tailored.train.Runtime(torch.device("cpu"), None, 0, 1)
+    runtime = tailored.cli.Runtime(torch.device("cpu"), None, 0, 1)
     texts = anchors, {"g": [t for _, t in anchors]}, {"g": [wrong]}  # anchors, positives, negatives
     tailored.train_round(cfg, 2, tiny_model(), CharTokenizer, texts, {"g": q}, [], runtime)
     assert seen["negatives"] == [CharTokenizer.encode("2 + 3 = 6. Answer: 6 Answer: 5")]
