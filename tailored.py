@@ -2,7 +2,7 @@
 
     python tailored.py                          # every round on the embedded world, offline, a T5 from scratch
     python tailored.py --data gsm8k --dry-run   # round 1's teacher bill: questions, requests, tokens, cost
-    python tailored.py --data gsm8k --rounds 3  # the LLM teacher through teacher.py's client and cache
+    python tailored.py --data gsm8k --rounds 3  # the LLM teacher through client.py's client and cache
     python evaluate.py runs/tailored_world      # every round's model, single-stage chain-of-thought decoding
 
 Round 1: the teacher writes chain-of-thought rationales for every training question (COT_N each); those whose
@@ -27,10 +27,11 @@ from tqdm import tqdm
 import cli
 import data
 import evaluate
-import teacher
 import train
 import triplet
 import world
+from client import (Cache, Client, ClientConfig, InvalidCompletion, Meter, RequestFailed, api_key, bill,
+                    cached_chat)
 from data import DEFAULT_DIR, Question
 from files import atomic_write
 from t5 import load_pretrained
@@ -64,7 +65,7 @@ class Config:
     precision: str = "fp32"             # fp32 | bf16 | fp16: the autocast dtype, as tinythinker's --precision (A20)
     eval_batch_size: int = 256
     max_new_tokens: int = 0             # 0 = the task's official cap (CAPS, TL10), for the exam and validation
-    base_url: str = "https://api.openai.com/v1"  # the teacher (real data only); see teacher.py
+    base_url: str = "https://api.openai.com/v1"  # the teacher (real data only); see client.py
     teacher_model: str = "gpt-4o-2024-05-13"
     api_key_env: str = "OPENAI_API_KEY"
     workers: int = 8
@@ -206,47 +207,55 @@ def parse_cot_completion(text: str, q: Question) -> str:
     for label in ("Answer:", "Reasoning:"):
         text = text.removeprefix(label).strip()
     if data.parse_cot(text, q) != q.answer:
-        raise teacher.InvalidCompletion("no answer or not the gold answer")
+        raise InvalidCompletion("no answer or not the gold answer")
     if q.kind != "choice":
         return " ".join(data.ANSWER_MARKER.split(text)[0].split())
     line = text.split("\n")[0]
     letter = re.search(r"\([a-e]\)", line, re.I)
     if letter is None:  # a bare letter answers, but is no rationale
-        raise teacher.InvalidCompletion("no rationale")
+        raise InvalidCompletion("no rationale")
     return line[:letter.end()] + "."
 
 
-def ask(messages, n, salt, cfg, client, cache):
-    """n completions of one chat request, through teacher.py's cache (teacher.cached_chat). `salt` keeps Tailored's
-    requests apart from TinyThinker's rounds."""
-    payload = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens,
-               "n": n}
-    response = teacher.cached_chat(payload, salt, client, cache)
+def ask(messages, n, salt, settings, client, cache):
+    """n completions of one chat request, through the cache (client.cached_chat). `salt` keeps Tailored's requests
+    apart from TinyThinker's rounds."""
+    payload = {"model": settings.model, "messages": messages, "temperature": settings.temperature,
+               "max_tokens": settings.max_tokens, "n": n}
+    response = cached_chat(payload, salt, client, cache)
     return [c["message"].get("content") or "" for c in response["choices"] if c.get("finish_reason") != "length"]
 
 
-def ask_all(jobs, cfg, client, cache, desc):
-    """Tailored's requests, in parallel: (q, None) asks for COT_N round-1 rationales of q, (q, wrong) for one
-    correction of the student's wrong rationale. Returns the kept rationales of each job (gold answer only);
-    a request that still fails after the client's retries gives none and is counted in client.meter."""
+def gold_rationales(texts, q):
+    """(the rationales of the completions whose answer is q's gold one, how many were not): parse_cot_completion."""
+    kept = []
+    for text in texts:
+        try:
+            kept.append(parse_cot_completion(text, q))
+        except InvalidCompletion:
+            pass
+    return kept, len(texts) - len(kept)
+
+
+def ask_all(jobs, name, settings, client, cache, desc):
+    """Tailored's requests on data set `name`, in parallel: (q, None) asks for COT_N round-1 rationales of q, (q,
+    wrong) for one correction of the student's wrong rationale. Returns the kept rationales of each job (gold answer
+    only); a request that still fails after the client's retries gives none and is counted in client.meter."""
     def one(job):
         q, wrong = job
-        content = cot_message(q, cfg.data) if wrong is None else feedback_message(q, wrong, cfg.data)
+        content = cot_message(q, name) if wrong is None else feedback_message(q, wrong, name)
         try:
             texts = ask([{"role": "user", "content": content}], COT_N if wrong is None else 1,
-                        "tailored-cot" if wrong is None else "tailored-feedback", cfg, client, cache)
-        except teacher.RequestFailed:
+                        "tailored-cot" if wrong is None else "tailored-feedback", settings, client, cache)
+        except RequestFailed:
             client.meter.add(failed=1)
             return []
-        kept = []
-        for text in texts:
-            try:
-                kept.append(parse_cot_completion(text, q))
-            except teacher.InvalidCompletion:
-                client.meter.add(invalid=1)
+        kept, invalid = gold_rationales(texts, q)
+        if invalid:
+            client.meter.add(invalid=invalid)
         return kept
 
-    pool = ThreadPoolExecutor(cfg.workers)
+    pool = ThreadPoolExecutor(settings.workers)
     try:
         return list(tqdm(pool.map(one, jobs), total=len(jobs), desc=desc, unit="request"))
     finally:
@@ -254,16 +263,16 @@ def ask_all(jobs, cfg, client, cache, desc):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The teacher: the world's built-in one, or an LLM through teacher.py's client and cache
+# The teacher: the world's built-in one, or an LLM through client.py
 
-def teacher_config(cfg) -> teacher.TeacherConfig:
-    """teacher.py's settings for Tailored's requests: the run's endpoint and model, TEACHER's request settings."""
-    return teacher.TeacherConfig(data=cfg.data, base_url=cfg.base_url, model=cfg.teacher_model,
-                                 api_key_env=cfg.api_key_env, workers=cfg.workers, **TEACHER)
+def teacher_settings(cfg) -> ClientConfig:
+    """The client's settings for Tailored's requests: the run's endpoint and model, TEACHER's request settings."""
+    return ClientConfig(base_url=cfg.base_url, model=cfg.teacher_model, api_key_env=cfg.api_key_env,
+                        workers=cfg.workers, **TEACHER)
 
 
 def round_one_bill(cfg) -> dict:
-    """--dry-run: round 1's requests and their price (teacher.bill, the estimate of teacher.py --dry-run), sending
+    """--dry-run: round 1's requests and their price (client.bill, the estimate of teacher.py --dry-run), sending
     nothing: one request of COT_N completions per training question, a completion as long as its task's demo answers
     on average. Later rounds ask one correction per mistake of the student's exams, unknown before they run."""
     if cfg.data == "world":
@@ -272,8 +281,8 @@ def round_one_bill(cfg) -> dict:
     answers = {t: demo_answers(t) for t in {task(cfg.data, q) for q in questions}}
     chars = {t: sum(map(len, texts)) / len(texts) for t, texts in answers.items()}
     completion = sum(chars[task(cfg.data, q)] for q in questions) / max(len(questions), 1)
-    return teacher.bill(teacher_config(cfg), [len(cot_message(q, cfg.data)) for q in questions], COT_N, completion,
-                        len(questions))
+    return bill(teacher_settings(cfg), [len(cot_message(q, cfg.data)) for q in questions], COT_N, completion,
+                len(questions), Path(cfg.out) / "round_1" / "teacher.jsonl")
 
 
 class Teacher:
@@ -281,28 +290,20 @@ class Teacher:
     correction of a wrong one. Returns the kept rationales of each job, one request per job."""
 
     def __init__(self, cfg):
-        self.made, self.client = None, None
+        self.name, self.made, self.client = cfg.data, None, None
         if cfg.data == "world":
             self.made = world.make_world()
             return
-        self.cfg = teacher_config(cfg)
-        self.client = teacher.Client(self.cfg, os.environ.get(cfg.api_key_env), teacher.Meter())
-        self.cache = teacher.Cache(Path(cfg.data_dir) / data.dataset_name(cfg.data) / "tailored.cache.jsonl")
+        self.settings = teacher_settings(cfg)
+        self.client = Client(self.settings, api_key(self.settings), Meter())
+        self.cache = Cache(Path(cfg.data_dir) / data.dataset_name(cfg.data) / "tailored.cache.jsonl")
 
     def __call__(self, jobs, desc):
         if self.client:
-            return ask_all(jobs, self.cfg, self.client, self.cache, desc)
-        kept = []
-        for q, wrong in jobs:  # the built-in teacher's completions go through the LLM parser and gold filter
-            texts = (world.cot_completions(self.made, q, COT_N) if wrong is None
-                     else [world.feedback_completion(self.made, q, wrong)])
-            kept.append([])
-            for text in texts:
-                try:
-                    kept[-1].append(parse_cot_completion(text, q))
-                except teacher.InvalidCompletion:
-                    pass
-        return kept
+            return ask_all(jobs, self.name, self.settings, self.client, self.cache, desc)
+        # the built-in teacher's completions go through the LLM parser and gold filter
+        return [gold_rationales(world.cot_completions(self.made, q, COT_N) if wrong is None
+                                else [world.feedback_completion(self.made, q, wrong)], q)[0] for q, wrong in jobs]
 
 
 def rationales_file(path, make, everyone=False) -> list[dict]:

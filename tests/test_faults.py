@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import cli
+import client
 import data
 import evaluate
 import files
@@ -130,8 +131,8 @@ def misbehaving(stem, count, payload):
 def test_teacher_survives_misbehaving_endpoints_and_a_rerun_is_identical(tmp_path, monkeypatch):
     write_obqa(tmp_path, STEMS)
     pauses = []
-    monkeypatch.setattr(teacher.Meter, "pause", lambda self, seconds: pauses.append(seconds))
-    monkeypatch.setattr(teacher, "MAX_RESPONSE_BYTES", 256 << 10)
+    monkeypatch.setattr(client.Meter, "pause", lambda self, seconds: pauses.append(seconds))
+    monkeypatch.setattr(client, "MAX_RESPONSE_BYTES", 256 << 10)
     with Server(misbehaving) as server:
         cfg = dict(data="obqa", data_dir=str(tmp_path), out=str(tmp_path / "t.jsonl"), base_url=server.url, n=3,
                    rounds=3, max_tokens=64, workers=4, timeout=1.0, max_attempts=3, backoff=0.001, max_backoff=5.0)
@@ -155,7 +156,7 @@ def test_teacher_survives_misbehaving_endpoints_and_a_rerun_is_identical(tmp_pat
     thinking = next(r for r in records if r["id"] == "qthink")
     assert thinking["key_information"] == "fish need water." and thinking["explanations"]["C"] == "reason for C."
     cache = (tmp_path / "t.cache.jsonl").read_text().splitlines()
-    assert all(teacher.usable(json.loads(line)["response"]) for line in cache) and len(cache) == 13
+    assert all(client.usable(json.loads(line)["response"]) for line in cache) and len(cache) == 13
     assert (tmp_path / "t.cache.jsonl").stat().st_size < 64 << 10  # the 1 MB answer was never stored
 
 
@@ -174,7 +175,7 @@ def test_a_bad_cached_response_counts_as_absent(tmp_path):
     good = json.loads(body([completion(gold="C")]))
     path.write_text("".join(json.dumps({"model": "m", "key": k, "response": r}) + "\n"
                             for k, r in [("k1", bad), ("k2", good), ("k1", {"choices": [choice(None)]})]))
-    cache = teacher.Cache(path)
+    cache = client.Cache(path)
     assert cache.responses == {"k2": good, "k1": {"choices": [choice(None)]}}  # a later good answer still counts
     cache.close()
 
@@ -226,7 +227,7 @@ def test_an_endpoint_answering_in_another_form_stops_at_once(tmp_path, answer, m
 def test_no_api_key_for_the_official_endpoint_is_said_before_any_request(tmp_path, monkeypatch):
     write_obqa(tmp_path, ["q1"])
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    monkeypatch.setattr(teacher.requests, "post", None)  # any request would fail loudly
+    monkeypatch.setattr(client.requests, "post", None)  # any request would fail loudly
     with pytest.raises(SystemExit, match="OPENAI_API_KEY is not set: https://api.openai.com/v1 needs an API key"):
         teacher.main(["--data", "obqa", "--data-dir", str(tmp_path), "--out", str(tmp_path / "t.jsonl")])
     assert list(tmp_path.glob("t.*")) == []
@@ -401,7 +402,7 @@ def test_parse_completion_returns_or_raises_invalid_completion_on_mutations():
         text = mutate_text(text, rng, PIECES)
         try:
             ki, explanations, answer = teacher.parse_completion(text, q)
-        except teacher.InvalidCompletion:
+        except client.InvalidCompletion:
             outcomes["invalid"] += 1
             continue
         outcomes["parsed"] += 1  # what is accepted still holds every rule
@@ -786,13 +787,13 @@ def test_a_full_disk_is_one_line_naming_the_file_and_loses_nothing(tmp_path):
         def __getattr__(self, name):
             return getattr(self.file, name)
 
-    cache = teacher.Cache(tmp_path / "t.cache.jsonl")
+    cache = client.Cache(tmp_path / "t.cache.jsonl")
     cache.put("m", "k1", {"choices": []})
     cache.file = HalfWritten(cache.file)
-    with pytest.raises(teacher.Fatal, match=r"t\.cache\.jsonl: No space left on device$"):
+    with pytest.raises(client.Fatal, match=r"t\.cache\.jsonl: No space left on device$"):
         cache.put("m", "k2", {"choices": []})
     cache.close()
-    reread = teacher.Cache(tmp_path / "t.cache.jsonl")
+    reread = client.Cache(tmp_path / "t.cache.jsonl")
     assert reread.responses == {"k1": {"choices": []}}
     reread.close()
 
