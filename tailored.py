@@ -13,7 +13,6 @@ correction with L = L_LM + lam * L_SR (triplet.py). Tasks: the paper's GSM8K, SV
 CSQA and StrategyQA, and OBQA, the world and one's own. METHOD.md section 10 is the method, TL1..TL13 its adaptations.
 """
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -116,15 +115,18 @@ DECISIONS = {
 # Settings a resumed run may change: they move no step of a round's schedule.
 FREE_ON_RESUME = ("resume", "dry_run", "out", "data_dir", "rounds", "eval_batch_size", "base_url", "api_key_env",
                   "workers")
+# The demo's settings on the embedded world: round 1 learns from scratch as acquire does (world.FROM_SCRATCH); later
+# rounds refine at 1e-4, as round 1's lr undid it.
+WORLD = dict(world.FROM_SCRATCH, later_epochs=10, later_lr=1e-4, max_new_tokens=64)
 
 
 def parse_config(argv=None):
-    """Defaults, then the world's presets, then the command line."""
+    """Defaults, then the world's presets (WORLD), then the command line."""
     parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_flags(parser, Config)
     given = cli.given_flags(parser, argv)
     data.check_name(given.get("data", Config.data), listed=tuple(data.FILES))
-    cfg = Config(**{**(world.PRESETS["tailored"] if given.get("data", Config.data) == "world" else {}), **given})
+    cfg = Config(**{**(WORLD if given.get("data", Config.data) == "world" else {}), **given})
     cfg.out = cfg.out or os.path.join("runs", f"tailored_{data.dataset_name(cfg.data)}")
     cfg.data_dir = os.path.abspath(cfg.data_dir)
     cfg.max_new_tokens = cfg.max_new_tokens or generation_cap(cfg.data)
@@ -372,19 +374,11 @@ def unique_batches(groups, batch_size, seed, epoch):
     return batches + ([batch] if batch else [])
 
 
-class Plan:
-    """The optimizer steps of a round for train.fit: plan[step] = (step, example indices)."""
-
-    def __init__(self, groups, batch_size, epochs, seed):
-        per_epoch = [unique_batches(groups, batch_size, seed, epoch) for epoch in range(epochs)]
-        self.batches = [b for epoch in per_epoch for b in epoch]
-        self.cycle = len(per_epoch[0])  # validation once per epoch unless eval_every says otherwise
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __getitem__(self, step):
-        return step, self.batches[step]
+def round_plan(groups, batch_size, epochs, seed):
+    """A round's optimizer steps for train.fit, each of stage "cot" (one chain-of-thought target), and the steps of
+    one epoch: a validation each unless --eval-every says otherwise."""
+    per_epoch = [unique_batches(groups, batch_size, seed, epoch) for epoch in range(epochs)]
+    return [train.Step(n, "cot", b) for n, b in enumerate(b for epoch in per_epoch for b in epoch)], len(per_epoch[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -403,22 +397,23 @@ def train_round(cfg, k, model, tokenizer, texts, questions, valid, runtime):
     groups = defaultdict(list)
     for n, (i, _, _) in enumerate(examples):
         groups[i].append(n)
-    if k > 1:
-        cfg = dataclasses.replace(cfg, epochs=cfg.later_epochs or cfg.epochs, lr=cfg.later_lr or cfg.lr)
-    plan = Plan(list(groups.values()), cfg.batch_size, cfg.epochs, cfg.seed * 100 + k)
+    epochs, lr = (cfg.later_epochs or cfg.epochs, cfg.later_lr or cfg.lr) if k > 1 else (cfg.epochs, cfg.lr)
+    plan, epoch_steps = round_plan(list(groups.values()), cfg.batch_size, epochs, cfg.seed * 100 + k)
+    loop = train.Loop(lr, cfg.warmup, cfg.grad_clip, micro_batch=cfg.batch_size,
+                      eval_every=cfg.eval_every or epoch_steps, resume=cfg.resume)
     use_sr = cfg.lam > 0 and k > 1
     if runtime.rank == 0:
         print(f"round {k}: {len(examples)} rationales of {len(groups)} questions, {len(plan)} steps"
               + (f", L_SR weight {cfg.lam}" if use_sr else ""))
 
-    def step_loss(trained, step, indices, batch):
-        rows = [examples[n] for n in indices]
+    def step_loss(trained, step, micro_batch):
+        rows = [examples[n] for n in micro_batch]
         input_ids, attention_mask, labels = (t.to(device) for t in data.collate([(x, y) for _, x, y in rows]))
         loss = trained(input_ids=input_ids, attention_mask=attention_mask, labels=labels)[1]
         metrics = dict(lm=loss.item())
         if use_sr:  # the same metric names on every rank, as train.fit averages them over ranks
             kept, p, n = triplet.triplets([y for _, _, y in rows], [pos.get(i, []) for i, _, _ in rows],
-                                          [neg.get(i, []) for i, _, _ in rows], triplet.draw(cfg.seed, k, step))
+                                          [neg.get(i, []) for i, _, _ in rows], triplet.draw(cfg.seed, k, step.number))
             metrics.update(triplets=len(kept) / len(rows), sr=0.0)
             if kept:
                 sr = triplet.self_reflection_loss(model, input_ids[kept], attention_mask[kept],
@@ -427,7 +422,7 @@ def train_round(cfg, k, model, tokenizer, texts, questions, valid, runtime):
                 metrics["sr"] = sr.item()
         return loss, metrics
 
-    best = train.fit(cfg, os.path.join(cfg.out, f"round_{k}"), model, tokenizer, plan, step_loss=step_loss,
+    best = train.fit(loop, os.path.join(cfg.out, f"round_{k}"), model, tokenizer, plan, step_loss=step_loss,
                      validate=evaluate.validator(cfg, tokenizer, valid, "cot"), runtime=runtime, desc=f"round {k}")
     return best, len(plan)
 

@@ -34,12 +34,14 @@ class Config:
     data: str = "world"                 # world | csqa | obqa | strategyqa | a directory or .jsonl of one's own
     data_dir: str = str(DEFAULT_DIR)    # data set files and teacher records: <repo>/data, where teacher.py writes
     model: str = "google-t5/t5-small"   # Hub id or local directory; "scratch" = a new T5 sized by world.MODEL
-    stages: str = "recall_analyze_summarize"  # a data.STAGES variant; reflect: recall | analyze | recall_analyze
+    stages: str = "recall_analyze_summarize"  # acquire: a data.STAGES variant (reflect: its acquire run's)
+    pairs: str = "recall_analyze"       # reflect: the preference pairs it trains on, recall | analyze | both
     out: str = ""                       # run directory (default runs/{data}); reflect writes into {out}/reflect
     resume: bool = False                # continue a killed run from its last state.pt
     seed: int = 42
     # optimisation (METHOD 5.3 for acquire, 7.5 for reflect)
-    batch_size: int = 64                # per micro-batch; acquire's batch = batch_size * grad_accum * devices
+    batch_size: int = 64                # acquire: per micro-batch, a step = batch_size * grad_accum * devices;
+                                        # reflect: a step's pairs, one micro-batch split over the devices
     grad_accum: int = 1
     lr: float = 5e-4
     warmup: float = 0.1                 # fraction of the steps with a linear warm-up, then cosine decay to 0 (A3)
@@ -65,6 +67,13 @@ class Config:
 # a reflect run, whatever data set it continues; epochs counts cycles of the official schedule (A19, reflect_plan).
 REFLECT = dict(batch_size=32, lr=5e-6, warmup=0.1, epochs=10, eval_every=0, grad_clip=1.0, iterations=5, samples=10,
                temperature=0.7, beta=0.5, alpha=0.5, max_length=200, max_new_tokens=200)
+# The demo's settings on the embedded world, over each phase's (world.FROM_SCRATCH: how acquire learns it from
+# scratch). acquire: stages interleaved batch by batch (interval 1), as longer blocks of one stage kept this model at
+# chance. reflect: lr 5e-5, as Adam's first steps move every weight by about lr and 2e-4 undid a converged student;
+# the method's temperature 0.7 (A24).
+WORLD = {"acquire": dict(world.FROM_SCRATCH, interval=1, max_new_tokens=48),
+         "reflect": dict(batch_size=32, lr=5e-5, epochs=2, iterations=2, samples=4, max_new_tokens=48)}
+PAIRS = ("recall", "analyze", "recall_analyze")
 # The method's open questions that move accuracy (METHOD 9), recorded in every run's config.
 DECISIONS = {
     "A1 analysis order in summarize inputs": "alphabetical in training and inference (no gold-first shortcut)",
@@ -102,7 +111,7 @@ def parse_config(argv=None):
         name = acquired["data"]
         layers += [("acquire run", acquired), ("method (reflect)", REFLECT)]
     if name == "world":
-        layers.append(("world preset", world.PRESETS[phase] if phase in world.PRESETS else {}))
+        layers.append(("world preset", WORLD.get(phase, {})))
     layers.append(("command line", given))
     settings, sources = {}, {}
     for source, values in layers:
@@ -121,8 +130,10 @@ def check(cfg):
         raise SystemExit(f"--phase must be acquire or reflect, not {cfg.phase!r}")
     data.check_name(cfg.data)
     data.check_choices(cfg.data)
-    if cfg.phase == "acquire" and cfg.stages not in data.STAGES:
+    if cfg.stages not in data.STAGES:
         raise SystemExit(f"--stages must be one of {', '.join(data.STAGES)}, not {cfg.stages!r}")
+    if cfg.pairs not in PAIRS:
+        raise SystemExit(f"--pairs must be one of {', '.join(PAIRS)}, not {cfg.pairs!r}")
     cli.check_positive(cfg, ("batch_size", "grad_accum", "epochs", "interval", "eval_batch_size", "max_new_tokens",
                                "iterations", "samples", "max_length"))
     cli.check_positive(cfg, ("steps",), least=0)
@@ -148,7 +159,7 @@ def acquire_settings(run_dir):
     acquired = cli.read_run_config(run_dir)
     if acquired["stages"] != "recall_analyze_summarize":
         raise SystemExit(f"{path}: reflect continues a recall_analyze_summarize run, not a {acquired['stages']} one")
-    return dict(data=acquired["data"], data_dir=acquired["data_dir"], stages="recall_analyze")
+    return dict(data=acquired["data"], data_dir=acquired["data_dir"], stages=acquired["stages"])
 
 
 def teacher_records(cfg):
@@ -165,6 +176,13 @@ def teacher_records(cfg):
     if not records:
         raise SystemExit(f"{path}: no teacher records in the file; see {path[:-len('.jsonl')]}.failed.jsonl")
     return records
+
+
+def loop(cfg, plan):
+    """train.fit's settings for a phase: a micro-batch of batch_size examples, a validation every --eval-every steps
+    or, by default, every cycle of the plan (METHOD 5.2, 7.5)."""
+    return train.Loop(cfg.lr, cfg.warmup, cfg.grad_clip, micro_batch=cfg.batch_size,
+                      eval_every=cfg.eval_every or plan.cycle, resume=cfg.resume)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -200,17 +218,17 @@ def acquire(cfg):
     if lead:
         print(f"acquire: {', '.join(f'{len(e)} {s}' for s, e in examples.items())} examples; effective batch "
               f"{effective} = {cfg.batch_size} x {cfg.grad_accum} accumulation x {runtime.world_size} devices; "
-              f"{len(plan)} steps, validation every {cfg.eval_every or plan.cycle}")
+              f"{len(plan)} steps, validation every {loop(cfg, plan).eval_every}")
 
-    def step_loss(trained, stage, indices, batch):
+    def step_loss(trained, step, micro_batch):
         input_ids, attention_mask, labels = (t.to(runtime.device) for t in
-                                             data.collate([examples[stage][i] for i in indices]))
+                                             data.collate([examples[step.stage][i] for i in micro_batch]))
         return trained(input_ids=input_ids, attention_mask=attention_mask, labels=labels)[1], {}
 
-    def target_tokens(stage, indices):  # the loss is a token mean over the whole effective batch
-        return sum(len(examples[stage][i][1]) for i in indices)
+    def target_tokens(step, indices):  # the loss is a token mean over the whole effective batch
+        return sum(len(examples[step.stage][i][1]) for i in indices)
 
-    best = train.fit(cfg, run_dir, model, tokenizer, plan, step_loss=step_loss, weight=target_tokens,
+    best = train.fit(loop(cfg, plan), run_dir, model, tokenizer, plan, step_loss=step_loss, weight=target_tokens,
                      validate=evaluate.validator(cfg, tokenizer, valid, cfg.stages), runtime=runtime, desc="acquire")
     if lead:
         print(f"acquire: best validation accuracy {best:.2f}%, model in {os.path.join(run_dir, 'best')}")
@@ -237,14 +255,14 @@ def self_pairs(cfg, model, tokenizer, train_questions, records, iteration_dir, i
                                  desc=f"iteration {iteration} recall samples", **kwargs)
     recall_pairs, contexts = dpo.recall_pairs(chains, by_id, records, rng)
     analyze_pairs = []
-    if "analyze" in cfg.stages:
+    if "analyze" in cfg.pairs:
         # Analyze pass: each chosen recall is fixed and its analyses sampled, `samples` chains per context.
         fixed = [c for c in contexts for _ in range(cfg.samples)]
         chains = evaluate.run_chains(model, tokenizer, [by_id[c.id] for c in fixed], recalls=[c.recall for c in fixed],
                                      analyze_temperature=cfg.temperature, seed=f"{seed}/analyze",
                                      desc=f"iteration {iteration} analyze samples", **kwargs)
         analyze_pairs = dpo.analyze_pairs(chains, by_id, contexts, rng)
-    if "recall" not in cfg.stages:
+    if "recall" not in cfg.pairs:
         recall_pairs = []
     if lead:
         data.write_jsonl(recall_path, recall_pairs)
@@ -265,10 +283,7 @@ def reflect_plan(cfg, pairs, seed):
     else:  # analyze pairs only: S = floor(A/B)+1
         quotas = dict(analyze=n["analyze"] // cfg.batch_size + 1)
     cycle = sum(quotas[s] for s in n)
-    plan = train.Plan({s: len(p) for s, p in pairs.items()}, cfg.batch_size, 0, seed, quotas,
-                      max_steps=cfg.epochs * cycle)
-    plan.cycle = cycle
-    return plan
+    return train.Plan(n, cfg.batch_size, 0, seed, quotas, max_steps=cfg.epochs * cycle, cycle=cycle)
 
 
 def reflect(cfg):
@@ -325,19 +340,19 @@ def reflect(cfg):
         plan = reflect_plan(cfg, pairs, cfg.seed + iteration)
         if lead:
             print(f"iteration {iteration}: {', '.join(f'{len(p)} {s} pairs' for s, p in pairs.items())}; "
-                  f"{len(plan)} steps, validation every {plan.cycle}")
+                  f"{len(plan)} steps, validation every {loop(cfg, plan).eval_every}")
 
-        def step_loss(trained, stage, indices, batch):
-            ref_chosen, ref_rejected = reference[stage][indices].T.to(runtime.device)
+        def step_loss(trained, step, micro_batch):
+            ref_chosen, ref_rejected = reference[step.stage][micro_batch].T.to(runtime.device)
             chosen, rejected, nll = dpo.concatenated_logprobs(
-                trained, *dpo.collate_pairs([pairs[stage][i] for i in indices], runtime.device))
+                trained, *dpo.collate_pairs([pairs[step.stage][i] for i in micro_batch], runtime.device))
             # The NLL is a token mean over the whole batch's chosen targets (METHOD 7.4), however fit splits it
-            chosen_tokens = lambda rows: sum(len(pairs[stage][i][1]) for i in rows)
-            nll = nll * chosen_tokens(indices) / chosen_tokens(batch) * len(batch) / len(indices)
+            chosen_tokens = lambda rows: sum(len(pairs[step.stage][i][1]) for i in rows)
+            nll = nll * chosen_tokens(micro_batch) / chosen_tokens(step.indices) * len(step.indices) / len(micro_batch)
             return dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, nll, cfg.beta, cfg.alpha)
 
         results[iteration] = train.fit(
-            cfg, iteration_dir, model, tokenizer, plan, step_loss=step_loss, runtime=runtime,
+            loop(cfg, plan), iteration_dir, model, tokenizer, plan, step_loss=step_loss, runtime=runtime,
             validate=evaluate.validator(cfg, tokenizer, valid, "recall_analyze_summarize"),
             desc=f"reflect {iteration}", dropout=False)
         if lead:

@@ -9,6 +9,7 @@ import math
 import os
 import pickle
 import random
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,12 +39,21 @@ def stage_schedule(batches_per_stage, quotas):
     return order
 
 
-class Plan:
-    """plan[step] = (stage, example indices), computed from (seed, epoch, stage) alone (data.batch_order): a resumed
-    run recomputes it and carries on at its step, so no data-loader state needs saving."""
+class Step(NamedTuple):
+    """One optimizer step of a plan: its number (from 0), the stage it trains and the indices of its examples (the
+    step's whole batch, before fit deals it over ranks and micro-batches)."""
+    number: int
+    stage: str
+    indices: list
 
-    def __init__(self, sizes, batch, epochs, seed, quotas=None, max_steps=None):
-        """sizes: {stage: number of examples}; batch: examples per step; quotas: batches per stage and cycle."""
+
+class Plan:
+    """plan[step] = Step(step, stage, example indices), computed from (seed, epoch, stage) alone (data.batch_order):
+    a resumed run recomputes it and carries on at its step, so no data-loader state needs saving."""
+
+    def __init__(self, sizes, batch, epochs, seed, quotas=None, max_steps=None, cycle=None):
+        """sizes: {stage: number of examples}; batch: examples per step; quotas: batches per stage and cycle; cycle:
+        the steps between validations (default: the batches of one cycle of the schedule)."""
         self.sizes, self.batch, self.seed = sizes, batch, seed
         batches = {s: -(-n // batch) for s, n in sizes.items()}
         epoch_order = stage_schedule(batches, quotas or batches)  # no quotas: one pass per stage in turn
@@ -56,7 +66,7 @@ class Plan:
                 self.steps.append((epoch, stage, seen[stage]))
                 seen[stage] += 1
         self.steps = self.steps[:max_steps]
-        self.cycle = sum(min((quotas or batches)[s], n) for s, n in batches.items())
+        self.cycle = cycle or sum(min((quotas or batches)[s], n) for s, n in batches.items())
 
     def __len__(self):
         return len(self.steps)
@@ -64,18 +74,30 @@ class Plan:
     def __getitem__(self, step):
         epoch, stage, b = self.steps[step]
         seed = self.seed * 10 + list(self.sizes).index(stage)  # each stage has its own shuffle
-        return stage, data.batch_order(self.sizes[stage], self.batch, seed, epoch)[b]
+        return Step(step, stage, data.batch_order(self.sizes[stage], self.batch, seed, epoch)[b])
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 
-def learning_rate(cfg, step, total):
-    """Linear warm-up over cfg.warmup of the steps, then cosine decay to zero (METHOD 5.3, A3)."""
-    warm = int(cfg.warmup * total)
+class Loop(NamedTuple):
+    """fit's settings, each method's built from its own: the peak learning rate, the share of the steps that warm
+    up, the gradient-norm clip, the examples of a micro-batch (a rank's share of a step is cut into them), the steps
+    between validations, and whether a started run may continue."""
+    lr: float
+    warmup: float
+    grad_clip: float
+    micro_batch: int
+    eval_every: int
+    resume: bool
+
+
+def learning_rate(loop, step, total):
+    """Linear warm-up over loop.warmup of the steps, then cosine decay to zero (METHOD 5.3, A3)."""
+    warm = int(loop.warmup * total)
     if step < warm:
-        return cfg.lr * (step + 1) / warm
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+        return loop.lr * (step + 1) / warm
+    return loop.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
 def adamw(model, lr):
@@ -141,25 +163,21 @@ def load_state(path, model, optimizer, scaler, runtime):
     return step, best
 
 
-def examples_of(stage, indices):
-    return len(indices)
-
-
-def backward(trained, scaler, step_loss, stage, indices, weight, micro_batch, runtime):
+def backward(trained, scaler, step, step_loss, weight, micro_batch, runtime):
     """One step's gradient: the mean loss over the whole batch however it is split. The batch is dealt over the
     ranks, then cut into micro-batches; each piece's loss is weighted by its share weight(piece) / weight(batch)
     (target tokens or examples) and times world_size, as DDP averages over ranks. Gradients are all-reduced once,
     on the last micro-batch. A rank left without examples joins the all-reduce with one example at weight 0.
     Returns the batch's metrics (step_loss's, the same names on every rank), weighted alike."""
     world_size = runtime.world_size
-    mine = indices[runtime.rank::world_size]
-    pieces = cli.chunks(mine, micro_batch) or [indices[:1]]
-    total = weight(stage, indices)
+    mine = step.indices[runtime.rank::world_size]
+    pieces = cli.chunks(mine, micro_batch) or [step.indices[:1]]
+    total = weight(step, step.indices)
     sums = {}
     for k, piece in enumerate(pieces):
-        share = weight(stage, piece) / total if mine else 0.0
+        share = weight(step, piece) / total if mine else 0.0
         with trained.no_sync() if world_size > 1 and k < len(pieces) - 1 else contextlib.nullcontext():
-            loss, metrics = step_loss(trained, stage, piece, indices)
+            loss, metrics = step_loss(trained, step, piece)
             scaler.scale(loss * (share * world_size)).backward()
         for name, value in {"loss": loss.item(), **metrics}.items():
             sums[name] = sums.get(name, 0.0) + share * value
@@ -200,21 +218,21 @@ def append_line(path, line):
         raise OSError(e.errno, e.strerror, path) from None
 
 
-def fit(cfg, run_dir, model, tokenizer, plan, *, step_loss, validate, runtime, desc, weight=examples_of,
-        dropout=True):
-    """AdamW over `plan` (len(plan) steps, plan[step] = (stage, indices)) with warm-up + cosine learning rate, clipping
-    and, every cfg.eval_every (default plan.cycle) steps and at the end, a validation on every rank that keeps the best
-    model in {run_dir}/best and the resumable state {run_dir}/state.pt. `step_loss(trained, stage, indices, batch)` is
-    a micro-batch's (mean loss, {metric: float}) and `weight(stage, indices)` its share of the batch (examples by
-    default, target tokens for a token mean); `batch` is the whole step's. Returns the best validation accuracy."""
-    optimizer = adamw(model, cfg.lr)
+def fit(loop, run_dir, model, tokenizer, plan, *, step_loss, validate, runtime, desc, weight=None, dropout=True):
+    """AdamW over `plan` (len(plan) steps, plan[i] a Step) with warm-up + cosine learning rate, clipping and, every
+    loop.eval_every steps and at the end, a validation on every rank that keeps the best model in {run_dir}/best and
+    the resumable state {run_dir}/state.pt. `step_loss(trained, step, micro_batch)` is a micro-batch's (mean loss,
+    {metric: float}), micro_batch a list of the step's indices, and `weight(step, micro_batch)` its share of the
+    step's batch (default: its examples; target tokens for a token mean). Returns the best validation accuracy."""
+    weight = weight or (lambda step, indices: len(indices))
+    optimizer = adamw(model, loop.lr)
     # fp16 gradients underflow without loss scaling
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp == torch.float16)
     state_path, log_path = os.path.join(run_dir, "state.pt"), os.path.join(run_dir, "log.jsonl")
     lead = runtime.rank == 0
     start, best = 0, -1.0
     if os.path.isfile(state_path):
-        if not cfg.resume:
+        if not loop.resume:
             raise SystemExit(f"{state_path} exists: pass --resume to continue that run, or --out for a new one")
         start, best = load_state(state_path, model, optimizer, scaler, runtime)
         if lead and os.path.isfile(log_path):
@@ -226,13 +244,13 @@ def fit(cfg, run_dir, model, tokenizer, plan, *, step_loss, validate, runtime, d
     model.train(dropout)
     bar = tqdm(range(start, len(plan)), desc=desc, initial=start, total=len(plan), disable=not lead)
     for step in bar:
-        lr = learning_rate(cfg, step, len(plan))
+        lr = learning_rate(loop, step, len(plan))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        stage, indices = plan[step]
-        metrics = backward(trained, scaler, step_loss, stage, indices, weight, cfg.batch_size, runtime)
+        current = plan[step]
+        metrics = backward(trained, scaler, current, step_loss, weight, loop.micro_batch, runtime)
         scaler.unscale_(optimizer)
-        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip).item()
         # fp16's scaler skips a step whose scaled gradients overflowed and tries a smaller scale; any other NaN or inf
         # would be trained into the weights
         if not (math.isfinite(metrics["loss"]) and (scaler.is_enabled() or math.isfinite(metrics["grad_norm"]))):
@@ -243,10 +261,9 @@ def fit(cfg, run_dir, model, tokenizer, plan, *, step_loss, validate, runtime, d
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if lead:
-            record = dict(step=step + 1, lr=lr, **({"stage": stage} if isinstance(stage, str) else {}), **metrics)
-            append_line(log_path, json.dumps(record))
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", **({"stage": stage} if isinstance(stage, str) else {}))
-        if (step + 1) % (cfg.eval_every or plan.cycle) == 0 or step + 1 == len(plan):
+            append_line(log_path, json.dumps(dict(step=step + 1, lr=lr, stage=current.stage, **metrics)))
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", stage=current.stage)
+        if (step + 1) % loop.eval_every == 0 or step + 1 == len(plan):
             if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():  # never saved
                 raise SystemExit(f"{desc} step {step + 1}: the weights hold NaN or inf; the run stops before saving "
                                  "them (state.pt and best/ hold the last validation's); a lower --lr may help")

@@ -524,6 +524,8 @@ def test_command_line_mistakes_get_one_line(tmp_path):
         ((tt, "--phase", "reflect", "--from", runs["nobest"]), f"{runs['nobest']}: no acquired model"),
         ((tt, "--phase", "reflect", "--from", runs["garbage"]), "garbage/config.json: not a run config"),
         ((tt, "--phase", "reflect", "--from", runs["good"], "--samples", "0"), "--samples must be at least 1, not 0"),
+        ((tt, "--phase", "reflect", "--from", runs["good"], "--pairs", "summarize"),
+         "--pairs must be one of recall, analyze, recall_analyze, not 'summarize'"),
         ((tt, "--epochs", "0"), "--epochs must be at least 1, not 0"),
         ((tt, "--model", nan_model, "--out", tmp_path / "nan_run"),
          f"{nan_model / 'config.json'}: field layer_norm_epsilon must be a finite number above 0, got nan"),
@@ -695,30 +697,18 @@ def test_evaluate_finds_a_read_only_run_folder_before_any_chain(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["best", "config.json"]
 
 
-class Steps:
-    """A plan of `n` one-example steps, validated after each."""
-    cycle = 1
-
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, step):
-        return step, [0]
-
-
 def tiny_fit(run, amp, scale, resume=False, step_loss=None):
-    """train.fit on a tiny T5 and one example, its loss times scale.get(step, 1); validations score 10, 20, ..."""
+    """train.fit on a tiny T5 and a plan of 5 one-example steps, validated after each; its loss times
+    scale.get(step, 1); validations score 10, 20, ..."""
     torch.manual_seed(0)
     model = T5(T5Config(vocab_size=40, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, dropout_rate=0.0))
-    cfg = types.SimpleNamespace(lr=1e-2, warmup=0.0, grad_clip=1.0, batch_size=1, eval_every=1, resume=resume)
+    loop = train.Loop(lr=1e-2, warmup=0.0, grad_clip=1.0, micro_batch=1, eval_every=1, resume=resume)
     ids, labels = torch.tensor([[5, 6, 1]]), torch.tensor([[7, 1]])
     scores = iter(range(10, 100, 10))
-    return train.fit(cfg, str(run), model, types.SimpleNamespace(save_pretrained=lambda directory: None), Steps(5),
-                     step_loss=step_loss or (lambda trained, step, indices, batch: (
-                         trained(input_ids=ids, labels=labels)[1] * scale.get(step, 1.0), {})),
+    plan = [train.Step(number, "tiny", [0]) for number in range(5)]
+    return train.fit(loop, str(run), model, types.SimpleNamespace(save_pretrained=lambda directory: None), plan,
+                     step_loss=step_loss or (lambda trained, step, micro_batch: (
+                         trained(input_ids=ids, labels=labels)[1] * scale.get(step.number, 1.0), {})),
                      validate=lambda model: next(scores), runtime=cli.Runtime(torch.device("cpu"), amp, 0, 1),
                      desc="tiny")
 
@@ -747,8 +737,8 @@ def test_a_non_finite_loss_stops_training_naming_the_step(tmp_path):
 def test_weights_made_non_finite_are_never_saved(tmp_path):
     """However a weight became NaN or inf while the loss and gradient stayed finite (here a row of the position-bias
     table that three tokens never read, set to inf), the validation that would save best/ and state.pt stops."""
-    def planted(model, step, indices, batch):
-        if step == 0:
+    def planted(model, step, micro_batch):
+        if step.number == 0:
             with torch.no_grad():
                 model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight[31] = math.inf
         return model(input_ids=torch.tensor([[5, 6, 1]]), labels=torch.tensor([[7, 1]]))[1], {}

@@ -295,8 +295,8 @@ def test_negatives_go_through_the_targets_formatter(tmp_path, monkeypatch):
         seen.update(anchors=anchors, positives=positives, negatives=negatives)
         return torch.zeros(())
 
-    def one_step(cfg, out, model, tokenizer, plan, step_loss, validate, runtime, desc):
-        step_loss(model, *plan[0], None)
+    def one_step(loop, out, model, tokenizer, plan, step_loss, validate, runtime, desc):
+        step_loss(model, plan[0], plan[0].indices)
         return 0.0
 
     monkeypatch.setattr(triplet, "self_reflection_loss", reflection)
