@@ -1,6 +1,7 @@
 """What every command shares: flags from a settings dataclass and their checks, devices and ranks, run folders
-(config.json, resume, the one-writer lock), the entry-point wrapper that turns a bad file into one line, and the
-questions and the student a run trains.
+(config.json, resume, the one-writer lock, done.json, the best model's copy), the demo's banners, the entry-point
+wrapper that turns a bad file into one line, and the questions and the student a run trains. Whatever writes or
+speaks does so on rank 0 alone.
 
 Generation is spread over the ranks torchrun starts by `sharded` (validation, sampling, exams, evaluation), so that
 evaluate.py needs nothing of the training loop (train.py).
@@ -12,6 +13,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 from typing import NamedTuple
 
@@ -211,6 +213,65 @@ def release_run(run_dir):
         release(os.path.join(run_dir, "run.lock"))
 
 
+def start_run(cfg, run_dir, started, free, **compared):
+    """Whether the run in run_dir has started (its file `started` exists): a started one continues only as
+    check_resume allows; for a new one the folder is made, and its config.json is the caller's to write."""
+    if os.path.isfile(os.path.join(run_dir, started)):
+        check_resume(cfg, run_dir, free, **compared)
+        return True
+    os.makedirs(run_dir, exist_ok=True)
+    return False
+
+
+def done(folder):
+    """The result a finished part of a run (a reflect iteration, a Tailored round) recorded in folder/done.json, or
+    None: a resumed run skips what is done."""
+    path = os.path.join(folder, "done.json")
+    return data.read_jsonl(path)[0] if os.path.isfile(path) else None
+
+
+def finish(folder, result):
+    """Record a part's result in folder/done.json, there for every rank to read once this returns it."""
+    if rank() == 0:
+        data.write_jsonl(os.path.join(folder, "done.json"), [result])
+    barrier()
+    return result
+
+
+def copy_best(source, best_dir):
+    """Copy the chosen model folder to best_dir by way of best_dir.tmp, so that a kill leaves the old copy or the
+    new one."""
+    if rank() == 0:
+        shutil.rmtree(best_dir + ".tmp", ignore_errors=True)
+        shutil.copytree(source, best_dir + ".tmp")
+        shutil.rmtree(best_dir, ignore_errors=True)
+        os.replace(best_dir + ".tmp", best_dir)
+
+
+def say(text):
+    """Print on rank 0 alone."""
+    if rank() == 0:
+        print(text)
+
+
+# What each command says first on the embedded world: what it does, and the command of a real run.
+DEMO = {
+    "acquire": "acquiring on the embedded world with a T5 from scratch; a real run: "
+               "python teacher.py --data csqa --split train && python tinythinker.py --phase acquire --data csqa",
+    "reflect": "self-reflection on the embedded world; a real run: python tinythinker.py --phase reflect "
+               "--from runs/csqa",
+    "tailored": "Tailored Learning on the embedded world with a T5 from scratch; a real run: "
+                "python tailored.py --data csqa",
+    "evaluate": "evaluating on the embedded world's held-out questions; for a real run: "
+                "python evaluate.py runs/csqa --split test",
+}
+
+
+def demo(command, on_the_world):
+    if on_the_world:
+        say(f"demo: {DEMO[command]}")
+
+
 def command(run, interrupted="interrupted; continue with --resume"):
     """A command's entry point: a file, folder or model it cannot use is one line naming it (DataError, LoadError,
     an OSError about a file: a full disk, a read-only folder); Ctrl-C exits 130."""
@@ -242,20 +303,30 @@ def questions(name, split, data_dir=None):
     return data.load(name, split, data_dir)
 
 
-def student(cfg, run_dir, texts):
-    """The model and tokenizer to train: a public checkpoint, or ("scratch") a new T5 sized by world.MODEL and a
-    tokenizer trained on `texts`, kept in the run directory so that a resumed run (and every rank) reuses it."""
+def student(cfg, run_dir, texts, runtime):
+    """The model and tokenizer to train, on this process's device in its precision: a public checkpoint, or
+    ("scratch") a new T5 sized by world.MODEL and a tokenizer trained on `texts`, kept in the run directory so that a
+    resumed run (and every rank) reuses it."""
     if cfg.model != "scratch":  # rank 0 downloads first; the others then read its cache
         if rank() > 0:
             barrier()
-        loaded = load_pretrained(cfg.model)
+        model, tokenizer = load_pretrained(cfg.model)
         if rank() == 0:
             barrier()
-        return loaded
-    tokenizer_dir = os.path.join(run_dir, "tokenizer")
-    if rank() == 0 and not os.path.isfile(os.path.join(tokenizer_dir, "spiece.model")):
-        Tokenizer.train(texts, world.VOCAB_SIZE, tokenizer_dir)
-    barrier()
-    tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(cfg.seed)
-    return T5(T5Config(vocab_size=tokenizer.vocab_size, **world.MODEL)), tokenizer
+    else:
+        tokenizer_dir = os.path.join(run_dir, "tokenizer")
+        if rank() == 0 and not os.path.isfile(os.path.join(tokenizer_dir, "spiece.model")):
+            Tokenizer.train(texts, world.VOCAB_SIZE, tokenizer_dir)
+        barrier()
+        tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+        torch.manual_seed(cfg.seed)
+        model = T5(T5Config(vocab_size=tokenizer.vocab_size, **world.MODEL))
+    model.to(runtime.device).amp_dtype = runtime.amp
+    return model, tokenizer
+
+
+def trained_model(path, runtime):
+    """A saved model and its tokenizer, on this process's device in its precision."""
+    model, tokenizer = load_pretrained(path, device=runtime.device)
+    model.amp_dtype = runtime.amp
+    return model, tokenizer

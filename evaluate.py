@@ -181,9 +181,7 @@ def evaluate(args):
     rows = []
     for run_dir in args.runs:
         cfg = cli.read_run_config(run_dir)
-        if cfg["data"] == "world" and lead:
-            print("demo: evaluating on the embedded world's held-out questions; "
-                  "for a real run: python evaluate.py runs/csqa --split test")
+        cli.demo("evaluate", cfg["data"] == "world")
         split_questions = cli.questions(cfg["data"], args.split, cfg["data_dir"])
         if not split_questions:
             raise SystemExit(f"{run_dir}: the {args.split} split of {cfg['data']} has no questions")

@@ -430,7 +430,10 @@ class StaticDecoder:
     Every tensor the step reads sits at a fixed address in a fixed shape (each block's cross-attention keys/values,
     the mask, a StaticKVCache), so the torch.compile'd step (COMPILE_OPTIONS) is captured once as a CUDA graph and
     replayed as one launch. Finished rows stay in the batch. One per shape (rows, prompt length, max_new_tokens) and
-    dtype, kept by the model: a new shape compiles anew; a stale cache from an earlier call is masked as the future."""
+    dtype, kept by the model: a new shape compiles anew; a stale cache from an earlier call is masked as the future.
+    No command decodes through it: validation, sampling and evaluation decode batches of up to 256 ragged prompts,
+    large enough that launches are not the cost, and there the plain path drops finished rows while this one decodes
+    every row to the end and compiles each new shape. bench.py --variants compile measures it (on a GPU: not yet)."""
 
     def __init__(self, model, cross_kv, mask, max_new_tokens):
         self.cross_kv = [(torch.empty_like(k), torch.empty_like(v)) for k, v in cross_kv]  # filled by load
@@ -588,7 +591,7 @@ class T5(nn.Module):
         running batch (with their cache rows, and a prompt with its last copy), so the work follows the rows still
         writing. The loop stops when every row has produced </s>. compiled: decode through StaticDecoder's compiled
         fixed-shape step instead (every row to the end, each with its own copy of its prompt's keys and values, CUDA
-        graphs on a GPU), for small batches on a GPU."""
+        graphs on a GPU), for small batches on a GPU (StaticDecoder says why no command uses it)."""
         c = self.config
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

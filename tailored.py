@@ -33,7 +33,6 @@ from client import (Cache, Client, ClientConfig, InvalidCompletion, Meter, Reque
                     cached_chat)
 from data import DEFAULT_DIR, Question
 from files import atomic_write
-from t5 import load_pretrained
 
 
 @dataclass
@@ -402,9 +401,8 @@ def train_round(cfg, k, model, tokenizer, texts, questions, valid, runtime):
     loop = train.Loop(lr, cfg.warmup, cfg.grad_clip, micro_batch=cfg.batch_size,
                       eval_every=cfg.eval_every or epoch_steps, resume=cfg.resume)
     use_sr = cfg.lam > 0 and k > 1
-    if runtime.rank == 0:
-        print(f"round {k}: {len(examples)} rationales of {len(groups)} questions, {len(plan)} steps"
-              + (f", L_SR weight {cfg.lam}" if use_sr else ""))
+    cli.say(f"round {k}: {len(examples)} rationales of {len(groups)} questions, {len(plan)} steps"
+            + (f", L_SR weight {cfg.lam}" if use_sr else ""))
 
     def step_loss(trained, step, micro_batch):
         rows = [examples[n] for n in micro_batch]
@@ -427,74 +425,76 @@ def train_round(cfg, k, model, tokenizer, texts, questions, valid, runtime):
     return best, len(plan)
 
 
-def tailored(cfg):
-    runtime = cli.setup_device(cfg.precision, cfg.seed)
-    lead = runtime.rank == 0
-    cli.hold_run(cfg.out)
-    if os.path.isfile(os.path.join(cfg.out, "config.json")):
-        cli.check_resume(cfg, cfg.out, FREE_ON_RESUME)
-    else:
-        os.makedirs(cfg.out, exist_ok=True)
-        cli.write_run_config(cfg, cfg.out, runtime, DECISIONS, method="tailored", stages="cot")
-    if cfg.data == "world" and lead:
-        print("demo: Tailored Learning on the embedded world with a T5 from scratch; a real run: "
-              "python tailored.py --data csqa")
-    train_questions = cli.questions(cfg.data, "train", cfg.data_dir)[:cfg.limit]
-    valid = cli.questions(cfg.data, "valid", cfg.data_dir)
-    by_id = {q.id: q for q in train_questions}
-    ask = Teacher(cfg) if lead else None  # rank 0 alone talks to the teacher and holds its cache
-    os.makedirs(os.path.join(cfg.out, "round_1"), exist_ok=True)
-    first = rationales_file(os.path.join(cfg.out, "round_1", "teacher.jsonl"), lambda: [
+def teacher_rationales(round_dir, questions, ask):
+    """Round 1's rows {id, texts}: the teacher's kept rationales of each question that has any (METHOD 10.3)."""
+    return rationales_file(os.path.join(round_dir, "teacher.jsonl"), lambda: [
         dict(id=q.id, texts=texts)
-        for q, texts in zip(train_questions, ask([(q, None) for q in train_questions], "round 1 teacher")) if texts])
-    positives = {row["id"]: list(row["texts"]) for row in first}
+        for q, texts in zip(questions, ask([(q, None) for q in questions], "round 1 teacher")) if texts])
+
+
+def mistakes(cfg, k, round_dir, model, tokenizer, questions):
+    """{question id: wrong rationales} of round k's exam, which every rank takes its share of (METHOD 10.4)."""
+    rows = rationales_file(os.path.join(round_dir, "mistakes.jsonl"), lambda: [
+        dict(id=i, texts=wrong) for i, wrong in exam(cfg, model, tokenizer, questions, k).items()], everyone=True)
+    return {row["id"]: row["texts"] for row in rows}
+
+
+def feedback(k, round_dir, negatives, by_id, ask):
+    """The teacher's corrections of round k's mistakes, pooled by question (corrected), and the number of requests:
+    one per wrong rationale, each a row of corrections.jsonl, so that a question with several mistakes keeps the
+    correction of each (TL6)."""
+    jobs = [(by_id[i], wrong) for i, texts in negatives.items() for wrong in texts]
+    rows = rationales_file(os.path.join(round_dir, "corrections.jsonl"), lambda: [
+        dict(id=q.id, wrong=wrong, texts=texts) for (q, wrong), texts in zip(jobs, ask(jobs, f"round {k} feedback"))])
+    return corrected(rows), len(jobs)
+
+
+def tailored(cfg):
+    """Round 1 distils the teacher's rationales; each later round, from the previous round's best model, examines the
+    student, has the teacher correct each of its mistakes and trains on the corrections with L_LM + lam * L_SR
+    (METHOD 10.1). A resumed run reads every request's answer and every exam back from the run folder."""
+    runtime = cli.setup_device(cfg.precision, cfg.seed)
+    cli.hold_run(cfg.out)
+    if not cli.start_run(cfg, cfg.out, "config.json", FREE_ON_RESUME):
+        cli.write_run_config(cfg, cfg.out, runtime, DECISIONS, method="tailored", stages="cot")
+    cli.demo("tailored", cfg.data == "world")
+    questions = cli.questions(cfg.data, "train", cfg.data_dir)[:cfg.limit]
+    valid = cli.questions(cfg.data, "valid", cfg.data_dir)
+    by_id = {q.id: q for q in questions}
+    ask = Teacher(cfg) if runtime.rank == 0 else None  # rank 0 alone talks to the teacher and holds its cache
     previous, results = None, {}
     for k in range(1, cfg.rounds + 1):
         round_dir = os.path.join(cfg.out, f"round_{k}")
         os.makedirs(round_dir, exist_ok=True)
-        if k == 1:
-            anchors = [(row["id"], t) for row in first for t in row["texts"]]
-            negatives, requests = {}, len(train_questions)
-        else:
-            model, tokenizer = load_pretrained(previous, device=runtime.device)
-            model.amp_dtype = runtime.amp
-            negatives = {row["id"]: row["texts"] for row in rationales_file(
-                os.path.join(round_dir, "mistakes.jsonl"), lambda: [
-                    dict(id=i, texts=wrong) for i, wrong in exam(cfg, model, tokenizer, train_questions, k).items()],
-                everyone=True)}
-            jobs = [(by_id[i], wrong) for i, texts in negatives.items() for wrong in texts]
-            # one row per feedback request: a question with several mistakes keeps the correction of each
-            corrections = corrected(rationales_file(os.path.join(round_dir, "corrections.jsonl"), lambda: [
-                dict(id=q.id, wrong=wrong, texts=texts)
-                for (q, wrong), texts in zip(jobs, ask(jobs, f"round {k} feedback"))]))
-            anchors, requests = [(i, t) for i, ts in corrections.items() for t in ts], len(jobs)
+        if k == 1:  # the teacher's rationales, the first positives
+            first = teacher_rationales(round_dir, questions, ask)
+            positives = {row["id"]: list(row["texts"]) for row in first}
+            anchors, negatives, requests = [(row["id"], t) for row in first for t in row["texts"]], {}, len(questions)
+        else:  # the exam's mistakes, and the corrections that become anchors and positives
+            model, tokenizer = cli.trained_model(previous, runtime)
+            negatives = mistakes(cfg, k, round_dir, model, tokenizer, questions)
+            corrections, requests = feedback(k, round_dir, negatives, by_id, ask)
+            anchors = [(i, t) for i, texts in corrections.items() for t in texts]
             for i, texts in corrections.items():
                 positives[i] = list(dict.fromkeys(positives.get(i, []) + texts))
-        done_path = os.path.join(round_dir, "done.json")
-        if os.path.isfile(done_path):
-            results[k] = data.read_jsonl(done_path)[0]
-            previous = os.path.join(round_dir, "best")
-            continue
-        if not anchors:
-            if lead:
-                print(f"round {k}: no corrected mistakes to learn from; stopping")
-            break
-        if k == 1:
-            texts = [data.cot_input(by_id[i]) + " " + data.cot_target(t, by_id[i]) for i, t in anchors]
-            model, tokenizer = cli.student(cfg, cfg.out, texts)
-            model.to(runtime.device).amp_dtype = runtime.amp
-        best, steps = train_round(cfg, k, model, tokenizer, (anchors, positives, negatives), by_id, valid, runtime)
-        results[k] = dict(best=best, steps=steps, requests=requests, rationales=len(anchors),
-                          mistakes=sum(map(len, negatives.values())))
-        if lead:
-            data.write_jsonl(done_path, [results[k]])
-        cli.barrier()
+        done = cli.done(round_dir)
+        if done is None:
+            if not anchors:
+                cli.say(f"round {k}: no corrected mistakes to learn from; stopping")
+                break
+            if k == 1:
+                texts = [data.cot_input(by_id[i]) + " " + data.cot_target(t, by_id[i]) for i, t in anchors]
+                model, tokenizer = cli.student(cfg, cfg.out, texts, runtime)
+            best, steps = train_round(cfg, k, model, tokenizer, (anchors, positives, negatives), by_id, valid, runtime)
+            done = cli.finish(round_dir, dict(best=best, steps=steps, requests=requests, rationales=len(anchors),
+                                              mistakes=sum(map(len, negatives.values()))))
+        results[k] = done
         previous = os.path.join(round_dir, "best")
-    if lead:
+    if runtime.rank == 0:
         atomic_write(os.path.join(cfg.out, "summary.json"), json.dumps(results, indent=1).encode())
-        print("tailored: " + "; ".join(f"round {k}: validation {r['best']:.2f}%, {r['steps']} steps, "
-                                       f"{r['requests']} teacher requests" for k, r in results.items()))
-        print(f"next: python evaluate.py {cfg.out}")
+    cli.say("tailored: " + "; ".join(f"round {k}: validation {r['best']:.2f}%, {r['steps']} steps, "
+                                     f"{r['requests']} teacher requests" for k, r in results.items()))
+    cli.say(f"next: python evaluate.py {cfg.out}")
     cli.release_run(cfg.out)
 
 

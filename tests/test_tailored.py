@@ -18,6 +18,7 @@ import data
 import client
 import evaluate
 import tailored
+import t5
 import triplet
 import world
 from t5 import T5, T5Config
@@ -103,7 +104,7 @@ def test_rows_without_a_positive_or_negative_are_masked():
 
 
 def test_self_reflection_loss_cuts_long_continuations_at_eos():
-    assert triplet.cut([5] * 10 + [1], 4) == [5, 5, 5, 1] and triplet.cut([5, 1], 4) == [5, 1]
+    assert t5.truncate([5] * 10 + [1], 4) == [5, 5, 5, 1] and t5.truncate([5, 1], 4) == [5, 1]
 
 
 # ---------------------------------------------------------------------------------------------- formats, prompts
@@ -259,7 +260,8 @@ def test_feedback_requests_are_cached_and_resumed(tmp_path):
     assert kept == [[f"Reason {i}. Therefore, the answer is x (b)."] for i in (1, 2, 1)]
     assert all("Student: Wrong 2." in m["content"] for m in scripted.payloads[0]["messages"])
     again = ScriptedClient()
-    assert tailored.ask_all(jobs, "obqa", settings, again, client.Cache(path), "feedback") == kept and not again.payloads
+    assert tailored.ask_all(jobs, "obqa", settings, again, client.Cache(path), "feedback") == kept
+    assert not again.payloads
 
 
 def test_evaluate_decodes_one_chain_of_thought_and_votes(monkeypatch):
