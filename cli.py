@@ -155,6 +155,12 @@ def chunks(items, size):
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def say(text):
+    """Print on rank 0 alone."""
+    if rank() == 0:
+        print(text)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Run folders
 
@@ -248,11 +254,8 @@ def copy_best(source, best_dir):
         os.replace(best_dir + ".tmp", best_dir)
 
 
-def say(text):
-    """Print on rank 0 alone."""
-    if rank() == 0:
-        print(text)
-
+# ----------------------------------------------------------------------------------------------------------------
+# The command
 
 # What each command says first on the embedded world: what it does, and the command of a real run.
 DEMO = {
@@ -267,9 +270,10 @@ DEMO = {
 }
 
 
-def demo(command, on_the_world):
+def demo(name, on_the_world):
+    """The line a command prints first when it runs on the embedded world (rank 0)."""
     if on_the_world:
-        say(f"demo: {DEMO[command]}")
+        say(f"demo: {DEMO[name]}")
 
 
 def command(run, interrupted="interrupted; continue with --resume"):

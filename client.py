@@ -100,6 +100,16 @@ class Fatal(DataError):
     the run stops at once, with one line (DataError, as a file that cannot be used)."""
 
 
+def api_key(cfg: ClientConfig) -> str | None:
+    """The key in the environment variable cfg.api_key_env; a local server may need none, the official endpoint says
+    so before any request goes out."""
+    key = os.environ.get(cfg.api_key_env)
+    if not key and urlparse(cfg.base_url).hostname == "api.openai.com":
+        raise Fatal(f"{cfg.api_key_env} is not set: {cfg.base_url} needs an API key (export {cfg.api_key_env}=..., "
+                    f"or --base-url for a local server)")
+    return key
+
+
 MAX_RESPONSE_BYTES = 8 << 20  # a full answer (8 completions of a few thousand tokens) is well under 1 MB
 FATAL_STATUS = (401, 403, 404)
 
@@ -339,16 +349,6 @@ def cached_chat(payload: dict, salt, client: Client, cache: Cache) -> dict:
     client.meter.add(answered=1, prompt_tokens=usage.get("prompt_tokens", 0),
                      completion_tokens=usage.get("completion_tokens", 0))
     return response
-
-
-def api_key(cfg: ClientConfig) -> str | None:
-    """The key in the environment variable cfg.api_key_env; a local server may need none, the official endpoint says
-    so before any request goes out."""
-    key = os.environ.get(cfg.api_key_env)
-    if not key and urlparse(cfg.base_url).hostname == "api.openai.com":
-        raise Fatal(f"{cfg.api_key_env} is not set: {cfg.base_url} needs an API key (export {cfg.api_key_env}=..., "
-                    f"or --base-url for a local server)")
-    return key
 
 
 CHARS_PER_TOKEN = 4  # OpenAI's rule of thumb for English text: the estimate needs no tokenizer

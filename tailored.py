@@ -135,8 +135,8 @@ def parse_config(argv=None):
 def check(cfg):
     """One clear line for a setting that cannot work, before anything is loaded or written (--data: parse_config)."""
     cli.check_positive(cfg, ("rounds", "epochs", "batch_size", "exam_samples", "eval_batch_size", "max_new_tokens",
-                               "workers", "sr_max_length",
-                               *(("limit",) if cfg.limit is not None else ())))
+                             "workers", "sr_max_length",
+                             *(("limit",) if cfg.limit is not None else ())))
     cli.check_positive(cfg, ("exam_top_k", "later_epochs", "eval_every"), least=0)
     cli.check_seed(cfg.seed)
     if not (cfg.lr > 0 and cfg.lam >= 0 and cfg.exam_temperature > 0 and cfg.margin >= 0 and cfg.later_lr >= 0

@@ -133,7 +133,7 @@ def check(cfg):
     if cfg.pairs not in PAIRS:
         raise SystemExit(f"--pairs must be one of {', '.join(PAIRS)}, not {cfg.pairs!r}")
     cli.check_positive(cfg, ("batch_size", "grad_accum", "epochs", "interval", "eval_batch_size", "max_new_tokens",
-                               "iterations", "samples", "max_length"))
+                             "iterations", "samples", "max_length"))
     cli.check_positive(cfg, ("steps",), least=0)
     cli.check_seed(cfg.seed)
     if not (cfg.lr > 0 and 0 <= cfg.warmup < 1 and cfg.eval_every >= 0 and cfg.temperature > 0 and cfg.beta > 0

@@ -638,7 +638,7 @@ def acquired_run(path):
     cfg = tinythinker.parse_config(["--out", str(path)])
     path.mkdir()
     cli.write_run_config(cfg, str(path), cli.Runtime(torch.device("cpu"), None, 0, 1), tinythinker.DECISIONS,
-                           effective_batch_size=cfg.batch_size)
+                         effective_batch_size=cfg.batch_size)
     (path / "best").mkdir()
     return path
 
