@@ -29,9 +29,11 @@ RUNS = os.path.join("runs", "ablation")
 
 
 def run(script, *args):
-    """python `script` (one of this project's) with args, in its own process."""
+    """python `script` (one of this project's) with args, in its own process with one thread, as compare.py runs it:
+    float rounding differs with the thread count, and the two scripts share their TinyThinker runs."""
     print("+", script, " ".join(args), flush=True)
-    subprocess.run([sys.executable, os.path.join(HERE, script), *args], check=True)
+    subprocess.run([sys.executable, os.path.join(HERE, script), *args], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def sizes(epochs, iterations, samples):
