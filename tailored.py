@@ -399,7 +399,7 @@ def train_round(cfg, k, model, tokenizer, texts, questions, valid, runtime):
     epochs, lr = (cfg.later_epochs or cfg.epochs, cfg.later_lr or cfg.lr) if k > 1 else (cfg.epochs, cfg.lr)
     plan, epoch_steps = round_plan(list(groups.values()), cfg.batch_size, epochs, cfg.seed * 100 + k)
     loop = train.Loop(lr, cfg.warmup, cfg.grad_clip, micro_batch=cfg.batch_size,
-                      eval_every=cfg.eval_every or epoch_steps, resume=cfg.resume)
+                      eval_every=cfg.eval_every or epoch_steps)
     use_sr = cfg.lam > 0 and k > 1
     cli.say(f"round {k}: {len(examples)} rationales of {len(groups)} questions, {len(plan)} steps"
             + (f", L_SR weight {cfg.lam}" if use_sr else ""))

@@ -180,7 +180,7 @@ def loop(cfg, plan):
     """train.fit's settings for a phase: a micro-batch of batch_size examples, a validation every --eval-every steps
     or, by default, every cycle of the plan (METHOD 5.2, 7.5)."""
     return train.Loop(cfg.lr, cfg.warmup, cfg.grad_clip, micro_batch=cfg.batch_size,
-                      eval_every=cfg.eval_every or plan.cycle, resume=cfg.resume)
+                      eval_every=cfg.eval_every or plan.cycle)
 
 
 # ----------------------------------------------------------------------------------------------------------------

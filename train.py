@@ -82,14 +82,13 @@ class Plan:
 
 class Loop(NamedTuple):
     """fit's settings, each method's built from its own: the peak learning rate, the share of the steps that warm
-    up, the gradient-norm clip, the examples of a micro-batch (a rank's share of a step is cut into them), the steps
-    between validations, and whether a started run may continue."""
+    up, the gradient-norm clip, the examples of a micro-batch (a rank's share of a step is cut into them) and the
+    steps between validations."""
     lr: float
     warmup: float
     grad_clip: float
     micro_batch: int
     eval_every: int
-    resume: bool
 
 
 def learning_rate(loop, step, total):
@@ -221,7 +220,7 @@ def append_line(path, line):
 def fit(loop, run_dir, model, tokenizer, plan, *, step_loss, validate, runtime, desc, weight=None, dropout=True):
     """AdamW over `plan` (len(plan) steps, plan[i] a Step) with warm-up + cosine learning rate, clipping and, every
     loop.eval_every steps and at the end, a validation on every rank that keeps the best model in {run_dir}/best and
-    the resumable state {run_dir}/state.pt. `step_loss(trained, step, micro_batch)` is a micro-batch's (mean loss,
+    the resumable state {run_dir}/state.pt, from which a started run continues. `step_loss(trained, step, micro_batch)` is a micro-batch's (mean loss,
     {metric: float}), micro_batch a list of the step's indices, and `weight(step, micro_batch)` its share of the
     step's batch (default: its examples; target tokens for a token mean). Returns the best validation accuracy."""
     weight = weight or (lambda step, indices: len(indices))
@@ -231,9 +230,7 @@ def fit(loop, run_dir, model, tokenizer, plan, *, step_loss, validate, runtime, 
     state_path, log_path = os.path.join(run_dir, "state.pt"), os.path.join(run_dir, "log.jsonl")
     lead = runtime.rank == 0
     start, best = 0, -1.0
-    if os.path.isfile(state_path):
-        if not loop.resume:
-            raise SystemExit(f"{state_path} exists: pass --resume to continue that run, or --out for a new one")
+    if os.path.isfile(state_path):  # whether a started run may continue is the command's to say (cli.start_run)
         start, best = load_state(state_path, model, optimizer, scaler, runtime)
         if lead and os.path.isfile(log_path):
             atomic_write(log_path, "".join(log_lines_until(log_path, start)).encode())

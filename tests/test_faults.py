@@ -697,12 +697,12 @@ def test_evaluate_finds_a_read_only_run_folder_before_any_chain(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["best", "config.json"]
 
 
-def tiny_fit(run, amp, scale, resume=False, step_loss=None):
+def tiny_fit(run, amp, scale, step_loss=None):
     """train.fit on a tiny T5 and a plan of 5 one-example steps, validated after each; its loss times
     scale.get(step, 1); validations score 10, 20, ..."""
     torch.manual_seed(0)
     model = T5(T5Config(vocab_size=40, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, dropout_rate=0.0))
-    loop = train.Loop(lr=1e-2, warmup=0.0, grad_clip=1.0, micro_batch=1, eval_every=1, resume=resume)
+    loop = train.Loop(lr=1e-2, warmup=0.0, grad_clip=1.0, micro_batch=1, eval_every=1)
     ids, labels = torch.tensor([[5, 6, 1]]), torch.tensor([[7, 1]])
     scores = iter(range(10, 100, 10))
     plan = [train.Step(number, "tiny", [0]) for number in range(5)]
@@ -728,9 +728,9 @@ def test_a_non_finite_loss_stops_training_naming_the_step(tmp_path):
     lines = (run / "log.jsonl").read_text().splitlines(keepends=True)
     (run / "log.jsonl").write_text(lines[0] + '{"step": 1, "lo\n' + "".join(lines[1:]))
     with pytest.raises(data.DataError, match=r"log\.jsonl:2: not a log record; remove the line to resume$"):
-        tiny_fit(run, torch.float16, {}, resume=True)
+        tiny_fit(run, torch.float16, {})  # resumes from state.pt
     (run / "log.jsonl").write_text("".join(lines))
-    assert tiny_fit(run, torch.float16, {}, resume=True) == 30  # its validations score 10, 20, 30 (best was 20)
+    assert tiny_fit(run, torch.float16, {}) == 30  # its validations score 10, 20, 30 (best was 20)
     assert [r["step"] for r in read_log(run)] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
 
 
