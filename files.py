@@ -3,7 +3,7 @@ lock that makes one process the writer of a folder, checkpoint files (safetensor
 weights read as tensors only, a sharded index) and the Hub download into a cache.
 
 Nothing read here runs code or writes outside its folder; a file that cannot be used is a LoadError whose message, one
-line, names it (README, "Faults and bad input").
+line, names it (tests/README.md, "Faults and bad input").
 """
 import contextlib
 import fcntl
@@ -21,6 +21,7 @@ from pathlib import Path
 import requests
 import torch
 
+
 class LoadError(ValueError):
     """A model, tokenizer, download or folder that cannot be used; the message, one line, names the file, folder or
     repository and the problem."""
@@ -33,7 +34,6 @@ def read_json(text):
         return json.loads(text)
     except RecursionError:
         raise ValueError("nested too deeply") from None
-
 
 
 def atomic_write(path, content):
@@ -51,7 +51,6 @@ def atomic_write(path, content):
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise OSError(e.errno, e.strerror, str(path)) from None
-
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -91,7 +90,8 @@ def release(path):
 # --------------------------------------------------------------------------------------------------------------------
 # Checkpoint files: model.safetensors (or a sharded index, or pytorch_model.bin), under Hugging Face tensor names
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                       "BOOL": torch.bool}

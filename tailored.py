@@ -425,11 +425,11 @@ def train_round(cfg, k, model, tokenizer, texts, questions, valid, runtime):
     return best, len(plan)
 
 
-def teacher_rationales(round_dir, questions, ask):
+def teacher_rationales(round_dir, questions, ask_teacher):
     """Round 1's rows {id, texts}: the teacher's kept rationales of each question that has any (METHOD 10.3)."""
     return rationales_file(os.path.join(round_dir, "teacher.jsonl"), lambda: [
         dict(id=q.id, texts=texts)
-        for q, texts in zip(questions, ask([(q, None) for q in questions], "round 1 teacher")) if texts])
+        for q, texts in zip(questions, ask_teacher([(q, None) for q in questions], "round 1 teacher")) if texts])
 
 
 def mistakes(cfg, k, round_dir, model, tokenizer, questions):
@@ -439,13 +439,14 @@ def mistakes(cfg, k, round_dir, model, tokenizer, questions):
     return {row["id"]: row["texts"] for row in rows}
 
 
-def feedback(k, round_dir, negatives, by_id, ask):
+def feedback(k, round_dir, negatives, by_id, ask_teacher):
     """The teacher's corrections of round k's mistakes, pooled by question (corrected), and the number of requests:
     one per wrong rationale, each a row of corrections.jsonl, so that a question with several mistakes keeps the
     correction of each (TL6)."""
     jobs = [(by_id[i], wrong) for i, texts in negatives.items() for wrong in texts]
     rows = rationales_file(os.path.join(round_dir, "corrections.jsonl"), lambda: [
-        dict(id=q.id, wrong=wrong, texts=texts) for (q, wrong), texts in zip(jobs, ask(jobs, f"round {k} feedback"))])
+        dict(id=q.id, wrong=wrong, texts=texts)
+        for (q, wrong), texts in zip(jobs, ask_teacher(jobs, f"round {k} feedback"))])
     return corrected(rows), len(jobs)
 
 
@@ -461,19 +462,19 @@ def tailored(cfg):
     questions = cli.questions(cfg.data, "train", cfg.data_dir)[:cfg.limit]
     valid = cli.questions(cfg.data, "valid", cfg.data_dir)
     by_id = {q.id: q for q in questions}
-    ask = Teacher(cfg) if runtime.rank == 0 else None  # rank 0 alone talks to the teacher and holds its cache
+    ask_teacher = Teacher(cfg) if runtime.rank == 0 else None  # rank 0 alone talks to the teacher and holds its cache
     previous, results = None, {}
     for k in range(1, cfg.rounds + 1):
         round_dir = os.path.join(cfg.out, f"round_{k}")
         os.makedirs(round_dir, exist_ok=True)
         if k == 1:  # the teacher's rationales, the first positives
-            first = teacher_rationales(round_dir, questions, ask)
+            first = teacher_rationales(round_dir, questions, ask_teacher)
             positives = {row["id"]: list(row["texts"]) for row in first}
             anchors, negatives, requests = [(row["id"], t) for row in first for t in row["texts"]], {}, len(questions)
         else:  # the exam's mistakes, and the corrections that become anchors and positives
             model, tokenizer = cli.trained_model(previous, runtime)
             negatives = mistakes(cfg, k, round_dir, model, tokenizer, questions)
-            corrections, requests = feedback(k, round_dir, negatives, by_id, ask)
+            corrections, requests = feedback(k, round_dir, negatives, by_id, ask_teacher)
             anchors = [(i, t) for i, texts in corrections.items() for t in texts]
             for i, texts in corrections.items():
                 positives[i] = list(dict.fromkeys(positives.get(i, []) + texts))

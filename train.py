@@ -220,9 +220,10 @@ def append_line(path, line):
 def fit(loop, run_dir, model, tokenizer, plan, *, step_loss, validate, runtime, desc, weight=None, dropout=True):
     """AdamW over `plan` (len(plan) steps, plan[i] a Step) with warm-up + cosine learning rate, clipping and, every
     loop.eval_every steps and at the end, a validation on every rank that keeps the best model in {run_dir}/best and
-    the resumable state {run_dir}/state.pt, from which a started run continues. `step_loss(trained, step, micro_batch)` is a micro-batch's (mean loss,
-    {metric: float}), micro_batch a list of the step's indices, and `weight(step, micro_batch)` its share of the
-    step's batch (default: its examples; target tokens for a token mean). Returns the best validation accuracy."""
+    {run_dir}/state.pt, from which a started run continues. `step_loss(trained, step, micro_batch)` is a
+    micro-batch's (mean loss, {metric: float}), micro_batch a list of the step's indices, and `weight(step,
+    micro_batch)` its share of the step's batch (default: its examples; target tokens for a token mean). Returns the
+    best validation accuracy."""
     weight = weight or (lambda step, indices: len(indices))
     optimizer = adamw(model, loop.lr)
     # fp16 gradients underflow without loss scaling
