@@ -21,8 +21,8 @@ import subprocess
 import sys
 
 import data
-from t5 import atomic_write
-from world import PRESETS
+from files import atomic_write
+from tinythinker import WORLD
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = os.path.join("runs", "ablation")
@@ -73,7 +73,7 @@ def control(run_dir, seed):
         steps, validations = reflect_budget(run_dir)
         run("tinythinker.py", "--phase", "acquire", "--model", os.path.join(run_dir, "best"), "--out", out,
             "--seed", str(seed), "--steps", str(steps), "--eval-every", str(math.ceil(steps / max(validations, 1))),
-            "--batch-size", str(PRESETS["reflect"]["batch_size"]), "--lr", str(PRESETS["reflect"]["lr"]))
+            "--batch-size", str(WORLD["reflect"]["batch_size"]), "--lr", str(WORLD["reflect"]["lr"]))
     return out
 
 

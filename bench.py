@@ -46,7 +46,8 @@ from transformers import T5ForConditionalGeneration
 import data
 import dpo
 import evaluate
-from t5 import T5, Tokenizer, atomic_write
+from files import atomic_write
+from t5 import T5, Tokenizer
 
 SIZES = {"small": dict(d_model=512, d_ff=2048, num_heads=8, num_layers=6),  # original T5 configs: relu, tied
          "base": dict(d_model=768, d_ff=3072, num_heads=12, num_layers=12)}

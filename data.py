@@ -37,7 +37,7 @@ from pathlib import Path
 import requests
 import torch
 
-from t5 import atomic_write, read_json
+from files import atomic_write, read_json
 
 LETTERS = "ABCDE"
 SPLITS = ("train", "valid", "test")
@@ -493,7 +493,7 @@ def read_jsonl(path) -> list[dict]:
 
 
 def write_jsonl(path, rows: list[dict]):
-    """Rows as JSONL in UTF-8, written atomically (t5.atomic_write): a killed run leaves the old file or the new."""
+    """Rows as JSONL in UTF-8, written atomically (files.atomic_write): a killed run leaves the old file or the new."""
     atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from data import LETTERS, Chain, analyze_input, collate, recall_input, summary_target
+from t5 import truncate
 
 MAX_LENGTH = 200  # prompt and each completion are truncated to 200 tokens, </s> included (METHOD 7.4)
 
@@ -29,17 +30,12 @@ def token_logprobs(model, input_ids, attention_mask, labels):
     return scored.new_zeros(labels.shape).masked_scatter(labelled, scored)
 
 
-def sequence_logprobs(model, input_ids, attention_mask, labels):
-    """log pi(y|x) = sum over target tokens (</s> included, -100 ignored) of log p(y_t | y_<t, x): Tensor[B]."""
-    return token_logprobs(model, input_ids, attention_mask, labels).sum(-1)
-
-
 def tokenize_pairs(pairs, tokenizer, max_length=MAX_LENGTH):
     """Pairs {prompt, chosen, rejected} -> (prompt ids, chosen ids, rejected ids), each with </s> and cut to
-    max_length tokens keeping the final </s>, as HF truncation does (METHOD 7.4: encoder input = prompt, labels =
-    completion). Done once per iteration; collate_pairs batches the result."""
-    clip = lambda ids: ids if len(ids) <= max_length else ids[:max_length - 1] + ids[-1:]
-    return [tuple(clip(tokenizer.encode(p[k])) for k in ("prompt", "chosen", "rejected")) for p in pairs]
+    max_length tokens keeping the final </s> (t5.truncate; METHOD 7.4: encoder input = prompt, labels = completion).
+    Done once per iteration; collate_pairs batches the result."""
+    return [tuple(truncate(tokenizer.encode(pair[k]), max_length) for k in ("prompt", "chosen", "rejected"))
+            for pair in pairs]
 
 
 def collate_pairs(batch, device="cpu"):
@@ -106,18 +102,11 @@ def recall_pairs(chains, questions, records, rng):
     pairs, contexts = [], []
     for group in _group(chains, key=lambda c: c.id).values():
         qid, answer = group[0].id, group[0].answer
-        chosen = _dedup([c for c in group if c.prediction == answer], key=lambda c: c.recall)
-        rejected = _dedup([c for c in group if c.prediction != answer], key=lambda c: c.recall)
-        chosen, rejected = _drop_common(chosen, rejected, key=lambda c: c.recall)
+        chosen, rejected = _sides(group, answer, key=lambda c: c.recall)
         if not rejected:
             continue
-        if len(chosen) > len(rejected):
-            rejected = rng.choices(rejected, k=len(chosen))
-        elif len(rejected) > len(chosen):
-            pool, k = teacher.get(qid), len(rejected) - len(chosen)
-            if not pool:
-                raise ValueError(f"recall_pairs: no teacher record for question id {qid!r} to back-fill C from")
-            chosen = chosen + (rng.choices(pool, k=k) if k > len(pool) else rng.sample(pool, k))
+        chosen, rejected = _balance(chosen, rejected, teacher.get(qid), rng, repeat=False, missing=(
+            f"recall_pairs: no teacher record for question id {qid!r} to back-fill C from"))
         prompt = recall_input(questions[qid])
         for c, r in zip(chosen, rejected):
             if c.recall != r.recall:
@@ -136,18 +125,12 @@ def analyze_pairs(chains, questions, contexts, rng):
     for key, group in _group(chains, key=context_key).items():
         (qid, recall), answer = key, group[0].answer
         letters = [c for c in group if c.prediction and c.prediction in LETTERS]
-        chosen = _sane(_dedup([c for c in letters if c.prediction == answer], key=_analysis_tuple))
-        rejected = _sane(_dedup([c for c in letters if c.prediction != answer], key=_analysis_tuple))
-        chosen, rejected = _drop_common(chosen, rejected, key=_analysis_tuple)
+        chosen, rejected = _sides(letters, answer, key=_analysis_tuple, keep=_sane)
         if not rejected:
             continue
-        if len(chosen) > len(rejected):
-            rejected = rng.choices(rejected, k=len(chosen))
-        elif len(rejected) > len(chosen):
-            pool = chosen or backups.get(key)
-            if not pool:
-                raise ValueError(f"analyze_pairs: no context for question id {qid!r} with recall {recall!r}")
-            chosen = chosen + rng.choices(pool, k=len(rejected) - len(chosen))
+        # A9: C topped up to |R| from itself (from the context's own analyses when empty), with replacement
+        chosen, rejected = _balance(chosen, rejected, chosen or backups.get(key), rng, repeat=True, missing=(
+            f"analyze_pairs: no context for question id {qid!r} with recall {recall!r}"))
         for c, r in zip(chosen, rejected):
             for letter in (answer, r.prediction):
                 if c.analyses[letter] != r.analyses[letter]:
@@ -187,10 +170,27 @@ def _dedup(chains, key):
     return list(first.values())
 
 
-def _drop_common(chosen, rejected, key):
-    """Remove from both sides every key that occurs on both sides."""
+def _sides(chains, answer, key, keep=list):
+    """(C, R): the chains that reach `answer` and the others, each deduplicated by key and passed through `keep`,
+    then every key found on both sides removed from both."""
+    chosen = keep(_dedup([c for c in chains if c.prediction == answer], key))
+    rejected = keep(_dedup([c for c in chains if c.prediction != answer], key))
     both = {key(c) for c in chosen} & {key(r) for r in rejected}
     return [c for c in chosen if key(c) not in both], [r for r in rejected if key(r) not in both]
+
+
+def _balance(chosen, rejected, pool, rng, repeat, missing):
+    """C and R made the same size to be zipped: a larger C draws R again with replacement up to |C|; a larger R tops
+    C up to |R| with draws from `pool`, each pool chain at most once while the pool has enough unless `repeat`
+    (pandas' sample(n, replace=n > len) of the official recall rule). An empty pool is a ValueError saying `missing`."""
+    if len(chosen) > len(rejected):
+        return chosen, rng.choices(rejected, k=len(chosen))
+    k = len(rejected) - len(chosen)
+    if not k:
+        return chosen, rejected
+    if not pool:
+        raise ValueError(missing)
+    return chosen + (rng.choices(pool, k=k) if repeat or k > len(pool) else rng.sample(pool, k)), rejected
 
 
 def _sane(chains):

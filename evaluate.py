@@ -19,17 +19,18 @@ from dataclasses import asdict
 
 import torch
 
+import cli
 import data
-import train
 from data import Chain
-from t5 import atomic_write, load_pretrained
+from files import atomic_write
+from t5 import load_pretrained
 
 
 def generate_texts(model, tokenizer, prompts, temperature=0.0, top_k=0, batch_size=256, max_new_tokens=200, desc=None,
                    seed=0):
     """One continuation per prompt: greedy when temperature is 0, else sampled at that temperature (METHOD 6: top-k
     off). Prompts are batched in length order so a batch pads little, and the batches are shared out over the ranks
-    (train.sharded). Batch b samples from a generator seeded by (seed, b), so the texts are the same whatever the
+    (cli.sharded). Batch b samples from a generator seeded by (seed, b), so the texts are the same whatever the
     number of ranks."""
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -44,8 +45,8 @@ def generate_texts(model, tokenizer, prompts, temperature=0.0, top_k=0, batch_si
         return [text.strip() for text in tokenizer.batch_decode(generated.tolist())]
 
     texts = [None] * len(prompts)
-    batches = list(enumerate(train.chunks(order, batch_size)))
-    for (_, rows), generated in zip(batches, train.sharded(batches, generate, desc)):
+    batches = list(enumerate(cli.chunks(order, batch_size)))
+    for (_, rows), generated in zip(batches, cli.sharded(batches, generate, desc)):
         for i, text in zip(rows, generated):
             texts[i] = text
     return texts
@@ -135,11 +136,11 @@ def checkpoints(run_dir):
 
 
 def parse_args(argv=None):
-    parser = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="*", default=["runs/world"], help="run directories made by tinythinker.py")
     parser.add_argument("--split", default="test")
     parser.add_argument("--samples", type=int, default=1, help="chains per question; > 1 votes (self-consistency)")
-    parser.add_argument("--temperature", type=train.finite, default=0.7,
+    parser.add_argument("--temperature", type=cli.finite, default=0.7,
                         help="sampling temperature when --samples > 1")
     parser.add_argument("--seed", type=int, default=0, help="the sampled chains' seed when --samples > 1")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -153,12 +154,12 @@ def check(args):
     """One clear line for an argument that cannot work, before any model is loaded."""
     if args.split not in ("train", "valid", "test"):
         raise SystemExit(f"--split must be train, valid or test, not {args.split!r}")
-    train.check_positive(args, ("samples", "batch_size"))
-    train.check_seed(args.seed)
+    cli.check_positive(args, ("samples", "batch_size"))
+    cli.check_seed(args.seed)
     if args.samples > 1 and not args.temperature > 0:
         raise SystemExit(f"--temperature must be above 0 to sample {args.samples} chains, not {args.temperature}")
     for run_dir in args.runs:
-        train.read_run_config(run_dir)
+        cli.read_run_config(run_dir)
         if not checkpoints(run_dir):
             raise SystemExit(f"{run_dir}: no trained model ({os.path.join(run_dir, 'best')}); train one first: "
                              f"python tinythinker.py --phase acquire --out {run_dir}")
@@ -173,24 +174,22 @@ def check(args):
 
 def evaluate(args):
     """Every checkpoint of every run on one split; rank 0 writes each checkpoint's predictions and the report."""
-    runtime = train.setup_device()
+    runtime = cli.setup_device()
     lead = runtime.rank == 0
     for run_dir in args.runs:  # no training or other evaluation may write there meanwhile
-        train.hold_run(run_dir)
+        cli.hold_run(run_dir)
     rows = []
     for run_dir in args.runs:
-        cfg = train.read_run_config(run_dir)
-        if cfg["data"] == "world" and lead:
-            print("demo: evaluating on the embedded world's held-out questions; "
-                  "for a real run: python evaluate.py runs/csqa --split test")
-        split_questions = train.questions(cfg["data"], args.split, cfg["data_dir"])
+        cfg = cli.read_run_config(run_dir)
+        cli.demo("evaluate", cfg["data"] == "world")
+        split_questions = cli.questions(cfg["data"], args.split, cfg["data_dir"])
         if not split_questions:
             raise SystemExit(f"{run_dir}: the {args.split} split of {cfg['data']} has no questions")
         temperature = args.temperature if args.samples > 1 else 0.0
         decoding = f"vote of {args.samples} at T={temperature}" if args.samples > 1 else "greedy"
         for phase, path in checkpoints(run_dir):
             model, tokenizer = load_pretrained(path, device=runtime.device)
-            model.amp_dtype = train.PRECISIONS[cfg.get("precision", "fp32")]  # as the run validated
+            model.amp_dtype = cli.PRECISIONS[cfg.get("precision", "fp32")]  # as the run validated
             # Reflect trains recall and analyze inside the full chain, so its model is always evaluated on it.
             stages = "recall_analyze_summarize" if phase == "reflect" else cfg["stages"]
             acc, chains = accuracy(model, tokenizer, split_questions, stages, args.samples, temperature,
@@ -208,7 +207,7 @@ def evaluate(args):
     if lead:
         report(args, rows, *shown)
     for run_dir in args.runs:
-        train.release_run(run_dir)
+        cli.release_run(run_dir)
 
 
 def report(args, rows, phase, q, chain):
@@ -231,7 +230,7 @@ def report(args, rows, phase, q, chain):
 
 
 def main(argv=None):
-    train.command(lambda: evaluate(parse_args(argv)), interrupted="interrupted")
+    cli.command(lambda: evaluate(parse_args(argv)), interrupted="interrupted")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python tailored.py                          # every round on the embedded world, offline, a T5 from scratch
     python tailored.py --data gsm8k --dry-run   # round 1's teacher bill: questions, requests, tokens, cost
-    python tailored.py --data gsm8k --rounds 3  # the LLM teacher through teacher.py's client and cache
+    python tailored.py --data gsm8k --rounds 3  # the LLM teacher through client.py's client and cache
     python evaluate.py runs/tailored_world      # every round's model, single-stage chain-of-thought decoding
 
 Round 1: the teacher writes chain-of-thought rationales for every training question (COT_N each); those whose
@@ -13,7 +13,6 @@ correction with L = L_LM + lam * L_SR (triplet.py). Tasks: the paper's GSM8K, SV
 CSQA and StrategyQA, and OBQA, the world and one's own. METHOD.md section 10 is the method, TL1..TL13 its adaptations.
 """
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -24,14 +23,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import cli
 import data
 import evaluate
-import teacher
 import train
 import triplet
 import world
+from client import (Cache, Client, ClientConfig, InvalidCompletion, Meter, RequestFailed, api_key, bill,
+                    cached_chat)
 from data import DEFAULT_DIR, Question
-from t5 import atomic_write, load_pretrained
+from files import atomic_write
 
 
 @dataclass
@@ -62,7 +63,7 @@ class Config:
     precision: str = "fp32"             # fp32 | bf16 | fp16: the autocast dtype, as tinythinker's --precision (A20)
     eval_batch_size: int = 256
     max_new_tokens: int = 0             # 0 = the task's official cap (CAPS, TL10), for the exam and validation
-    base_url: str = "https://api.openai.com/v1"  # the teacher (real data only); see teacher.py
+    base_url: str = "https://api.openai.com/v1"  # the teacher (real data only); see client.py
     teacher_model: str = "gpt-4o-2024-05-13"
     api_key_env: str = "OPENAI_API_KEY"
     workers: int = 8
@@ -113,15 +114,18 @@ DECISIONS = {
 # Settings a resumed run may change: they move no step of a round's schedule.
 FREE_ON_RESUME = ("resume", "dry_run", "out", "data_dir", "rounds", "eval_batch_size", "base_url", "api_key_env",
                   "workers")
+# The demo's settings on the embedded world: round 1 learns from scratch as acquire does (world.FROM_SCRATCH); later
+# rounds refine at 1e-4, as round 1's lr undid it.
+WORLD = dict(world.FROM_SCRATCH, later_epochs=10, later_lr=1e-4, max_new_tokens=64)
 
 
 def parse_config(argv=None):
-    """Defaults, then the world's presets, then the command line."""
-    parser = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_flags(parser, Config)
-    given = train.given_flags(parser, argv)
+    """Defaults, then the world's presets (WORLD), then the command line."""
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_flags(parser, Config)
+    given = cli.given_flags(parser, argv)
     data.check_name(given.get("data", Config.data), listed=tuple(data.FILES))
-    cfg = Config(**{**(world.PRESETS["tailored"] if given.get("data", Config.data) == "world" else {}), **given})
+    cfg = Config(**{**(WORLD if given.get("data", Config.data) == "world" else {}), **given})
     cfg.out = cfg.out or os.path.join("runs", f"tailored_{data.dataset_name(cfg.data)}")
     cfg.data_dir = os.path.abspath(cfg.data_dir)
     cfg.max_new_tokens = cfg.max_new_tokens or generation_cap(cfg.data)
@@ -130,17 +134,17 @@ def parse_config(argv=None):
 
 def check(cfg):
     """One clear line for a setting that cannot work, before anything is loaded or written (--data: parse_config)."""
-    train.check_positive(cfg, ("rounds", "epochs", "batch_size", "exam_samples", "eval_batch_size", "max_new_tokens",
-                               "workers", "sr_max_length",
-                               *(("limit",) if cfg.limit is not None else ())))
-    train.check_positive(cfg, ("exam_top_k", "later_epochs", "eval_every"), least=0)
-    train.check_seed(cfg.seed)
+    cli.check_positive(cfg, ("rounds", "epochs", "batch_size", "exam_samples", "eval_batch_size", "max_new_tokens",
+                             "workers", "sr_max_length",
+                             *(("limit",) if cfg.limit is not None else ())))
+    cli.check_positive(cfg, ("exam_top_k", "later_epochs", "eval_every"), least=0)
+    cli.check_seed(cfg.seed)
     if not (cfg.lr > 0 and cfg.lam >= 0 and cfg.exam_temperature > 0 and cfg.margin >= 0 and cfg.later_lr >= 0
             and 0 <= cfg.warmup < 1 and cfg.grad_clip > 0):
         raise SystemExit("--lr, --exam-temperature and --grad-clip must be above 0, --later-lr, --margin and --lam at "
                          "least 0, --warmup in [0, 1)")
-    train.check_learning_rate(cfg.lr)
-    train.check_learning_rate(cfg.later_lr, "--later-lr")
+    cli.check_learning_rate(cfg.lr)
+    cli.check_learning_rate(cfg.later_lr, "--later-lr")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -204,47 +208,55 @@ def parse_cot_completion(text: str, q: Question) -> str:
     for label in ("Answer:", "Reasoning:"):
         text = text.removeprefix(label).strip()
     if data.parse_cot(text, q) != q.answer:
-        raise teacher.InvalidCompletion("no answer or not the gold answer")
+        raise InvalidCompletion("no answer or not the gold answer")
     if q.kind != "choice":
         return " ".join(data.ANSWER_MARKER.split(text)[0].split())
     line = text.split("\n")[0]
     letter = re.search(r"\([a-e]\)", line, re.I)
     if letter is None:  # a bare letter answers, but is no rationale
-        raise teacher.InvalidCompletion("no rationale")
+        raise InvalidCompletion("no rationale")
     return line[:letter.end()] + "."
 
 
-def ask(messages, n, salt, cfg, client, cache):
-    """n completions of one chat request, through teacher.py's cache (teacher.cached_chat). `salt` keeps Tailored's
-    requests apart from TinyThinker's rounds."""
-    payload = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens,
-               "n": n}
-    response = teacher.cached_chat(payload, salt, client, cache)
+def ask(messages, n, salt, settings, client, cache):
+    """n completions of one chat request, through the cache (client.cached_chat). `salt` keeps Tailored's requests
+    apart from TinyThinker's rounds."""
+    payload = {"model": settings.model, "messages": messages, "temperature": settings.temperature,
+               "max_tokens": settings.max_tokens, "n": n}
+    response = cached_chat(payload, salt, client, cache)
     return [c["message"].get("content") or "" for c in response["choices"] if c.get("finish_reason") != "length"]
 
 
-def ask_all(jobs, cfg, client, cache, desc):
-    """Tailored's requests, in parallel: (q, None) asks for COT_N round-1 rationales of q, (q, wrong) for one
-    correction of the student's wrong rationale. Returns the kept rationales of each job (gold answer only);
-    a request that still fails after the client's retries gives none and is counted in client.meter."""
+def gold_rationales(texts, q):
+    """(the rationales of the completions whose answer is q's gold one, how many were not): parse_cot_completion."""
+    kept = []
+    for text in texts:
+        try:
+            kept.append(parse_cot_completion(text, q))
+        except InvalidCompletion:
+            pass
+    return kept, len(texts) - len(kept)
+
+
+def ask_all(jobs, name, settings, client, cache, desc):
+    """Tailored's requests on data set `name`, in parallel: (q, None) asks for COT_N round-1 rationales of q, (q,
+    wrong) for one correction of the student's wrong rationale. Returns the kept rationales of each job (gold answer
+    only); a request that still fails after the client's retries gives none and is counted in client.meter."""
     def one(job):
         q, wrong = job
-        content = cot_message(q, cfg.data) if wrong is None else feedback_message(q, wrong, cfg.data)
+        content = cot_message(q, name) if wrong is None else feedback_message(q, wrong, name)
         try:
             texts = ask([{"role": "user", "content": content}], COT_N if wrong is None else 1,
-                        "tailored-cot" if wrong is None else "tailored-feedback", cfg, client, cache)
-        except teacher.RequestFailed:
+                        "tailored-cot" if wrong is None else "tailored-feedback", settings, client, cache)
+        except RequestFailed:
             client.meter.add(failed=1)
             return []
-        kept = []
-        for text in texts:
-            try:
-                kept.append(parse_cot_completion(text, q))
-            except teacher.InvalidCompletion:
-                client.meter.add(invalid=1)
+        kept, invalid = gold_rationales(texts, q)
+        if invalid:
+            client.meter.add(invalid=invalid)
         return kept
 
-    pool = ThreadPoolExecutor(cfg.workers)
+    pool = ThreadPoolExecutor(settings.workers)
     try:
         return list(tqdm(pool.map(one, jobs), total=len(jobs), desc=desc, unit="request"))
     finally:
@@ -252,16 +264,16 @@ def ask_all(jobs, cfg, client, cache, desc):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The teacher: the world's built-in one, or an LLM through teacher.py's client and cache
+# The teacher: the world's built-in one, or an LLM through client.py
 
-def teacher_config(cfg) -> teacher.TeacherConfig:
-    """teacher.py's settings for Tailored's requests: the run's endpoint and model, TEACHER's request settings."""
-    return teacher.TeacherConfig(data=cfg.data, base_url=cfg.base_url, model=cfg.teacher_model,
-                                 api_key_env=cfg.api_key_env, workers=cfg.workers, **TEACHER)
+def teacher_settings(cfg) -> ClientConfig:
+    """The client's settings for Tailored's requests: the run's endpoint and model, TEACHER's request settings."""
+    return ClientConfig(base_url=cfg.base_url, model=cfg.teacher_model, api_key_env=cfg.api_key_env,
+                        workers=cfg.workers, **TEACHER)
 
 
 def round_one_bill(cfg) -> dict:
-    """--dry-run: round 1's requests and their price (teacher.bill, the estimate of teacher.py --dry-run), sending
+    """--dry-run: round 1's requests and their price (client.bill, the estimate of teacher.py --dry-run), sending
     nothing: one request of COT_N completions per training question, a completion as long as its task's demo answers
     on average. Later rounds ask one correction per mistake of the student's exams, unknown before they run."""
     if cfg.data == "world":
@@ -270,8 +282,8 @@ def round_one_bill(cfg) -> dict:
     answers = {t: demo_answers(t) for t in {task(cfg.data, q) for q in questions}}
     chars = {t: sum(map(len, texts)) / len(texts) for t, texts in answers.items()}
     completion = sum(chars[task(cfg.data, q)] for q in questions) / max(len(questions), 1)
-    return teacher.bill(teacher_config(cfg), [len(cot_message(q, cfg.data)) for q in questions], COT_N, completion,
-                        len(questions))
+    return bill(teacher_settings(cfg), [len(cot_message(q, cfg.data)) for q in questions], COT_N, completion,
+                len(questions), Path(cfg.out) / "round_1" / "teacher.jsonl")
 
 
 class Teacher:
@@ -279,28 +291,20 @@ class Teacher:
     correction of a wrong one. Returns the kept rationales of each job, one request per job."""
 
     def __init__(self, cfg):
-        self.made, self.client = None, None
+        self.name, self.made, self.client = cfg.data, None, None
         if cfg.data == "world":
             self.made = world.make_world()
             return
-        self.cfg = teacher_config(cfg)
-        self.client = teacher.Client(self.cfg, os.environ.get(cfg.api_key_env), teacher.Meter())
-        self.cache = teacher.Cache(Path(cfg.data_dir) / data.dataset_name(cfg.data) / "tailored.cache.jsonl")
+        self.settings = teacher_settings(cfg)
+        self.client = Client(self.settings, api_key(self.settings), Meter())
+        self.cache = Cache(Path(cfg.data_dir) / data.dataset_name(cfg.data) / "tailored.cache.jsonl")
 
     def __call__(self, jobs, desc):
         if self.client:
-            return ask_all(jobs, self.cfg, self.client, self.cache, desc)
-        kept = []
-        for q, wrong in jobs:  # the built-in teacher's completions go through the LLM parser and gold filter
-            texts = (world.cot_completions(self.made, q, COT_N) if wrong is None
-                     else [world.feedback_completion(self.made, q, wrong)])
-            kept.append([])
-            for text in texts:
-                try:
-                    kept[-1].append(parse_cot_completion(text, q))
-                except teacher.InvalidCompletion:
-                    pass
-        return kept
+            return ask_all(jobs, self.name, self.settings, self.client, self.cache, desc)
+        # the built-in teacher's completions go through the LLM parser and gold filter
+        return [gold_rationales(world.cot_completions(self.made, q, COT_N) if wrong is None
+                                else [world.feedback_completion(self.made, q, wrong)], q)[0] for q, wrong in jobs]
 
 
 def rationales_file(path, make, everyone=False) -> list[dict]:
@@ -308,10 +312,10 @@ def rationales_file(path, make, everyone=False) -> list[dict]:
     request repeated). Rank 0 makes it and writes it, or every rank takes part in making it (`everyone`: a sharded
     exam)."""
     if not os.path.isfile(path):
-        made = make() if everyone or train.rank() == 0 else None
-        if train.rank() == 0:
+        made = make() if everyone or cli.rank() == 0 else None
+        if cli.rank() == 0:
             data.write_jsonl(path, made)
-    train.barrier()
+    cli.barrier()
     return data.read_jsonl(path)
 
 
@@ -369,19 +373,11 @@ def unique_batches(groups, batch_size, seed, epoch):
     return batches + ([batch] if batch else [])
 
 
-class Plan:
-    """The optimizer steps of a round for train.fit: plan[step] = (step, example indices)."""
-
-    def __init__(self, groups, batch_size, epochs, seed):
-        per_epoch = [unique_batches(groups, batch_size, seed, epoch) for epoch in range(epochs)]
-        self.batches = [b for epoch in per_epoch for b in epoch]
-        self.cycle = len(per_epoch[0])  # validation once per epoch unless eval_every says otherwise
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __getitem__(self, step):
-        return step, self.batches[step]
+def round_plan(groups, batch_size, epochs, seed):
+    """A round's optimizer steps for train.fit, each of stage "cot" (one chain-of-thought target), and the steps of
+    one epoch: a validation each unless --eval-every says otherwise."""
+    per_epoch = [unique_batches(groups, batch_size, seed, epoch) for epoch in range(epochs)]
+    return [train.Step(n, "cot", b) for n, b in enumerate(b for epoch in per_epoch for b in epoch)], len(per_epoch[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -400,22 +396,22 @@ def train_round(cfg, k, model, tokenizer, texts, questions, valid, runtime):
     groups = defaultdict(list)
     for n, (i, _, _) in enumerate(examples):
         groups[i].append(n)
-    if k > 1:
-        cfg = dataclasses.replace(cfg, epochs=cfg.later_epochs or cfg.epochs, lr=cfg.later_lr or cfg.lr)
-    plan = Plan(list(groups.values()), cfg.batch_size, cfg.epochs, cfg.seed * 100 + k)
+    epochs, lr = (cfg.later_epochs or cfg.epochs, cfg.later_lr or cfg.lr) if k > 1 else (cfg.epochs, cfg.lr)
+    plan, epoch_steps = round_plan(list(groups.values()), cfg.batch_size, epochs, cfg.seed * 100 + k)
+    loop = train.Loop(lr, cfg.warmup, cfg.grad_clip, micro_batch=cfg.batch_size,
+                      eval_every=cfg.eval_every or epoch_steps)
     use_sr = cfg.lam > 0 and k > 1
-    if runtime.rank == 0:
-        print(f"round {k}: {len(examples)} rationales of {len(groups)} questions, {len(plan)} steps"
-              + (f", L_SR weight {cfg.lam}" if use_sr else ""))
+    cli.say(f"round {k}: {len(examples)} rationales of {len(groups)} questions, {len(plan)} steps"
+            + (f", L_SR weight {cfg.lam}" if use_sr else ""))
 
-    def step_loss(trained, step, indices, batch):
-        rows = [examples[n] for n in indices]
+    def step_loss(trained, step, micro_batch):
+        rows = [examples[n] for n in micro_batch]
         input_ids, attention_mask, labels = (t.to(device) for t in data.collate([(x, y) for _, x, y in rows]))
         loss = trained(input_ids=input_ids, attention_mask=attention_mask, labels=labels)[1]
         metrics = dict(lm=loss.item())
         if use_sr:  # the same metric names on every rank, as train.fit averages them over ranks
             kept, p, n = triplet.triplets([y for _, _, y in rows], [pos.get(i, []) for i, _, _ in rows],
-                                          [neg.get(i, []) for i, _, _ in rows], triplet.draw(cfg.seed, k, step))
+                                          [neg.get(i, []) for i, _, _ in rows], triplet.draw(cfg.seed, k, step.number))
             metrics.update(triplets=len(kept) / len(rows), sr=0.0)
             if kept:
                 sr = triplet.self_reflection_loss(model, input_ids[kept], attention_mask[kept],
@@ -424,80 +420,83 @@ def train_round(cfg, k, model, tokenizer, texts, questions, valid, runtime):
                 metrics["sr"] = sr.item()
         return loss, metrics
 
-    best = train.fit(cfg, os.path.join(cfg.out, f"round_{k}"), model, tokenizer, plan, step_loss=step_loss,
+    best = train.fit(loop, os.path.join(cfg.out, f"round_{k}"), model, tokenizer, plan, step_loss=step_loss,
                      validate=evaluate.validator(cfg, tokenizer, valid, "cot"), runtime=runtime, desc=f"round {k}")
     return best, len(plan)
 
 
-def tailored(cfg):
-    runtime = train.setup_device(cfg.precision, cfg.seed)
-    lead = runtime.rank == 0
-    train.hold_run(cfg.out)
-    if os.path.isfile(os.path.join(cfg.out, "config.json")):
-        train.check_resume(cfg, cfg.out, FREE_ON_RESUME)
-    else:
-        os.makedirs(cfg.out, exist_ok=True)
-        train.write_run_config(cfg, cfg.out, runtime, DECISIONS, method="tailored", stages="cot")
-    if cfg.data == "world" and lead:
-        print("demo: Tailored Learning on the embedded world with a T5 from scratch; a real run: "
-              "python tailored.py --data csqa")
-    train_questions = train.questions(cfg.data, "train", cfg.data_dir)[:cfg.limit]
-    valid = train.questions(cfg.data, "valid", cfg.data_dir)
-    by_id = {q.id: q for q in train_questions}
-    ask = Teacher(cfg) if lead else None  # rank 0 alone talks to the teacher and holds its cache
-    os.makedirs(os.path.join(cfg.out, "round_1"), exist_ok=True)
-    first = rationales_file(os.path.join(cfg.out, "round_1", "teacher.jsonl"), lambda: [
+def teacher_rationales(round_dir, questions, ask_teacher):
+    """Round 1's rows {id, texts}: the teacher's kept rationales of each question that has any (METHOD 10.3)."""
+    return rationales_file(os.path.join(round_dir, "teacher.jsonl"), lambda: [
         dict(id=q.id, texts=texts)
-        for q, texts in zip(train_questions, ask([(q, None) for q in train_questions], "round 1 teacher")) if texts])
-    positives = {row["id"]: list(row["texts"]) for row in first}
+        for q, texts in zip(questions, ask_teacher([(q, None) for q in questions], "round 1 teacher")) if texts])
+
+
+def mistakes(cfg, k, round_dir, model, tokenizer, questions):
+    """{question id: wrong rationales} of round k's exam, which every rank takes its share of (METHOD 10.4)."""
+    rows = rationales_file(os.path.join(round_dir, "mistakes.jsonl"), lambda: [
+        dict(id=i, texts=wrong) for i, wrong in exam(cfg, model, tokenizer, questions, k).items()], everyone=True)
+    return {row["id"]: row["texts"] for row in rows}
+
+
+def feedback(k, round_dir, negatives, by_id, ask_teacher):
+    """The teacher's corrections of round k's mistakes, pooled by question (corrected), and the number of requests:
+    one per wrong rationale, each a row of corrections.jsonl, so that a question with several mistakes keeps the
+    correction of each (TL6)."""
+    jobs = [(by_id[i], wrong) for i, texts in negatives.items() for wrong in texts]
+    rows = rationales_file(os.path.join(round_dir, "corrections.jsonl"), lambda: [
+        dict(id=q.id, wrong=wrong, texts=texts)
+        for (q, wrong), texts in zip(jobs, ask_teacher(jobs, f"round {k} feedback"))])
+    return corrected(rows), len(jobs)
+
+
+def tailored(cfg):
+    """Round 1 distils the teacher's rationales; each later round, from the previous round's best model, examines the
+    student, has the teacher correct each of its mistakes and trains on the corrections with L_LM + lam * L_SR
+    (METHOD 10.1). A resumed run reads every request's answer and every exam back from the run folder."""
+    runtime = cli.setup_device(cfg.precision, cfg.seed)
+    cli.hold_run(cfg.out)
+    if not cli.start_run(cfg, cfg.out, "config.json", FREE_ON_RESUME):
+        cli.write_run_config(cfg, cfg.out, runtime, DECISIONS, method="tailored", stages="cot")
+    cli.demo("tailored", cfg.data == "world")
+    questions = cli.questions(cfg.data, "train", cfg.data_dir)[:cfg.limit]
+    valid = cli.questions(cfg.data, "valid", cfg.data_dir)
+    by_id = {q.id: q for q in questions}
+    ask_teacher = Teacher(cfg) if runtime.rank == 0 else None  # rank 0 alone talks to the teacher and holds its cache
     previous, results = None, {}
     for k in range(1, cfg.rounds + 1):
         round_dir = os.path.join(cfg.out, f"round_{k}")
         os.makedirs(round_dir, exist_ok=True)
-        if k == 1:
-            anchors = [(row["id"], t) for row in first for t in row["texts"]]
-            negatives, requests = {}, len(train_questions)
-        else:
-            model, tokenizer = load_pretrained(previous, device=runtime.device)
-            model.amp_dtype = runtime.amp
-            negatives = {row["id"]: row["texts"] for row in rationales_file(
-                os.path.join(round_dir, "mistakes.jsonl"), lambda: [
-                    dict(id=i, texts=wrong) for i, wrong in exam(cfg, model, tokenizer, train_questions, k).items()],
-                everyone=True)}
-            jobs = [(by_id[i], wrong) for i, texts in negatives.items() for wrong in texts]
-            # one row per feedback request: a question with several mistakes keeps the correction of each
-            corrections = corrected(rationales_file(os.path.join(round_dir, "corrections.jsonl"), lambda: [
-                dict(id=q.id, wrong=wrong, texts=texts)
-                for (q, wrong), texts in zip(jobs, ask(jobs, f"round {k} feedback"))]))
-            anchors, requests = [(i, t) for i, ts in corrections.items() for t in ts], len(jobs)
+        if k == 1:  # the teacher's rationales, the first positives
+            first = teacher_rationales(round_dir, questions, ask_teacher)
+            positives = {row["id"]: list(row["texts"]) for row in first}
+            anchors, negatives, requests = [(row["id"], t) for row in first for t in row["texts"]], {}, len(questions)
+        else:  # the exam's mistakes, and the corrections that become anchors and positives
+            model, tokenizer = cli.trained_model(previous, runtime)
+            negatives = mistakes(cfg, k, round_dir, model, tokenizer, questions)
+            corrections, requests = feedback(k, round_dir, negatives, by_id, ask_teacher)
+            anchors = [(i, t) for i, texts in corrections.items() for t in texts]
             for i, texts in corrections.items():
                 positives[i] = list(dict.fromkeys(positives.get(i, []) + texts))
-        done_path = os.path.join(round_dir, "done.json")
-        if os.path.isfile(done_path):
-            results[k] = data.read_jsonl(done_path)[0]
-            previous = os.path.join(round_dir, "best")
-            continue
-        if not anchors:
-            if lead:
-                print(f"round {k}: no corrected mistakes to learn from; stopping")
-            break
-        if k == 1:
-            texts = [data.cot_input(by_id[i]) + " " + data.cot_target(t, by_id[i]) for i, t in anchors]
-            model, tokenizer = train.student(cfg, cfg.out, texts)
-            model.to(runtime.device).amp_dtype = runtime.amp
-        best, steps = train_round(cfg, k, model, tokenizer, (anchors, positives, negatives), by_id, valid, runtime)
-        results[k] = dict(best=best, steps=steps, requests=requests, rationales=len(anchors),
-                          mistakes=sum(map(len, negatives.values())))
-        if lead:
-            data.write_jsonl(done_path, [results[k]])
-        train.barrier()
+        done = cli.done(round_dir)
+        if done is None:
+            if not anchors:
+                cli.say(f"round {k}: no corrected mistakes to learn from; stopping")
+                break
+            if k == 1:
+                texts = [data.cot_input(by_id[i]) + " " + data.cot_target(t, by_id[i]) for i, t in anchors]
+                model, tokenizer = cli.student(cfg, cfg.out, texts, runtime)
+            best, steps = train_round(cfg, k, model, tokenizer, (anchors, positives, negatives), by_id, valid, runtime)
+            done = cli.finish(round_dir, dict(best=best, steps=steps, requests=requests, rationales=len(anchors),
+                                              mistakes=sum(map(len, negatives.values()))))
+        results[k] = done
         previous = os.path.join(round_dir, "best")
-    if lead:
+    if runtime.rank == 0:
         atomic_write(os.path.join(cfg.out, "summary.json"), json.dumps(results, indent=1).encode())
-        print("tailored: " + "; ".join(f"round {k}: validation {r['best']:.2f}%, {r['steps']} steps, "
-                                       f"{r['requests']} teacher requests" for k, r in results.items()))
-        print(f"next: python evaluate.py {cfg.out}")
-    train.release_run(cfg.out)
+    cli.say("tailored: " + "; ".join(f"round {k}: validation {r['best']:.2f}%, {r['steps']} steps, "
+                                     f"{r['requests']} teacher requests" for k, r in results.items()))
+    cli.say(f"next: python evaluate.py {cfg.out}")
+    cli.release_run(cfg.out)
 
 
 def main(argv=None):
@@ -507,7 +506,7 @@ def main(argv=None):
         if cfg.dry_run:
             return print(json.dumps(round_one_bill(cfg), indent=1))
         tailored(cfg)
-    train.command(run)
+    cli.command(run)
 
 
 if __name__ == "__main__":

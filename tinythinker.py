@@ -12,11 +12,11 @@ import argparse
 import dataclasses
 import os
 import random
-import shutil
 from dataclasses import dataclass
 
 import torch
 
+import cli
 import data
 import dpo
 import evaluate
@@ -24,7 +24,6 @@ import teacher
 import train
 import world
 from data import DEFAULT_DIR
-from t5 import load_pretrained
 
 
 @dataclass
@@ -33,12 +32,14 @@ class Config:
     data: str = "world"                 # world | csqa | obqa | strategyqa | a directory or .jsonl of one's own
     data_dir: str = str(DEFAULT_DIR)    # data set files and teacher records: <repo>/data, where teacher.py writes
     model: str = "google-t5/t5-small"   # Hub id or local directory; "scratch" = a new T5 sized by world.MODEL
-    stages: str = "recall_analyze_summarize"  # a data.STAGES variant; reflect: recall | analyze | recall_analyze
+    stages: str = "recall_analyze_summarize"  # acquire: a data.STAGES variant (reflect: its acquire run's)
+    pairs: str = "recall_analyze"       # reflect: the preference pairs it trains on, recall | analyze | both
     out: str = ""                       # run directory (default runs/{data}); reflect writes into {out}/reflect
     resume: bool = False                # continue a killed run from its last state.pt
     seed: int = 42
     # optimisation (METHOD 5.3 for acquire, 7.5 for reflect)
-    batch_size: int = 64                # per micro-batch; acquire's batch = batch_size * grad_accum * devices
+    batch_size: int = 64                # acquire: per micro-batch, a step = batch_size * grad_accum * devices;
+                                        # reflect: a step's pairs, one micro-batch split over the devices
     grad_accum: int = 1
     lr: float = 5e-4
     warmup: float = 0.1                 # fraction of the steps with a linear warm-up, then cosine decay to 0 (A3)
@@ -64,6 +65,13 @@ class Config:
 # a reflect run, whatever data set it continues; epochs counts cycles of the official schedule (A19, reflect_plan).
 REFLECT = dict(batch_size=32, lr=5e-6, warmup=0.1, epochs=10, eval_every=0, grad_clip=1.0, iterations=5, samples=10,
                temperature=0.7, beta=0.5, alpha=0.5, max_length=200, max_new_tokens=200)
+# The demo's settings on the embedded world, over each phase's (world.FROM_SCRATCH: how acquire learns it from
+# scratch). acquire: stages interleaved batch by batch (interval 1), as longer blocks of one stage kept this model at
+# chance. reflect: lr 5e-5, as Adam's first steps move every weight by about lr and 2e-4 undid a converged student;
+# the method's temperature 0.7 (A24).
+WORLD = {"acquire": dict(world.FROM_SCRATCH, interval=1, max_new_tokens=48),
+         "reflect": dict(batch_size=32, lr=5e-5, epochs=2, iterations=2, samples=4, max_new_tokens=48)}
+PAIRS = ("recall", "analyze", "recall_analyze")
 # The method's open questions that move accuracy (METHOD 9), recorded in every run's config.
 DECISIONS = {
     "A1 analysis order in summarize inputs": "alphabetical in training and inference (no gold-first shortcut)",
@@ -87,10 +95,10 @@ def parse_config(argv=None):
     acquire run in --from: its data set, data directory and stage variant come from that run's config.json, then
     the method's reflect values (REFLECT), then the world's if that run was on the world, then the command line.
     cfg.sources records where each setting came from; it is written to config.json."""
-    parser = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_flags(parser, Config)
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_flags(parser, Config)
     parser.add_argument("--from", dest="out", help="reflect: the acquire run directory (same as --out)")
-    given = train.given_flags(parser, argv)
+    given = cli.given_flags(parser, argv)
     phase, name = given.get("phase", Config.phase), given.get("data", Config.data)
     layers = []
     if phase == "reflect":
@@ -101,7 +109,7 @@ def parse_config(argv=None):
         name = acquired["data"]
         layers += [("acquire run", acquired), ("method (reflect)", REFLECT)]
     if name == "world":
-        layers.append(("world preset", world.PRESETS[phase] if phase in world.PRESETS else {}))
+        layers.append(("world preset", WORLD.get(phase, {})))
     layers.append(("command line", given))
     settings, sources = {}, {}
     for source, values in layers:
@@ -120,17 +128,19 @@ def check(cfg):
         raise SystemExit(f"--phase must be acquire or reflect, not {cfg.phase!r}")
     data.check_name(cfg.data)
     data.check_choices(cfg.data)
-    if cfg.phase == "acquire" and cfg.stages not in data.STAGES:
+    if cfg.stages not in data.STAGES:
         raise SystemExit(f"--stages must be one of {', '.join(data.STAGES)}, not {cfg.stages!r}")
-    train.check_positive(cfg, ("batch_size", "grad_accum", "epochs", "interval", "eval_batch_size", "max_new_tokens",
-                               "iterations", "samples", "max_length"))
-    train.check_positive(cfg, ("steps",), least=0)
-    train.check_seed(cfg.seed)
+    if cfg.pairs not in PAIRS:
+        raise SystemExit(f"--pairs must be one of {', '.join(PAIRS)}, not {cfg.pairs!r}")
+    cli.check_positive(cfg, ("batch_size", "grad_accum", "epochs", "interval", "eval_batch_size", "max_new_tokens",
+                             "iterations", "samples", "max_length"))
+    cli.check_positive(cfg, ("steps",), least=0)
+    cli.check_seed(cfg.seed)
     if not (cfg.lr > 0 and 0 <= cfg.warmup < 1 and cfg.eval_every >= 0 and cfg.temperature > 0 and cfg.beta > 0
             and cfg.grad_clip > 0 and cfg.alpha >= 0):
         raise SystemExit("--lr, --temperature, --beta and --grad-clip must be above 0, --warmup in [0, 1), "
                          "--eval-every and --alpha at least 0")
-    train.check_learning_rate(cfg.lr)
+    cli.check_learning_rate(cfg.lr)
     if cfg.phase == "reflect":  # reflect starts from an acquired model (parse_config has read the run's settings)
         if not os.path.isdir(os.path.join(cfg.out, "best")):
             raise SystemExit(f"{cfg.out}: no acquired model ({os.path.join(cfg.out, 'best')}); "
@@ -144,10 +154,10 @@ def acquire_settings(run_dir):
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no acquire run to reflect on; run python tinythinker.py --phase acquire first, "
                          "or pass --from RUN_DIR")
-    acquired = train.read_run_config(run_dir)
+    acquired = cli.read_run_config(run_dir)
     if acquired["stages"] != "recall_analyze_summarize":
         raise SystemExit(f"{path}: reflect continues a recall_analyze_summarize run, not a {acquired['stages']} one")
-    return dict(data=acquired["data"], data_dir=acquired["data_dir"], stages="recall_analyze")
+    return dict(data=acquired["data"], data_dir=acquired["data_dir"], stages=acquired["stages"])
 
 
 def teacher_records(cfg):
@@ -166,89 +176,107 @@ def teacher_records(cfg):
     return records
 
 
+def loop(cfg, plan):
+    """train.fit's settings for a phase: a micro-batch of batch_size examples, a validation every --eval-every steps
+    or, by default, every cycle of the plan (METHOD 5.2, 7.5)."""
+    return train.Loop(cfg.lr, cfg.warmup, cfg.grad_clip, micro_batch=cfg.batch_size,
+                      eval_every=cfg.eval_every or plan.cycle)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Phase 1: reasoning acquisition (METHOD 5)
 
 def acquire(cfg):
-    runtime = train.setup_device(cfg.precision, cfg.seed)
-    run_dir, lead = cfg.out, runtime.rank == 0
-    train.hold_run(run_dir)
+    """Staged fine-tuning on the teacher's rationales (METHOD 5): the stage formats of data.stage_examples, the
+    staged schedule of train.Plan, a token-mean cross-entropy; the best model by validation in {out}/best."""
+    runtime = cli.setup_device(cfg.precision, cfg.seed)
     effective = cfg.batch_size * cfg.grad_accum * runtime.world_size
-    started = os.path.isfile(os.path.join(run_dir, "state.pt"))
-    if started:
-        train.check_resume(cfg, run_dir, FREE_ON_RESUME, effective_batch_size=effective)
-    os.makedirs(run_dir, exist_ok=True)
-    if cfg.data == "world" and cfg.model == "scratch" and lead:
-        print("demo: acquiring on the embedded world with a T5 from scratch; a real run: "
-              "python teacher.py --data csqa --split train && python tinythinker.py --phase acquire --data csqa")
+    cli.hold_run(cfg.out)
+    resumed = cli.start_run(cfg, cfg.out, "state.pt", FREE_ON_RESUME, effective_batch_size=effective)
+    cli.demo("acquire", cfg.data == "world" and cfg.model == "scratch")
     records = teacher_records(cfg)
-    valid = train.questions(cfg.data, "valid", cfg.data_dir)
-    stage_texts = {stage: pairs for stage, pairs in data.stage_examples(records, cfg.stages).items() if pairs}
-    model, tokenizer = train.student(cfg, run_dir, [x + " " + y for pairs in stage_texts.values() for x, y in pairs])
-    model.to(runtime.device).amp_dtype = runtime.amp
-    examples = {stage: [(tokenizer.encode(x), tokenizer.encode(y)) for x, y in pairs]
-                for stage, pairs in stage_texts.items()}
+    valid = cli.questions(cfg.data, "valid", cfg.data_dir)
+    texts = {stage: pairs for stage, pairs in data.stage_examples(records, cfg.stages).items() if pairs}
     n_options = max(len(r["explanations"]) for r in records)
     quotas = dict(recall=cfg.interval, analyze=cfg.interval * n_options, summarize=cfg.interval)
     # --steps: a budget in steps instead of epochs, the last epoch cut short (ablation.py's control, A23)
-    plan = train.Plan({s: len(e) for s, e in examples.items()}, effective, cfg.epochs, cfg.seed, quotas,
-                      cfg.steps or None)
-    if not started:  # a resumed run keeps the config.json it started with
-        train.write_run_config(cfg, run_dir, runtime, DECISIONS, effective_batch_size=effective,
-                               total_steps=len(plan), examples={s: len(e) for s, e in examples.items()})
-    if lead:
-        print(f"acquire: {', '.join(f'{len(e)} {s}' for s, e in examples.items())} examples; effective batch "
-              f"{effective} = {cfg.batch_size} x {cfg.grad_accum} accumulation x {runtime.world_size} devices; "
-              f"{len(plan)} steps, validation every {cfg.eval_every or plan.cycle}")
+    plan = train.Plan({s: len(p) for s, p in texts.items()}, effective, cfg.epochs, cfg.seed, quotas, cfg.steps or None)
+    if not resumed:  # a resumed run keeps the config.json it started with
+        cli.write_run_config(cfg, cfg.out, runtime, DECISIONS, effective_batch_size=effective, total_steps=len(plan),
+                             examples={s: len(p) for s, p in texts.items()})
+    model, tokenizer = cli.student(cfg, cfg.out, [x + " " + y for pairs in texts.values() for x, y in pairs], runtime)
+    examples = {stage: [(tokenizer.encode(x), tokenizer.encode(y)) for x, y in pairs] for stage, pairs in texts.items()}
+    cli.say(f"acquire: {', '.join(f'{len(e)} {s}' for s, e in examples.items())} examples; effective batch "
+            f"{effective} = {cfg.batch_size} x {cfg.grad_accum} accumulation x {runtime.world_size} devices; "
+            f"{len(plan)} steps, validation every {loop(cfg, plan).eval_every}")
 
-    def step_loss(trained, stage, indices, batch):
+    def step_loss(trained, step, micro_batch):
         input_ids, attention_mask, labels = (t.to(runtime.device) for t in
-                                             data.collate([examples[stage][i] for i in indices]))
+                                             data.collate([examples[step.stage][i] for i in micro_batch]))
         return trained(input_ids=input_ids, attention_mask=attention_mask, labels=labels)[1], {}
 
-    def target_tokens(stage, indices):  # the loss is a token mean over the whole effective batch
-        return sum(len(examples[stage][i][1]) for i in indices)
+    def target_tokens(step, indices):  # the loss is a token mean over the whole effective batch
+        return sum(len(examples[step.stage][i][1]) for i in indices)
 
-    best = train.fit(cfg, run_dir, model, tokenizer, plan, step_loss=step_loss, weight=target_tokens,
+    best = train.fit(loop(cfg, plan), cfg.out, model, tokenizer, plan, step_loss=step_loss, weight=target_tokens,
                      validate=evaluate.validator(cfg, tokenizer, valid, cfg.stages), runtime=runtime, desc="acquire")
-    if lead:
-        print(f"acquire: best validation accuracy {best:.2f}%, model in {os.path.join(run_dir, 'best')}")
-    train.release_run(run_dir)
+    cli.say(f"acquire: best validation accuracy {best:.2f}%, model in {os.path.join(cfg.out, 'best')}")
+    cli.release_run(cfg.out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Phase 2: self-reflection (METHOD 7)
 
-def self_pairs(cfg, model, tokenizer, train_questions, records, iteration_dir, iteration, lead):
-    """Sample the student's own chains on the training questions and turn them into preference pairs (METHOD 7.1-7.3).
-    Every rank samples its share and builds the same pairs; rank 0 saves them as JSONL, so a resumed iteration does
-    not sample again and a reader can see what the student learned to prefer."""
-    recall_path, analyze_path = (os.path.join(iteration_dir, f"{s}_pairs.jsonl") for s in ("recall", "analyze"))
-    if os.path.isfile(recall_path) and os.path.isfile(analyze_path):
-        return data.read_jsonl(recall_path), data.read_jsonl(analyze_path)
-    seed = cfg.seed * 1000 + iteration  # the pairs' draws and the sampled tokens: --seed reproduces an iteration
+def with_records(questions, records):
+    """The training questions reflect samples: those with teacher records, as in the official code (its training set
+    is the teacher's output). A recall pair may need the teacher's Key Information as its chosen side (METHOD 7.2,
+    step 4), and questions the teacher failed or that --limit left out have none."""
+    taught = {r["id"] for r in records}
+    if len(taught) < len(questions):
+        cli.say(f"reflect: sampling the {len(taught)} training questions with teacher records, "
+                f"of {len(questions)} in the split")
+    return [q for q in questions if q.id in taught]
+
+
+def self_pairs(cfg, model, tokenizer, questions, records, iteration_dir, k):
+    """{"recall": pairs, "analyze": pairs}: the student's own chains on the training questions, sampled and turned
+    into preference pairs (METHOD 7.1-7.3). Every rank samples its share and builds the same pairs; rank 0 saves them
+    as JSONL, so a resumed iteration does not sample again and a reader can see what the student learned to prefer."""
+    paths = {kind: os.path.join(iteration_dir, f"{kind}_pairs.jsonl") for kind in ("recall", "analyze")}
+    if all(os.path.isfile(path) for path in paths.values()):
+        return {kind: data.read_jsonl(path) for kind, path in paths.items()}
+    seed = cfg.seed * 1000 + k  # the pairs' draws and the sampled tokens: --seed reproduces an iteration
     rng = random.Random(seed)
-    by_id = {q.id: q for q in train_questions}
+    by_id = {q.id: q for q in questions}
     kwargs = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens)
     # Recall pass: recall sampled, analyze and summarize greedy, `samples` chains per question.
-    repeated = [q for q in train_questions for _ in range(cfg.samples)]
+    repeated = [q for q in questions for _ in range(cfg.samples)]
     chains = evaluate.run_chains(model, tokenizer, repeated, recall_temperature=cfg.temperature, seed=f"{seed}/recall",
-                                 desc=f"iteration {iteration} recall samples", **kwargs)
+                                 desc=f"iteration {k} recall samples", **kwargs)
     recall_pairs, contexts = dpo.recall_pairs(chains, by_id, records, rng)
     analyze_pairs = []
-    if "analyze" in cfg.stages:
+    if "analyze" in cfg.pairs:
         # Analyze pass: each chosen recall is fixed and its analyses sampled, `samples` chains per context.
         fixed = [c for c in contexts for _ in range(cfg.samples)]
         chains = evaluate.run_chains(model, tokenizer, [by_id[c.id] for c in fixed], recalls=[c.recall for c in fixed],
                                      analyze_temperature=cfg.temperature, seed=f"{seed}/analyze",
-                                     desc=f"iteration {iteration} analyze samples", **kwargs)
+                                     desc=f"iteration {k} analyze samples", **kwargs)
         analyze_pairs = dpo.analyze_pairs(chains, by_id, contexts, rng)
-    if "recall" not in cfg.stages:
-        recall_pairs = []
-    if lead:
-        data.write_jsonl(recall_path, recall_pairs)
-        data.write_jsonl(analyze_path, analyze_pairs)
-    return recall_pairs, analyze_pairs
+    pairs = {"recall": recall_pairs if "recall" in cfg.pairs else [], "analyze": analyze_pairs}
+    if cli.rank() == 0:
+        for kind, path in paths.items():
+            data.write_jsonl(path, pairs[kind])
+    return pairs
+
+
+def reference_logprobs(model, pairs, batch_size, device):
+    """{kind: [pairs, 2]}: log pi_ref of each pair's chosen and rejected sides, scored once by the weights the policy
+    starts from, sharded over the ranks (METHOD 7.4). Dropout stays off in reference and policy (TRL's
+    disable_dropout; fit(dropout=False)), so the policy scores its targets as the reference did."""
+    model.eval()
+    return {kind: torch.cat(cli.sharded(cli.chunks(p, batch_size),
+                                        lambda batch: dpo.reference_logprobs(model, batch, device)))
+            for kind, p in pairs.items()}
 
 
 def reflect_plan(cfg, pairs, seed):
@@ -264,93 +292,64 @@ def reflect_plan(cfg, pairs, seed):
     else:  # analyze pairs only: S = floor(A/B)+1
         quotas = dict(analyze=n["analyze"] // cfg.batch_size + 1)
     cycle = sum(quotas[s] for s in n)
-    plan = train.Plan({s: len(p) for s, p in pairs.items()}, cfg.batch_size, 0, seed, quotas,
-                      max_steps=cfg.epochs * cycle)
-    plan.cycle = cycle
-    return plan
+    return train.Plan(n, cfg.batch_size, 0, seed, quotas, max_steps=cfg.epochs * cycle, cycle=cycle)
+
+
+def dpo_step_loss(cfg, pairs, reference, device):
+    """The step_loss train.fit calls: DPO + alpha * NLL (dpo.dpo_loss) of a micro-batch of one kind's pairs."""
+    def step_loss(trained, step, micro_batch):
+        ref_chosen, ref_rejected = reference[step.stage][micro_batch].T.to(device)
+        chosen, rejected, nll = dpo.concatenated_logprobs(
+            trained, *dpo.collate_pairs([pairs[step.stage][i] for i in micro_batch], device))
+        # The NLL is a token mean over the whole batch's chosen targets (METHOD 7.4), however fit splits it
+        chosen_tokens = lambda rows: sum(len(pairs[step.stage][i][1]) for i in rows)
+        nll = nll * chosen_tokens(micro_batch) / chosen_tokens(step.indices) * len(step.indices) / len(micro_batch)
+        return dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, nll, cfg.beta, cfg.alpha)
+    return step_loss
 
 
 def reflect(cfg):
-    runtime = train.setup_device(cfg.precision, cfg.seed)
-    lead = runtime.rank == 0
-    train.hold_run(cfg.out)  # the acquire run's folder: reflect reads its best/
+    """Iterations of DPO + NLL on preference pairs from the student's own chains (METHOD 7), each from the previous
+    iteration's best model; reflect/best is the iteration with the best validation accuracy (A7)."""
+    runtime = cli.setup_device(cfg.precision, cfg.seed)
     reflect_dir = os.path.join(cfg.out, "reflect")
-    if os.path.isfile(os.path.join(reflect_dir, "iter_1", "state.pt")):  # saved at iteration 1's first validation
-        train.check_resume(cfg, reflect_dir, FREE_ON_RESUME)
-    else:
-        os.makedirs(reflect_dir, exist_ok=True)
-        train.write_run_config(cfg, reflect_dir, runtime, DECISIONS)
-    if cfg.data == "world" and lead:
-        print("demo: self-reflection on the embedded world; a real run: python tinythinker.py --phase reflect "
-              "--from runs/csqa")
-    train_questions, valid = (train.questions(cfg.data, split, cfg.data_dir) for split in ("train", "valid"))
+    cli.hold_run(cfg.out)  # the acquire run's folder: reflect reads its best/
+    if not cli.start_run(cfg, reflect_dir, os.path.join("iter_1", "state.pt"), FREE_ON_RESUME):
+        cli.write_run_config(cfg, reflect_dir, runtime, DECISIONS)
+    cli.demo("reflect", cfg.data == "world")
+    questions, valid = (cli.questions(cfg.data, split, cfg.data_dir) for split in ("train", "valid"))
     records = teacher_records(cfg)
-    # Only questions with teacher records are sampled, as in the official code (its training set is the teacher's
-    # output): a recall pair may need the teacher's Key Information as its chosen side (METHOD 7.2, step 4), and
-    # questions the teacher failed or that --limit left out have none.
-    taught = {r["id"] for r in records}
-    if len(taught) < len(train_questions) and lead:
-        print(f"reflect: sampling the {len(taught)} training questions with teacher records, "
-              f"of {len(train_questions)} in the split")
-    train_questions = [q for q in train_questions if q.id in taught]
+    questions = with_records(questions, records)
     previous, results = os.path.join(cfg.out, "best"), {}
-    for iteration in range(1, cfg.iterations + 1):
-        train.barrier()  # what rank 0 wrote in the last iteration is there for every rank to read
-        iteration_dir = os.path.join(reflect_dir, f"iter_{iteration}")
-        done_path = os.path.join(iteration_dir, "done.json")
-        os.makedirs(iteration_dir, exist_ok=True)
-        if os.path.isfile(done_path):
-            results[iteration] = data.read_jsonl(done_path)[0]["best"]
-            previous = os.path.join(iteration_dir, "best")
-            continue
-        # Policy and reference both start from the previous iteration's best model (METHOD 7, step 3).
-        model, tokenizer = load_pretrained(previous, device=runtime.device)
-        model.amp_dtype = runtime.amp
-        recall_pairs, analyze_pairs = self_pairs(cfg, model, tokenizer, train_questions, records, iteration_dir,
-                                                 iteration, lead)
-        pairs = {"recall": dpo.tokenize_pairs(recall_pairs, tokenizer, cfg.max_length),
-                 "analyze": dpo.tokenize_pairs(analyze_pairs, tokenizer, cfg.max_length)}
-        pairs = {s: p for s, p in pairs.items() if p}
-        if not pairs:
-            if lead:
-                print(f"iteration {iteration}: the student's chains gave no preference pairs; stopping")
-            break
-        # Dropout stays off in policy and reference (TRL's disable_dropout): the reference log-probs are computed
-        # once, before training, by the same weights, and the policy must score its targets the same way.
-        model.eval()
-        reference = {s: torch.cat(train.sharded(train.chunks(p, cfg.eval_batch_size),
-                                                lambda batch: dpo.reference_logprobs(model, batch, runtime.device)))
-                     for s, p in pairs.items()}
-        plan = reflect_plan(cfg, pairs, cfg.seed + iteration)
-        if lead:
-            print(f"iteration {iteration}: {', '.join(f'{len(p)} {s} pairs' for s, p in pairs.items())}; "
-                  f"{len(plan)} steps, validation every {plan.cycle}")
-
-        def step_loss(trained, stage, indices, batch):
-            ref_chosen, ref_rejected = reference[stage][indices].T.to(runtime.device)
-            chosen, rejected, nll = dpo.concatenated_logprobs(
-                trained, *dpo.collate_pairs([pairs[stage][i] for i in indices], runtime.device))
-            # The NLL is a token mean over the whole batch's chosen targets (METHOD 7.4), however fit splits it
-            chosen_tokens = lambda rows: sum(len(pairs[stage][i][1]) for i in rows)
-            nll = nll * chosen_tokens(indices) / chosen_tokens(batch) * len(batch) / len(indices)
-            return dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, nll, cfg.beta, cfg.alpha)
-
-        results[iteration] = train.fit(
-            cfg, iteration_dir, model, tokenizer, plan, step_loss=step_loss, runtime=runtime,
-            validate=evaluate.validator(cfg, tokenizer, valid, "recall_analyze_summarize"),
-            desc=f"reflect {iteration}", dropout=False)
-        if lead:
-            data.write_jsonl(done_path, [dict(best=results[iteration])])
+    for k in range(1, cfg.iterations + 1):
+        iteration_dir = os.path.join(reflect_dir, f"iter_{k}")
+        done = cli.done(iteration_dir)
+        if done is None:
+            os.makedirs(iteration_dir, exist_ok=True)
+            # Policy and reference both start from the previous iteration's best model (METHOD 7, step 3).
+            model, tokenizer = cli.trained_model(previous, runtime)
+            pairs = {kind: dpo.tokenize_pairs(texts, tokenizer, cfg.max_length) for kind, texts in
+                     self_pairs(cfg, model, tokenizer, questions, records, iteration_dir, k).items() if texts}
+            if not pairs:
+                cli.say(f"iteration {k}: the student's chains gave no preference pairs; stopping")
+                break
+            reference = reference_logprobs(model, pairs, cfg.eval_batch_size, runtime.device)
+            plan = reflect_plan(cfg, pairs, cfg.seed + k)
+            cli.say(f"iteration {k}: {', '.join(f'{len(p)} {kind} pairs' for kind, p in pairs.items())}; "
+                    f"{len(plan)} steps, validation every {loop(cfg, plan).eval_every}")
+            best = train.fit(loop(cfg, plan), iteration_dir, model, tokenizer, plan, runtime=runtime,
+                             step_loss=dpo_step_loss(cfg, pairs, reference, runtime.device), dropout=False,
+                             validate=evaluate.validator(cfg, tokenizer, valid, "recall_analyze_summarize"),
+                             desc=f"reflect {k}")
+            done = cli.finish(iteration_dir, dict(best=best))
+        results[k] = done["best"]
         previous = os.path.join(iteration_dir, "best")
-    if results and lead:
+    if results:
         chosen = max(results, key=results.get)  # A7: select by validation, never by test
-        best_dir = os.path.join(reflect_dir, "best")
-        shutil.rmtree(best_dir + ".tmp", ignore_errors=True)
-        shutil.copytree(os.path.join(reflect_dir, f"iter_{chosen}", "best"), best_dir + ".tmp")
-        shutil.rmtree(best_dir, ignore_errors=True)
-        os.replace(best_dir + ".tmp", best_dir)
-        print(f"reflect: validation accuracy by iteration {results}; iteration {chosen} -> {best_dir}")
-    train.release_run(cfg.out)
+        cli.copy_best(os.path.join(reflect_dir, f"iter_{chosen}", "best"), os.path.join(reflect_dir, "best"))
+        cli.say(f"reflect: validation accuracy by iteration {results}; iteration {chosen} -> "
+                f"{os.path.join(reflect_dir, 'best')}")
+    cli.release_run(cfg.out)
 
 
 def main(argv=None):
@@ -358,7 +357,7 @@ def main(argv=None):
         cfg = parse_config(argv)
         check(cfg)
         acquire(cfg) if cfg.phase == "acquire" else reflect(cfg)
-    train.command(run)
+    cli.command(run)
 
 
 if __name__ == "__main__":

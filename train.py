@@ -1,23 +1,14 @@
-"""What both methods' training shares: settings, the student, devices and ranks, the schedule, and the loop.
+"""The loop both methods train with, minGPT's small Trainer: a plan of steps, the learning-rate schedule, AdamW, and
+`fit`, which owns backward, loss scaling, clipping, DDP, checkpoints, resume and logging.
 
-tinythinker.py and tailored.py each supply a plan of steps, the loss of a micro-batch and a validation; `fit` owns
-everything else (backward, loss scaling, clipping, DDP, checkpoints, resume, logging). `sharded` spreads any list of
-batches over the ranks torchrun starts, which is how generation (validation, sampling, exams, evaluation) scales out.
+tinythinker.py and tailored.py each supply a plan of steps, the loss of a micro-batch and a validation.
 """
-import argparse
 import contextlib
-import dataclasses
-import datetime
-import fcntl
 import json
 import math
 import os
 import pickle
-import platform
 import random
-import socket
-import sys
-import time
 from typing import NamedTuple
 
 import numpy as np
@@ -26,271 +17,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import cli
 import data
-import world
-from t5 import T5, LoadError, T5Config, Tokenizer, atomic_write, load_pretrained, read_json
-
-# --precision: the autocast dtype of the model (T5.amp_dtype), fp32 unless asked (A20).
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Settings: flags from a config dataclass, checks, run directories
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with a flag it cannot read said in one line (argparse prints its whole usage first)."""
-
-    def error(self, message):
-        raise SystemExit(f"{self.prog}: {message}")
-
-
-def finite(text):
-    """A float flag's value: float() reads "inf" and "nan" too, which would be trained or sent as they are."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
-    return value
-
-
-def add_flags(parser, config):
-    """One --flag per field of the `config` dataclass (a bool is a switch), None when not given, so that the command
-    line can be layered over presets. A field without a plain default (a dict) is no setting."""
-    for field in dataclasses.fields(config):
-        if field.default is dataclasses.MISSING:
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        if field.type is bool or isinstance(field.default, bool):
-            parser.add_argument(flag, action="store_true", default=None)
-        else:
-            kind = field.type if isinstance(field.type, type) else field.type.__args__[0]  # `int | None` -> int
-            parser.add_argument(flag, type=finite if kind is float else kind, default=None,
-                                help=f"default {field.default!r}")
-
-
-def given_flags(parser, argv=None):
-    """The settings the command line gave, and only those; a --data path to one's own data set made absolute, so
-    that a run's config.json works from any directory."""
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    if data.is_own(given.get("data", "")):
-        given["data"] = os.path.abspath(given["data"])
-    return given
-
-
-def check_positive(cfg, names, least=1):
-    """One clear line for a count that must be at least `least` (1 unless said)."""
-    for name in names:
-        if getattr(cfg, name) < least:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least {least}, not {getattr(cfg, name)}")
-
-
-def check_learning_rate(lr, flag="--lr"):
-    """AdamW moves each weight by about lr a step: above 1 a T5's weights (of order 1) are lost in one step, and from
-    about 3e37 the step no longer fits a float32 (the optimizer stops with an overflow error)."""
-    if lr > 1:
-        raise SystemExit(f"{flag} must be at most 1, not {lr}")
-
-
-SEEDS = 2 ** 32  # numpy's range; the seeds drawn from --seed (seed * 1_000_003 + epoch, ...) stay within torch's
-
-
-def check_seed(seed, flag="--seed"):
-    if not 0 <= seed < SEEDS:
-        raise SystemExit(f"{flag} must be from 0 to {SEEDS - 1}, not {seed}")
-
-
-def read_run_config(run_dir):
-    """The settings a run directory was trained with (its config.json); DataError if it is not readable as one."""
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        raise data.DataError(f"{run_dir}: no config.json; pass a run directory made by tinythinker.py or tailored.py")
-    try:
-        with open(path, "rb") as f:
-            cfg = read_json(f.read())
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, deep nesting
-        raise data.DataError(f"{path}: not a run config ({e})") from None
-    if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k), str) for k in ("data", "data_dir", "stages")):
-        raise data.DataError(f"{path}: not a run config (no data, data_dir or stages)")
-    if not (isinstance(cfg.get("max_new_tokens"), int) and cfg["max_new_tokens"] >= 1):
-        raise data.DataError(f"{path}: max_new_tokens must be a count of at least 1, not {cfg.get('max_new_tokens')!r}")
-    return cfg
-
-
-def write_run_config(cfg, run_dir, runtime, decisions, **extra):
-    """config.json: the resolved settings, the library versions and the method's recorded decisions (rank 0)."""
-    if runtime.rank != 0:
-        return
-    env = dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
-               platform=platform.platform(), devices=runtime.world_size,
-               cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-    config = {**dataclasses.asdict(cfg), **extra, "env": env, "decisions": decisions}
-    atomic_write(os.path.join(run_dir, "config.json"), json.dumps(config, indent=1).encode())
-
-
-def check_resume(cfg, run_dir, free, **extra):
-    """A started run continues only with --resume and on the settings it started with (its config.json): another
-    batch size, seed or learning rate would silently follow a different schedule. `free` moves no step."""
-    if not cfg.resume:
-        raise SystemExit(f"{run_dir} holds a started run: pass --resume to continue it, or --out for a new one")
-    saved, now = read_run_config(run_dir), {**dataclasses.asdict(cfg), **extra}
-    changed = [f"--{k.replace('_', '-')} {now[k]} (the run has {saved[k]})" for k in now
-               if k in saved and k not in free and now[k] != saved[k]]
-    if changed:
-        raise SystemExit(f"{run_dir}: cannot resume with other settings: {', '.join(changed)}")
-
-
-HELD = {}  # lock file -> its open file: the locks this process holds
-
-
-def hold(path, what):
-    """Make this process the one writer of `what` (a run folder, a teacher cache) with an exclusive flock on the file
-    `path`, which then names the holder: pid, host and start. The kernel releases a flock when its process ends,
-    however it ends, so a crashed run blocks nothing. Held by this process already: nothing to do (a run's phases, a
-    test, come back to a folder). Held by another: DataError naming `what` and the holder."""
-    path = os.path.realpath(path)
-    if path in HELD:
-        return
-    # not through a link: a copied folder's lock file could point at a file to overwrite
-    handle = open(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666), "r+", encoding="utf-8")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        who = handle.read().strip() or "another process"
-        handle.close()
-        raise data.DataError(f"{what} is in use by {who}; wait for that process to end") from None
-    handle.truncate(0)
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    handle.flush()
-    HELD[path] = handle
-
-
-def release(path):
-    handle = HELD.pop(os.path.realpath(path), None)
-    if handle:
-        handle.close()
-
-
-def hold_run(run_dir):
-    """Rank 0 makes the run folder and holds it (`hold`, in run_dir/run.lock) until release_run, or the end of the
-    process if that comes first: a second process on it (a phase of either method, an evaluation) stops at once,
-    naming this one."""
-    if rank() == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        hold(os.path.join(run_dir, "run.lock"), run_dir)
-
-
-def release_run(run_dir):
-    """The end of a phase or an evaluation: another process may use the folder (the next phase, say)."""
-    if rank() == 0:
-        release(os.path.join(run_dir, "run.lock"))
-
-
-def command(run, interrupted="interrupted; continue with --resume"):
-    """A command's entry point: a file, folder or model it cannot use is one line naming it (DataError, LoadError,
-    an OSError about a file: a full disk, a read-only folder); Ctrl-C exits 130."""
-    try:
-        run()
-    except (data.DataError, LoadError) as e:
-        raise SystemExit(str(e)) from None
-    except OSError as e:
-        if e.filename is None:  # not about a file: a bug to see whole
-            raise
-        raise SystemExit(f"{e.filename}: {e.strerror or e}") from None
-    except KeyboardInterrupt:
-        print(f"\n{interrupted}", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        for path in list(HELD):  # a command's locks end with it (as the kernel would end them with the process)
-            release(path)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The student and its questions
-
-def questions(name, split, data_dir=None):
-    """The questions of one split: the embedded world's, or a data set's (data.load: a known one or one's own)."""
-    if name == "world":
-        return getattr(world.make_world(), split)
-    return data.load(name, split, data_dir)
-
-
-def student(cfg, run_dir, texts):
-    """The model and tokenizer to train: a public checkpoint, or ("scratch") a new T5 sized by world.MODEL and a
-    tokenizer trained on `texts`, kept in the run directory so that a resumed run (and every rank) reuses it."""
-    if cfg.model != "scratch":  # rank 0 downloads first; the others then read its cache
-        if rank() > 0:
-            barrier()
-        loaded = load_pretrained(cfg.model)
-        if rank() == 0:
-            barrier()
-        return loaded
-    tokenizer_dir = os.path.join(run_dir, "tokenizer")
-    if rank() == 0 and not os.path.isfile(os.path.join(tokenizer_dir, "spiece.model")):
-        Tokenizer.train(texts, world.VOCAB_SIZE, tokenizer_dir)
-    barrier()
-    tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(cfg.seed)
-    return T5(T5Config(vocab_size=tokenizer.vocab_size, **world.MODEL)), tokenizer
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Devices and ranks
-
-class Runtime(NamedTuple):
-    """Where a process computes: its device, the autocast dtype (None = fp32), and its place among the ranks."""
-    device: torch.device
-    amp: torch.dtype | None
-    rank: int
-    world_size: int
-
-
-def setup_device(precision="fp32", seed=0):
-    """This process's Runtime. torchrun sets LOCAL_RANK; a plain `python` run is rank 0 of 1."""
-    if precision not in PRECISIONS:
-        raise SystemExit(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if "LOCAL_RANK" in os.environ and not dist.is_initialized():
-        # Long timeout: rank 0 alone asks the teacher (tailored.py) or writes while the others wait at a barrier.
-        # device_id binds NCCL to this rank's GPU from the start, so its barriers never guess the device.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=12),
-                                device_id=device if device.type == "cuda" else None)
-    torch.manual_seed(seed)  # dropout masks; a model from scratch is seeded again in student()
-    return Runtime(device, PRECISIONS[precision], rank(), world_size())
-
-
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def barrier():
-    """Every rank waits here, so that what rank 0 has written is there for all of them to read."""
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def sharded(items, work, desc=None):
-    """[work(item) for item in items] on every rank, each rank computing every world_size-th item and the results
-    gathered back in item order: an item's result is the one a single process computes (same batch, same seed)."""
-    ranks, here = world_size(), rank()
-    mine = [work(item) for item in tqdm(items[here::ranks], desc=desc, leave=False, disable=desc is None or here != 0)]
-    if ranks == 1:
-        return mine
-    gathered = [None] * ranks
-    dist.all_gather_object(gathered, mine)
-    return [gathered[i % ranks][i // ranks] for i in range(len(items))]
-
-
-def chunks(items, size):
-    return [items[i:i + size] for i in range(0, len(items), size)]
+from files import atomic_write, read_json
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -310,12 +39,21 @@ def stage_schedule(batches_per_stage, quotas):
     return order
 
 
-class Plan:
-    """plan[step] = (stage, example indices), computed from (seed, epoch, stage) alone (data.batch_order): a resumed
-    run recomputes it and carries on at its step, so no data-loader state needs saving."""
+class Step(NamedTuple):
+    """One optimizer step of a plan: its number (from 0), the stage it trains and the indices of its examples (the
+    step's whole batch, before fit deals it over ranks and micro-batches)."""
+    number: int
+    stage: str
+    indices: list
 
-    def __init__(self, sizes, batch, epochs, seed, quotas=None, max_steps=None):
-        """sizes: {stage: number of examples}; batch: examples per step; quotas: batches per stage and cycle."""
+
+class Plan:
+    """plan[step] = Step(step, stage, example indices), computed from (seed, epoch, stage) alone (data.batch_order):
+    a resumed run recomputes it and carries on at its step, so no data-loader state needs saving."""
+
+    def __init__(self, sizes, batch, epochs, seed, quotas=None, max_steps=None, cycle=None):
+        """sizes: {stage: number of examples}; batch: examples per step; quotas: batches per stage and cycle; cycle:
+        the steps between validations (default: the batches of one cycle of the schedule)."""
         self.sizes, self.batch, self.seed = sizes, batch, seed
         batches = {s: -(-n // batch) for s, n in sizes.items()}
         epoch_order = stage_schedule(batches, quotas or batches)  # no quotas: one pass per stage in turn
@@ -328,7 +66,7 @@ class Plan:
                 self.steps.append((epoch, stage, seen[stage]))
                 seen[stage] += 1
         self.steps = self.steps[:max_steps]
-        self.cycle = sum(min((quotas or batches)[s], n) for s, n in batches.items())
+        self.cycle = cycle or sum(min((quotas or batches)[s], n) for s, n in batches.items())
 
     def __len__(self):
         return len(self.steps)
@@ -336,18 +74,29 @@ class Plan:
     def __getitem__(self, step):
         epoch, stage, b = self.steps[step]
         seed = self.seed * 10 + list(self.sizes).index(stage)  # each stage has its own shuffle
-        return stage, data.batch_order(self.sizes[stage], self.batch, seed, epoch)[b]
+        return Step(step, stage, data.batch_order(self.sizes[stage], self.batch, seed, epoch)[b])
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 
-def learning_rate(cfg, step, total):
-    """Linear warm-up over cfg.warmup of the steps, then cosine decay to zero (METHOD 5.3, A3)."""
-    warm = int(cfg.warmup * total)
+class Loop(NamedTuple):
+    """fit's settings, each method's built from its own: the peak learning rate, the share of the steps that warm
+    up, the gradient-norm clip, the examples of a micro-batch (a rank's share of a step is cut into them) and the
+    steps between validations."""
+    lr: float
+    warmup: float
+    grad_clip: float
+    micro_batch: int
+    eval_every: int
+
+
+def learning_rate(loop, step, total):
+    """Linear warm-up over loop.warmup of the steps, then cosine decay to zero (METHOD 5.3, A3)."""
+    warm = int(loop.warmup * total)
     if step < warm:
-        return cfg.lr * (step + 1) / warm
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+        return loop.lr * (step + 1) / warm
+    return loop.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
 def adamw(model, lr):
@@ -413,25 +162,21 @@ def load_state(path, model, optimizer, scaler, runtime):
     return step, best
 
 
-def examples_of(stage, indices):
-    return len(indices)
-
-
-def backward(trained, scaler, step_loss, stage, indices, weight, micro_batch, runtime):
+def backward(trained, scaler, step, step_loss, weight, micro_batch, runtime):
     """One step's gradient: the mean loss over the whole batch however it is split. The batch is dealt over the
     ranks, then cut into micro-batches; each piece's loss is weighted by its share weight(piece) / weight(batch)
     (target tokens or examples) and times world_size, as DDP averages over ranks. Gradients are all-reduced once,
     on the last micro-batch. A rank left without examples joins the all-reduce with one example at weight 0.
     Returns the batch's metrics (step_loss's, the same names on every rank), weighted alike."""
     world_size = runtime.world_size
-    mine = indices[runtime.rank::world_size]
-    pieces = chunks(mine, micro_batch) or [indices[:1]]
-    total = weight(stage, indices)
+    mine = step.indices[runtime.rank::world_size]
+    pieces = cli.chunks(mine, micro_batch) or [step.indices[:1]]
+    total = weight(step, step.indices)
     sums = {}
     for k, piece in enumerate(pieces):
-        share = weight(stage, piece) / total if mine else 0.0
+        share = weight(step, piece) / total if mine else 0.0
         with trained.no_sync() if world_size > 1 and k < len(pieces) - 1 else contextlib.nullcontext():
-            loss, metrics = step_loss(trained, stage, piece, indices)
+            loss, metrics = step_loss(trained, step, piece)
             scaler.scale(loss * (share * world_size)).backward()
         for name, value in {"loss": loss.item(), **metrics}.items():
             sums[name] = sums.get(name, 0.0) + share * value
@@ -472,39 +217,38 @@ def append_line(path, line):
         raise OSError(e.errno, e.strerror, path) from None
 
 
-def fit(cfg, run_dir, model, tokenizer, plan, *, step_loss, validate, runtime, desc, weight=examples_of,
-        dropout=True):
-    """AdamW over `plan` (len(plan) steps, plan[step] = (stage, indices)) with warm-up + cosine learning rate, clipping
-    and, every cfg.eval_every (default plan.cycle) steps and at the end, a validation on every rank that keeps the best
-    model in {run_dir}/best and the resumable state {run_dir}/state.pt. `step_loss(trained, stage, indices, batch)` is
-    a micro-batch's (mean loss, {metric: float}) and `weight(stage, indices)` its share of the batch (examples by
-    default, target tokens for a token mean); `batch` is the whole step's. Returns the best validation accuracy."""
-    optimizer = adamw(model, cfg.lr)
+def fit(loop, run_dir, model, tokenizer, plan, *, step_loss, validate, runtime, desc, weight=None, dropout=True):
+    """AdamW over `plan` (len(plan) steps, plan[i] a Step) with warm-up + cosine learning rate, clipping and, every
+    loop.eval_every steps and at the end, a validation on every rank that keeps the best model in {run_dir}/best and
+    {run_dir}/state.pt, from which a started run continues. `step_loss(trained, step, micro_batch)` is a
+    micro-batch's (mean loss, {metric: float}), micro_batch a list of the step's indices, and `weight(step,
+    micro_batch)` its share of the step's batch (default: its examples; target tokens for a token mean). Returns the
+    best validation accuracy."""
+    weight = weight or (lambda step, indices: len(indices))
+    optimizer = adamw(model, loop.lr)
     # fp16 gradients underflow without loss scaling
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp == torch.float16)
     state_path, log_path = os.path.join(run_dir, "state.pt"), os.path.join(run_dir, "log.jsonl")
     lead = runtime.rank == 0
     start, best = 0, -1.0
-    if os.path.isfile(state_path):
-        if not cfg.resume:
-            raise SystemExit(f"{state_path} exists: pass --resume to continue that run, or --out for a new one")
+    if os.path.isfile(state_path):  # whether a started run may continue is the command's to say (cli.start_run)
         start, best = load_state(state_path, model, optimizer, scaler, runtime)
         if lead and os.path.isfile(log_path):
             atomic_write(log_path, "".join(log_lines_until(log_path, start)).encode())
-    barrier()  # every rank has read the state before rank 0 may write the next one
+    cli.barrier()  # every rank has read the state before rank 0 may write the next one
     trained = DistributedDataParallel(model) if runtime.world_size > 1 else model
     if lead and not start:  # a fresh start drops the lines of a run killed before its first saved state
         atomic_write(log_path, b"")
     model.train(dropout)
     bar = tqdm(range(start, len(plan)), desc=desc, initial=start, total=len(plan), disable=not lead)
     for step in bar:
-        lr = learning_rate(cfg, step, len(plan))
+        lr = learning_rate(loop, step, len(plan))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        stage, indices = plan[step]
-        metrics = backward(trained, scaler, step_loss, stage, indices, weight, cfg.batch_size, runtime)
+        current = plan[step]
+        metrics = backward(trained, scaler, current, step_loss, weight, loop.micro_batch, runtime)
         scaler.unscale_(optimizer)
-        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip).item()
         # fp16's scaler skips a step whose scaled gradients overflowed and tries a smaller scale; any other NaN or inf
         # would be trained into the weights
         if not (math.isfinite(metrics["loss"]) and (scaler.is_enabled() or math.isfinite(metrics["grad_norm"]))):
@@ -515,10 +259,9 @@ def fit(cfg, run_dir, model, tokenizer, plan, *, step_loss, validate, runtime, d
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if lead:
-            record = dict(step=step + 1, lr=lr, **({"stage": stage} if isinstance(stage, str) else {}), **metrics)
-            append_line(log_path, json.dumps(record))
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", **({"stage": stage} if isinstance(stage, str) else {}))
-        if (step + 1) % (cfg.eval_every or plan.cycle) == 0 or step + 1 == len(plan):
+            append_line(log_path, json.dumps(dict(step=step + 1, lr=lr, stage=current.stage, **metrics)))
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", stage=current.stage)
+        if (step + 1) % loop.eval_every == 0 or step + 1 == len(plan):
             if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():  # never saved
                 raise SystemExit(f"{desc} step {step + 1}: the weights hold NaN or inf; the run stops before saving "
                                  "them (state.pt and best/ hold the last validation's); a lower --lr may help")
@@ -534,5 +277,5 @@ def fit(cfg, run_dir, model, tokenizer, plan, *, step_loss, validate, runtime, d
                 tqdm.write(f"{desc} step {step + 1}/{len(plan)}: loss {metrics['loss']:.4f}, "
                            f"validation accuracy {accuracy:.2f}% (best {best:.2f}%)")
                 save_state(state_path, model, optimizer, scaler, rngs, step + 1, best)
-            barrier()
+            cli.barrier()
     return best

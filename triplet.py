@@ -12,7 +12,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from t5 import eval_mode
+from t5 import eval_mode, truncate
 
 
 def triplet_loss(anchor, positive, negative, margin=1.0):
@@ -46,16 +46,11 @@ def triplets(anchors, positives, negatives, rng):
     return kept, chosen_p, chosen_n
 
 
-def cut(target, max_length, eos_id=1):
-    """At most max_length tokens, still ending in eos, so the representation stays the eos state (METHOD 10.5: 192)."""
-    return target if len(target) <= max_length else target[:max_length - 1] + [eos_id]
-
-
 def self_reflection_loss(model, input_ids, attention_mask, anchors, positives, negatives, margin=1.0, max_length=192):
     """L_SR of a batch's kept rows (token lists, eos included). The prompt is encoded once without gradients, as the
     official code caches its prefix; the three continuations go through one concatenated decoder pass with gradients.
     Dropout is off throughout (TL5: GPT-J, the official student, has none)."""
-    targets = [cut(t, max_length) for t in anchors + positives + negatives]
+    targets = [truncate(t, max_length) for t in anchors + positives + negatives]  # still ending in eos
     with eval_mode(model):
         with torch.no_grad(), model.autocast(input_ids.device):
             encoder_states, mask = model.encode(input_ids, attention_mask)

@@ -56,18 +56,11 @@ EAT = ["What does the {} eat?", "What is the food of the {}?", "What does the {}
 # sentencepiece vocabulary of this size.
 MODEL = dict(d_model=64, d_kv=16, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4, dropout_rate=0.0)
 VOCAB_SIZE = 400
-# The demo's settings over each command's defaults, sized so that acquire, reflect and evaluate fit in minutes on 2
-# CPU cores (figures in BENCHMARKS.md, "The demo"). acquire: stages interleaved batch by batch (interval 1), as longer
-# blocks of one stage kept this model at chance; 30 epochs, as validation leaves chance in a jump about halfway; a
-# validation every 150 steps, as one per 6-step cycle would cost more than the training. reflect: lr 5e-5, as Adam's
-# first steps move every weight by about lr and 2e-4 undid a converged student; the method's temperature 0.7 (A24).
-# tailored: round 1 learns from scratch as acquire does; later rounds refine at 1e-4, as round 1's lr undid it.
+# How both methods learn it from scratch (acquire, Tailored's round 1), sized with the presets of tinythinker.py and
+# tailored.py so that a run fits in minutes on 2 CPU cores (BENCHMARKS.md, "The demo"): 30 epochs, as validation
+# leaves chance in a jump about halfway; a validation every 150 steps, as one per 6-step cycle would cost more than
+# the training.
 FROM_SCRATCH = dict(model="scratch", batch_size=64, lr=3e-3, epochs=30, eval_every=150)
-PRESETS = {
-    "acquire": dict(FROM_SCRATCH, interval=1, max_new_tokens=48),
-    "reflect": dict(batch_size=32, lr=5e-5, epochs=2, iterations=2, samples=4, max_new_tokens=48),
-    "tailored": dict(FROM_SCRATCH, later_epochs=10, later_lr=1e-4, max_new_tokens=64),
-}
 
 
 def food_of(habitat, size):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data import Chain, Question, collate
-from dpo import (analyze_pairs, collate_pairs, concatenated_logprobs, dpo_loss, recall_pairs, sequence_logprobs,
+from dpo import (analyze_pairs, collate_pairs, concatenated_logprobs, dpo_loss, recall_pairs, token_logprobs,
                  tokenize_pairs)
 from t5 import T5, T5Config
 
@@ -33,6 +33,11 @@ PAIRS = [{"prompt": "fish live in", "chosen": "water", "rejected": "trees and sk
 
 
 # ----------------------------------------------------------------------------- log-probs
+
+def sequence_logprobs(model, input_ids, attention_mask, labels):
+    """log pi(y|x) = sum over target tokens (</s> included, -100 ignored) of log p(y_t | y_<t, x): Tensor[B]."""
+    return token_logprobs(model, input_ids, attention_mask, labels).sum(-1)
+
 
 def test_sequence_logprobs_are_summed_label_logprobs_with_padding_ignored():
     model = tiny_t5()

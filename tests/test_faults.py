@@ -22,9 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
+import client
 import data
 import evaluate
-import t5
+import files
 import tailored
 import teacher
 import tinythinker
@@ -129,8 +131,8 @@ def misbehaving(stem, count, payload):
 def test_teacher_survives_misbehaving_endpoints_and_a_rerun_is_identical(tmp_path, monkeypatch):
     write_obqa(tmp_path, STEMS)
     pauses = []
-    monkeypatch.setattr(teacher.Meter, "pause", lambda self, seconds: pauses.append(seconds))
-    monkeypatch.setattr(teacher, "MAX_RESPONSE_BYTES", 256 << 10)
+    monkeypatch.setattr(client.Meter, "pause", lambda self, seconds: pauses.append(seconds))
+    monkeypatch.setattr(client, "MAX_RESPONSE_BYTES", 256 << 10)
     with Server(misbehaving) as server:
         cfg = dict(data="obqa", data_dir=str(tmp_path), out=str(tmp_path / "t.jsonl"), base_url=server.url, n=3,
                    rounds=3, max_tokens=64, workers=4, timeout=1.0, max_attempts=3, backoff=0.001, max_backoff=5.0)
@@ -154,7 +156,7 @@ def test_teacher_survives_misbehaving_endpoints_and_a_rerun_is_identical(tmp_pat
     thinking = next(r for r in records if r["id"] == "qthink")
     assert thinking["key_information"] == "fish need water." and thinking["explanations"]["C"] == "reason for C."
     cache = (tmp_path / "t.cache.jsonl").read_text().splitlines()
-    assert all(teacher.usable(json.loads(line)["response"]) for line in cache) and len(cache) == 13
+    assert all(client.usable(json.loads(line)["response"]) for line in cache) and len(cache) == 13
     assert (tmp_path / "t.cache.jsonl").stat().st_size < 64 << 10  # the 1 MB answer was never stored
 
 
@@ -173,7 +175,7 @@ def test_a_bad_cached_response_counts_as_absent(tmp_path):
     good = json.loads(body([completion(gold="C")]))
     path.write_text("".join(json.dumps({"model": "m", "key": k, "response": r}) + "\n"
                             for k, r in [("k1", bad), ("k2", good), ("k1", {"choices": [choice(None)]})]))
-    cache = teacher.Cache(path)
+    cache = client.Cache(path)
     assert cache.responses == {"k2": good, "k1": {"choices": [choice(None)]}}  # a later good answer still counts
     cache.close()
 
@@ -225,7 +227,7 @@ def test_an_endpoint_answering_in_another_form_stops_at_once(tmp_path, answer, m
 def test_no_api_key_for_the_official_endpoint_is_said_before_any_request(tmp_path, monkeypatch):
     write_obqa(tmp_path, ["q1"])
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    monkeypatch.setattr(teacher.requests, "post", None)  # any request would fail loudly
+    monkeypatch.setattr(client.requests, "post", None)  # any request would fail loudly
     with pytest.raises(SystemExit, match="OPENAI_API_KEY is not set: https://api.openai.com/v1 needs an API key"):
         teacher.main(["--data", "obqa", "--data-dir", str(tmp_path), "--out", str(tmp_path / "t.jsonl")])
     assert list(tmp_path.glob("t.*")) == []
@@ -400,7 +402,7 @@ def test_parse_completion_returns_or_raises_invalid_completion_on_mutations():
         text = mutate_text(text, rng, PIECES)
         try:
             ki, explanations, answer = teacher.parse_completion(text, q)
-        except teacher.InvalidCompletion:
+        except client.InvalidCompletion:
             outcomes["invalid"] += 1
             continue
         outcomes["parsed"] += 1  # what is accepted still holds every rule
@@ -475,7 +477,7 @@ def test_loaders_return_questions_or_raise_data_error_on_mutations(tmp_path):
 
 # ---------------------------------------------------------------- the command line
 
-def cli(*argv, cwd=ROOT):
+def as_typed(*argv, cwd=ROOT):
     result = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, cwd=cwd, timeout=120,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     return result.returncode, result.stderr
@@ -522,6 +524,8 @@ def test_command_line_mistakes_get_one_line(tmp_path):
         ((tt, "--phase", "reflect", "--from", runs["nobest"]), f"{runs['nobest']}: no acquired model"),
         ((tt, "--phase", "reflect", "--from", runs["garbage"]), "garbage/config.json: not a run config"),
         ((tt, "--phase", "reflect", "--from", runs["good"], "--samples", "0"), "--samples must be at least 1, not 0"),
+        ((tt, "--phase", "reflect", "--from", runs["good"], "--pairs", "summarize"),
+         "--pairs must be one of recall, analyze, recall_analyze, not 'summarize'"),
         ((tt, "--epochs", "0"), "--epochs must be at least 1, not 0"),
         ((tt, "--model", nan_model, "--out", tmp_path / "nan_run"),
          f"{nan_model / 'config.json'}: field layer_norm_epsilon must be a finite number above 0, got nan"),
@@ -535,7 +539,7 @@ def test_command_line_mistakes_get_one_line(tmp_path):
         ((ev, runs["empty"], "--split", "valid"), "the valid split of strategyqa has no questions"),
     ]
     with ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(lambda case: cli(*case[0]), cases))
+        results = list(pool.map(lambda case: as_typed(*case[0]), cases))
     for (argv, message), (code, stderr) in zip(cases, results):
         assert code != 0 and message in stderr and "Traceback" not in stderr, (argv, stderr)
 
@@ -545,10 +549,10 @@ def test_resume_refuses_changed_settings_naming_them(tmp_path):
     flags = ["--data", "obqa", "--out", str(tmp_path / "run")]
     cfg = tinythinker.parse_config(flags)
     (tmp_path / "run").mkdir()
-    cpu = train.Runtime(torch.device("cpu"), None, 0, 1)
-    train.write_run_config(cfg, str(tmp_path / "run"), cpu, tinythinker.DECISIONS, effective_batch_size=cfg.batch_size)
+    cpu = cli.Runtime(torch.device("cpu"), None, 0, 1)
+    cli.write_run_config(cfg, str(tmp_path / "run"), cpu, tinythinker.DECISIONS, effective_batch_size=cfg.batch_size)
     (tmp_path / "run" / "state.pt").write_bytes(b"")
-    code, stderr = cli("tinythinker.py", *flags, "--resume", "--epochs", "3", "--seed", "1", "--batch-size", "8",
+    code, stderr = as_typed("tinythinker.py", *flags, "--resume", "--epochs", "3", "--seed", "1", "--batch-size", "8",
                        "--lr", "0.1", "--eval-batch-size", "8")
     assert code != 0 and "Traceback" not in stderr
     assert ("cannot resume with other settings: --seed 1 (the run has 42), --batch-size 8 (the run has 64), "
@@ -583,11 +587,11 @@ def test_a_damaged_or_hostile_state_pt_is_one_line_and_runs_nothing(world, tmp_p
         run.mkdir()
         flags[name] = [*args(world, run), "--resume"]
         cfg = tinythinker.parse_config(flags[name])
-        cpu = train.Runtime(torch.device("cpu"), None, 0, 1)
-        train.write_run_config(cfg, str(run), cpu, tinythinker.DECISIONS, effective_batch_size=cfg.batch_size)
+        cpu = cli.Runtime(torch.device("cpu"), None, 0, 1)
+        cli.write_run_config(cfg, str(run), cpu, tinythinker.DECISIONS, effective_batch_size=cfg.batch_size)
         (run / "state.pt").write_bytes(content)
     with ThreadPoolExecutor(2) as pool:
-        results = dict(zip(flags, pool.map(lambda name: cli("tinythinker.py", *flags[name]), flags)))
+        results = dict(zip(flags, pool.map(lambda name: as_typed("tinythinker.py", *flags[name]), flags)))
     for name, (code, stderr) in results.items():
         [line] = stderr.strip().splitlines()
         assert code != 0 and line.startswith(f"{tmp_path / name / 'state.pt'}: not a training state this code can "
@@ -625,22 +629,22 @@ def test_ctrl_c_in_training_says_how_to_continue(world, tmp_path):  # noqa: F811
 
 # ---------------------------------------------------------------- shared run folders, full disks, non-finite values
 
-HOLDER = ("import sys, time, train; train.hold_run(sys.argv[1]); train.hold(sys.argv[2] + '.lock', sys.argv[2]); "
-          "print('held', flush=True); time.sleep(300)")
+HOLDER = ("import sys, time, cli, files; cli.hold_run(sys.argv[1]); "
+          "files.hold(sys.argv[2] + '.lock', sys.argv[2]); print('held', flush=True); time.sleep(300)")
 
 
 def acquired_run(path):
     """A run folder as acquire leaves it, as far as reflect and evaluate look before they start: config.json, best/."""
     cfg = tinythinker.parse_config(["--out", str(path)])
     path.mkdir()
-    train.write_run_config(cfg, str(path), train.Runtime(torch.device("cpu"), None, 0, 1), tinythinker.DECISIONS,
-                           effective_batch_size=cfg.batch_size)
+    cli.write_run_config(cfg, str(path), cli.Runtime(torch.device("cpu"), None, 0, 1), tinythinker.DECISIONS,
+                         effective_batch_size=cfg.batch_size)
     (path / "best").mkdir()
     return path
 
 
 def test_one_writer_per_run_folder_and_a_crashed_holder_blocks_nothing(tmp_path):
-    """A process holds a run folder and a teacher cache (train.hold, as a running phase does); every command that
+    """A process holds a run folder and a teacher cache (files.hold, as a running phase does); every command that
     would write there stops at once naming it; once it is killed (-9: nothing of ours runs), the folder is free."""
     run, cache = acquired_run(tmp_path / "run"), tmp_path / "t.cache.jsonl"
     write_obqa(tmp_path, ["q1"])
@@ -648,7 +652,7 @@ def test_one_writer_per_run_folder_and_a_crashed_holder_blocks_nothing(tmp_path)
     try:
         assert holder.stdout.readline() == b"held\n"
         in_use = f" is in use by pid {holder.pid} on {socket.gethostname()}, started "
-        code, stderr = cli("evaluate.py", run)  # as typed, before any model is loaded
+        code, stderr = as_typed("evaluate.py", run)  # as typed, before any model is loaded
         assert code != 0 and f"{run}{in_use}" in stderr and "Traceback" not in stderr, stderr
         for main, argv, folder in [
             (tinythinker.main, ["--out", str(run)], run),  # acquire
@@ -663,9 +667,9 @@ def test_one_writer_per_run_folder_and_a_crashed_holder_blocks_nothing(tmp_path)
     finally:
         holder.kill()
         holder.communicate()
-    train.hold_run(str(run))
+    cli.hold_run(str(run))
     assert (run / "run.lock").read_text().startswith(f"pid {os.getpid()} on ")
-    train.release_run(str(run))
+    cli.release_run(str(run))
 
 
 def file_modes_bind_root():
@@ -693,31 +697,19 @@ def test_evaluate_finds_a_read_only_run_folder_before_any_chain(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["best", "config.json"]
 
 
-class Steps:
-    """A plan of `n` one-example steps, validated after each."""
-    cycle = 1
-
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, step):
-        return step, [0]
-
-
-def tiny_fit(run, amp, scale, resume=False, step_loss=None):
-    """train.fit on a tiny T5 and one example, its loss times scale.get(step, 1); validations score 10, 20, ..."""
+def tiny_fit(run, amp, scale, step_loss=None):
+    """train.fit on a tiny T5 and a plan of 5 one-example steps, validated after each; its loss times
+    scale.get(step, 1); validations score 10, 20, ..."""
     torch.manual_seed(0)
     model = T5(T5Config(vocab_size=40, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, dropout_rate=0.0))
-    cfg = types.SimpleNamespace(lr=1e-2, warmup=0.0, grad_clip=1.0, batch_size=1, eval_every=1, resume=resume)
+    loop = train.Loop(lr=1e-2, warmup=0.0, grad_clip=1.0, micro_batch=1, eval_every=1)
     ids, labels = torch.tensor([[5, 6, 1]]), torch.tensor([[7, 1]])
     scores = iter(range(10, 100, 10))
-    return train.fit(cfg, str(run), model, types.SimpleNamespace(save_pretrained=lambda directory: None), Steps(5),
-                     step_loss=step_loss or (lambda trained, step, indices, batch: (
-                         trained(input_ids=ids, labels=labels)[1] * scale.get(step, 1.0), {})),
-                     validate=lambda model: next(scores), runtime=train.Runtime(torch.device("cpu"), amp, 0, 1),
+    plan = [train.Step(number, "tiny", [0]) for number in range(5)]
+    return train.fit(loop, str(run), model, types.SimpleNamespace(save_pretrained=lambda directory: None), plan,
+                     step_loss=step_loss or (lambda trained, step, micro_batch: (
+                         trained(input_ids=ids, labels=labels)[1] * scale.get(step.number, 1.0), {})),
+                     validate=lambda model: next(scores), runtime=cli.Runtime(torch.device("cpu"), amp, 0, 1),
                      desc="tiny")
 
 
@@ -731,22 +723,22 @@ def test_a_non_finite_loss_stops_training_naming_the_step(tmp_path):
         tiny_fit(run, torch.float16, {0: 1e35, 2: math.nan})
     log = read_log(run)
     assert [r["step"] for r in log] == [1, 1, 2, 2] and not math.isfinite(log[0]["grad_norm"])  # skipped, went on
-    best = t5.read_safetensors(run / "best" / "model.safetensors")
+    best = files.read_safetensors(run / "best" / "model.safetensors")
     assert all(t.isfinite().all() for t in best.values())
     lines = (run / "log.jsonl").read_text().splitlines(keepends=True)
     (run / "log.jsonl").write_text(lines[0] + '{"step": 1, "lo\n' + "".join(lines[1:]))
     with pytest.raises(data.DataError, match=r"log\.jsonl:2: not a log record; remove the line to resume$"):
-        tiny_fit(run, torch.float16, {}, resume=True)
+        tiny_fit(run, torch.float16, {})  # resumes from state.pt
     (run / "log.jsonl").write_text("".join(lines))
-    assert tiny_fit(run, torch.float16, {}, resume=True) == 30  # its validations score 10, 20, 30 (best was 20)
+    assert tiny_fit(run, torch.float16, {}) == 30  # its validations score 10, 20, 30 (best was 20)
     assert [r["step"] for r in read_log(run)] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
 
 
 def test_weights_made_non_finite_are_never_saved(tmp_path):
     """However a weight became NaN or inf while the loss and gradient stayed finite (here a row of the position-bias
     table that three tokens never read, set to inf), the validation that would save best/ and state.pt stops."""
-    def planted(model, step, indices, batch):
-        if step == 0:
+    def planted(model, step, micro_batch):
+        if step.number == 0:
             with torch.no_grad():
                 model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight[31] = math.inf
         return model(input_ids=torch.tensor([[5, 6, 1]]), labels=torch.tensor([[7, 1]]))[1], {}
@@ -768,11 +760,11 @@ def test_a_full_disk_is_one_line_naming_the_file_and_loses_nothing(tmp_path):
     path = tmp_path / "state.pt"
     path.write_bytes(b"the last state")
     with pytest.raises(SystemExit, match=f"^{re.escape(str(path))}: No space left on device$"):
-        train.command(lambda: t5.atomic_write(path, lambda f: (f.write(b"half"), full_disk())))
+        cli.command(lambda: files.atomic_write(path, lambda f: (f.write(b"half"), full_disk())))
     assert path.read_bytes() == b"the last state" and not Path(f"{path}.tmp").exists()
     if os.path.exists("/dev/full"):  # a device whose every write fails with ENOSPC
         with pytest.raises(SystemExit, match="^/dev/full: No space left on device$"):
-            train.command(lambda: train.append_line("/dev/full", '{"step": 1}'))
+            cli.command(lambda: train.append_line("/dev/full", '{"step": 1}'))
 
     class HalfWritten:  # the disk fills up halfway through a line
         def __init__(self, file):
@@ -785,13 +777,13 @@ def test_a_full_disk_is_one_line_naming_the_file_and_loses_nothing(tmp_path):
         def __getattr__(self, name):
             return getattr(self.file, name)
 
-    cache = teacher.Cache(tmp_path / "t.cache.jsonl")
+    cache = client.Cache(tmp_path / "t.cache.jsonl")
     cache.put("m", "k1", {"choices": []})
     cache.file = HalfWritten(cache.file)
-    with pytest.raises(teacher.Fatal, match=r"t\.cache\.jsonl: No space left on device$"):
+    with pytest.raises(client.Fatal, match=r"t\.cache\.jsonl: No space left on device$"):
         cache.put("m", "k2", {"choices": []})
     cache.close()
-    reread = teacher.Cache(tmp_path / "t.cache.jsonl")
+    reread = client.Cache(tmp_path / "t.cache.jsonl")
     assert reread.responses == {"k1": {"choices": []}}
     reread.close()
 
@@ -830,7 +822,7 @@ def test_own_data_that_no_run_could_use_is_refused_at_load(tmp_path, line, messa
 def test_a_lone_surrogate_is_refused_before_any_request_and_a_bom_is_read(tmp_path):
     path = own(tmp_path, '{"id": "s", "question": "q?", "choices": [{"label": "A", "text": "\\udfff"}, '
                          '{"label": "B", "text": "b"}], "answer": "B"}')
-    code, stderr = cli("teacher.py", "--data", path, "--dry-run")  # as typed
+    code, stderr = as_typed("teacher.py", "--data", path, "--dry-run")  # as typed
     assert code != 0 and f"{path}:5: text holds '\\udfff', a lone surrogate" in stderr and "Traceback" not in stderr
     with Server(lambda stem, count, payload: (200, {}, body([completion(gold="A")]))) as server:
         with pytest.raises(SystemExit, match=":5: text holds"):

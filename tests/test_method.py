@@ -52,18 +52,29 @@ def test_every_recorded_decision_is_explained():
         assert f"**{name} " in text, f"{name} is recorded in runs but not explained in METHOD.md section 9"
 
 
-# The modules in reading order: each imports only modules of the layers before its own (README "Imports").
-LAYERS = [["t5"], ["data"], ["world", "dpo", "triplet"], ["train"], ["teacher", "evaluate"],
-          ["tinythinker", "tailored"]]
+def readme_imports():
+    """{module: the modules it imports}, in the order of README "Files"'s import list ("    cli.py  data, files")."""
+    files = (ROOT / "README.md").read_text().split("## Files", 1)[1].split("\n## ", 1)[0]
+    return {name: set() if imported == "-" else set(imported.split(", "))
+            for name, imported in re.findall(r"^    (\w+)\.py +(.+)$", files, re.M)}
 
 
 def test_imports_point_one_way():
-    """train.py sits below both methods and tailored.py never imports tinythinker.py: a reader can read the modules
-    in LAYERS order, each using only the files before it."""
-    layer = {name: i for i, names in enumerate(LAYERS) for name in names}
-    for name in layer:
+    """README's import list is the code's: every module at the root is listed, imports exactly the project modules
+    listed beside it, all of them listed above it (so there is no circle), and none inside a function. train.py
+    sits below both methods, evaluate.py and teacher.py import cli.py's plumbing and not the loop, and tailored.py
+    imports neither teacher.py nor tinythinker.py."""
+    listed = readme_imports()
+    order = list(listed)
+    assert sorted(order) == sorted(p.stem for p in ROOT.glob("*.py"))
+    for name in order:
         tree = ast.parse((ROOT / f"{name}.py").read_text())
-        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-        upward = sorted(m for m in imported if m in layer and layer[m] >= layer[name])
-        assert not upward, f"{name}.py imports {upward}, which are not below it"
+        imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        modules = {a.name for n in imports if isinstance(n, ast.Import) for a in n.names}
+        modules |= {n.module for n in imports if isinstance(n, ast.ImportFrom)}
+        assert modules & set(order) == listed[name], f"{name}.py imports {sorted(modules & set(order))}"
+        assert listed[name] <= set(order[:order.index(name)]), f"{name}.py imports a module listed after it"
+        nested = [n.lineno for n in imports if n not in tree.body]
+        assert not nested, f"{name}.py imports inside a function or block, lines {nested}"
+    assert "train" not in listed["evaluate"] | listed["teacher"]
+    assert not {"teacher", "tinythinker"} & listed["tailored"]

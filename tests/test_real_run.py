@@ -246,7 +246,7 @@ def test_readme_real_run_on_csqa(site):
     reflected = site["root"] / "work" / "runs" / "csqa" / "reflect"
     config = json.loads((reflected / "config.json").read_text())
     method = dict(lr=5e-6, temperature=0.7, batch_size=32, samples=2, max_new_tokens=16, precision="fp32",
-                  data="csqa", data_dir=str(site["data"]), stages="recall_analyze")
+                  data="csqa", data_dir=str(site["data"]), pairs="recall_analyze")
     assert {k: config[k] for k in method} == method
     assert {k: config["sources"][k] for k in ("lr", "temperature", "batch_size", "samples", "data")} == dict(
         lr="method (reflect)", temperature="method (reflect)", batch_size="method (reflect)",

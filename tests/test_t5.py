@@ -1,5 +1,5 @@
 """Tests for t5.py. Parity with transformers where it is installed (tiny random models built here), golden fixtures
-from tests/make_t5_fixtures.py everywhere else, then checkpoint files, Hub download and the tokenizer."""
+from tests/make_t5_fixtures.py everywhere else, then checkpoint files and Hub download (files.py) and the tokenizer."""
 
 import contextlib
 import hashlib
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import files
 import t5
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -30,7 +31,7 @@ def one_thread():
 
 
 def expected(name):
-    return t5.read_safetensors(FIXTURES / f"t5_{name}_expected.safetensors")
+    return files.read_safetensors(FIXTURES / f"t5_{name}_expected.safetensors")
 
 
 def batch(vocab, b=3, s=150, t=140, seed=0):
@@ -297,7 +298,7 @@ def test_from_scratch_save_pretrained_round_trip(tmp_path):
                              num_heads=3, feed_forward_proj=feed_forward_proj, tie_word_embeddings=tied)
         model = t5.T5(config)
         model.save_pretrained(tmp_path / feed_forward_proj)
-        stored = t5.read_safetensors(tmp_path / feed_forward_proj / "model.safetensors")
+        stored = files.read_safetensors(tmp_path / feed_forward_proj / "model.safetensors")
         assert ("lm_head.weight" in stored) != tied
         loaded = t5.T5.from_pretrained(tmp_path / feed_forward_proj)
         assert loaded.config == config
@@ -311,7 +312,7 @@ def test_tied_checkpoint_storing_only_lm_head_loads(tmp_path, capsys):
     config = t5.T5Config(vocab_size=40, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, dropout_rate=0.0)
     model = t5.T5(config).eval()
     state = {k: v for k, v in model.state_dict().items() if k != "shared.weight"}
-    t5.write_safetensors(tmp_path / "model.safetensors", state)
+    files.write_safetensors(tmp_path / "model.safetensors", state)
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     loaded = t5.T5.from_pretrained(tmp_path)
     assert "lm_head.weight" in capsys.readouterr().err
@@ -325,20 +326,20 @@ def test_tied_checkpoint_storing_only_lm_head_loads(tmp_path, capsys):
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
     path = tmp_path / "f.bin"
-    t5.atomic_write(path, b"old")
+    files.atomic_write(path, b"old")
 
     def broken(f):
         f.write(b"half of the new")
         raise RuntimeError("killed")
     with pytest.raises(RuntimeError):
-        t5.atomic_write(path, broken)
+        files.atomic_write(path, broken)
     assert path.read_bytes() == b"old"
-    t5.atomic_write(path, lambda f: f.write(b"new"))
+    files.atomic_write(path, lambda f: f.write(b"new"))
     assert path.read_bytes() == b"new"
 
 
 def test_pytorch_model_bin_with_unused_keys(tmp_path, capsys):
-    state = dict(t5.read_safetensors(FIXTURES / "t5_relu" / "model.safetensors"))
+    state = dict(files.read_safetensors(FIXTURES / "t5_relu" / "model.safetensors"))
     state["encoder.embed_tokens.weight"] = state["shared.weight"]
     state["decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"] = torch.zeros(32, 2)
     torch.save(state, tmp_path / "pytorch_model.bin")
@@ -351,11 +352,11 @@ def test_pytorch_model_bin_with_unused_keys(tmp_path, capsys):
 
 
 def test_sharded_safetensors(tmp_path):
-    state = t5.read_safetensors(FIXTURES / "t5_gated" / "model.safetensors")
+    state = files.read_safetensors(FIXTURES / "t5_gated" / "model.safetensors")
     names = sorted(state)
     shards = {"model-00001-of-00002.safetensors": names[:20], "model-00002-of-00002.safetensors": names[20:]}
     for file, part in shards.items():
-        t5.write_safetensors(tmp_path / file, {n: state[n] for n in part})
+        files.write_safetensors(tmp_path / file, {n: state[n] for n in part})
     weight_map = {n: file for file, part in shards.items() for n in part}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     shutil.copy(FIXTURES / "t5_gated" / "config.json", tmp_path)
@@ -385,10 +386,10 @@ def fixture_copy(tmp_path, name="t5_relu"):
 
 
 def test_missing_files(tmp_path):
-    with pytest.raises(t5.LoadError, match="config.json"):
+    with pytest.raises(files.LoadError, match="config.json"):
         t5.T5.from_pretrained(tmp_path)
     shutil.copy(FIXTURES / "t5_relu" / "config.json", tmp_path)
-    with pytest.raises(t5.LoadError, match="model.safetensors.*pytorch_model.bin"):
+    with pytest.raises(files.LoadError, match="model.safetensors.*pytorch_model.bin"):
         t5.T5.from_pretrained(tmp_path)
 
 
@@ -413,11 +414,11 @@ def test_bad_config_fields(tmp_path):
         ('"num_decoder_layers": "2"', "field num_decoder_layers should be int | None, got '2'"),
     ]:
         (directory / "config.json").write_text(json.dumps(config)[:-1] + ", " + changes + "}")
-        with pytest.raises(t5.LoadError, match=r"config\.json: " + message):
+        with pytest.raises(files.LoadError, match=r"config\.json: " + message):
             t5.T5.from_pretrained(directory)
     for text in ("[1, 2]", "1" * 5000, "[" * 100_000):
         (directory / "config.json").write_text(text)
-        with pytest.raises(t5.LoadError, match=r"config\.json: not (valid JSON|a JSON object)"):
+        with pytest.raises(files.LoadError, match=r"config\.json: not (valid JSON|a JSON object)"):
             t5.T5.from_pretrained(directory)
 
 
@@ -429,12 +430,12 @@ def test_wrong_shape_missing_and_unexpected_tensors(tmp_path):
                                          r"\[32, 16\], but .*config\.json implies \[40, 16\]"):
         t5.T5.from_pretrained(directory)
     (directory / "config.json").write_text(json.dumps(config))
-    state = dict(t5.read_safetensors(directory / "model.safetensors"))
-    t5.write_safetensors(directory / "model.safetensors", {**state, "encoder.block.0.extra.weight": torch.zeros(2)})
+    state = dict(files.read_safetensors(directory / "model.safetensors"))
+    files.write_safetensors(directory / "model.safetensors", {**state, "encoder.block.0.extra.weight": torch.zeros(2)})
     with pytest.raises(ValueError, match=r"model\.safetensors: unexpected tensor 'encoder.block.0.extra.weight'"):
         t5.T5.from_pretrained(directory)
     del state["decoder.final_layer_norm.weight"]
-    t5.write_safetensors(directory / "model.safetensors", state)
+    files.write_safetensors(directory / "model.safetensors", state)
     with pytest.raises(ValueError, match="lacks 1 tensors.*decoder.final_layer_norm.weight"):
         t5.T5.from_pretrained(directory)
 
@@ -479,15 +480,15 @@ def test_bad_safetensors(tmp_path, case, message):
     else:
         path.write_bytes((5).to_bytes(8, "little") + b"{oops")
     with pytest.raises(ValueError, match=f"{re.escape(str(path))}: .*{message}"):
-        t5.read_safetensors(path)
+        files.read_safetensors(path)
 
 
 def test_safetensors_round_trip_of_dtypes_and_shapes(tmp_path):
     tensors = {"f32": torch.randn(3, 4), "bf16": torch.randn(5).bfloat16(), "i64": torch.arange(6).view(2, 3),
                "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3), "mask": torch.tensor([True, False])}
-    t5.write_safetensors(tmp_path / "x.safetensors", tensors)
+    files.write_safetensors(tmp_path / "x.safetensors", tensors)
     assert (tmp_path / "x.safetensors").stat().st_size % 8 == 0
-    loaded = t5.read_safetensors(tmp_path / "x.safetensors")
+    loaded = files.read_safetensors(tmp_path / "x.safetensors")
     assert loaded.keys() == tensors.keys()
     assert all(torch.equal(loaded[k], v) and loaded[k].dtype == v.dtype for k, v in tensors.items())
 
@@ -709,7 +710,7 @@ def hub(tmp_path, monkeypatch, tokenizer):
         FakeHub.files[f"acme/corrupt/{name}"] = (FIXTURES / "t5_relu" / name).read_bytes()
     FakeHub.files["acme/tiny-t5/spiece.model"] = tokenizer.path.read_bytes()
     FakeHub.files["acme/bin-only/config.json"] = (FIXTURES / "t5_gated" / "config.json").read_bytes()
-    torch.save(dict(t5.read_safetensors(FIXTURES / "t5_gated" / "model.safetensors")), tmp_path / "weights.bin")
+    torch.save(dict(files.read_safetensors(FIXTURES / "t5_gated" / "model.safetensors")), tmp_path / "weights.bin")
     FakeHub.files["acme/bin-only/pytorch_model.bin"] = (tmp_path / "weights.bin").read_bytes()
     FakeHub.wrong_hash = {"acme/corrupt"}
     FakeHub.log.clear()
@@ -757,15 +758,15 @@ def test_hub_falls_back_to_pytorch_model_bin(hub):
 
 
 def test_hub_errors(hub, monkeypatch):
-    with pytest.raises(t5.LoadError, match="content hash .* differs from the announced 0000"):
+    with pytest.raises(files.LoadError, match="content hash .* differs from the announced 0000"):
         t5.T5.from_pretrained("acme/corrupt")
     assert not list(hub.rglob("*.part"))
-    with pytest.raises(t5.LoadError, match="acme/missing: not a local directory.*no config.json"):
+    with pytest.raises(files.LoadError, match="acme/missing: not a local directory.*no config.json"):
         t5.T5.from_pretrained("acme/missing")
-    with pytest.raises(t5.LoadError, match="neither a local directory nor a Hub repository id"):
+    with pytest.raises(files.LoadError, match="neither a local directory nor a Hub repository id"):
         t5.T5.from_pretrained("no such/dir/here")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(t5.LoadError, match="HF_HUB_OFFLINE=1.*pass its local directory"):
+    with pytest.raises(files.LoadError, match="HF_HUB_OFFLINE=1.*pass its local directory"):
         t5.T5.from_pretrained("acme/other")
 
 
@@ -776,7 +777,7 @@ def test_offline_error_says_how_to_pass_a_local_directory(tmp_path, monkeypatch)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("TINYTHINKER_CACHE", str(tmp_path))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    with pytest.raises(t5.LoadError, match=r"cannot download http://127\.0\.0\.1:\d+/google/flan-t5-base/resolve/main/"
+    with pytest.raises(files.LoadError, match=r"cannot download http://127\.0\.0\.1:\d+/google/flan-t5-base/resolve/main/"
                                           r"config\.json.*offline.*pass its local directory"):
         t5.T5.from_pretrained("google/flan-t5-base")
 
@@ -797,7 +798,7 @@ def test_a_sharded_index_cannot_name_a_file_outside_the_checkpoint(hub, shard):
     index = json.dumps({"weight_map": {"shared.weight": shard}}).encode()
     hub_repo("acme/evil", model_safetensors=None, model_safetensors_index_json=index)
     del FakeHub.files["acme/evil/model.safetensors"]
-    with pytest.raises(t5.LoadError, match=re.escape(f"shard name {shard!r} is not a relative path inside")):
+    with pytest.raises(files.LoadError, match=re.escape(f"shard name {shard!r} is not a relative path inside")):
         t5.T5.from_pretrained("acme/evil")
     assert not any("x.safetensors" in path for path, _, _ in FakeHub.log)  # never asked for, never written
     assert not list(hub.parent.rglob("x.safetensors")) and not Path("/tmp/x.safetensors").exists()
@@ -806,16 +807,16 @@ def test_a_sharded_index_cannot_name_a_file_outside_the_checkpoint(hub, shard):
     local.mkdir()
     shutil.copy(FIXTURES / "t5_relu" / "config.json", local)
     (local / "model.safetensors.index.json").write_bytes(index)
-    with pytest.raises(t5.LoadError, match="is not a relative path inside"):
+    with pytest.raises(files.LoadError, match="is not a relative path inside"):
         t5.T5.from_pretrained(local)
 
 
 @pytest.mark.parametrize("repo", ["acme/..", "../acme", "acme/../../x", "/nonexistent", "acme/x--y", "acme/.x",
                                   "a" * 97])
 def test_a_repository_id_is_one_folder_of_the_cache(hub, repo):
-    with pytest.raises(t5.LoadError, match="neither a local directory nor a Hub repository id"):
+    with pytest.raises(files.LoadError, match="neither a local directory nor a Hub repository id"):
         t5.T5.from_pretrained(repo)
-    with pytest.raises(t5.LoadError, match="neither a local directory nor a Hub repository id"):
+    with pytest.raises(files.LoadError, match="neither a local directory nor a Hub repository id"):
         t5.Tokenizer.from_pretrained(repo)
     assert FakeHub.log == [] and not hub.exists()
 
@@ -829,7 +830,7 @@ def test_a_cached_file_that_fails_to_parse_is_moved_aside_and_fetched_again(hub,
     FakeHub.cut.add(f"/storage/{hashlib.sha256(page).hexdigest()}")  # served whole: 60 bytes are one chunk
     load = t5.Tokenizer.from_pretrained if name == "spiece.model" else t5.T5.from_pretrained
     cached = hub / "acme" / "page" / name
-    with pytest.raises(t5.LoadError, match=f"{re.escape(str(cached))}: .*; moved aside to "
+    with pytest.raises(files.LoadError, match=f"{re.escape(str(cached))}: .*; moved aside to "
                                            f"{re.escape(str(cached))}.invalid, the next run downloads it again"):
         load("acme/page")
     assert Path(f"{cached}.invalid").read_bytes() == page and not cached.exists()
@@ -839,18 +840,18 @@ def test_a_cached_file_that_fails_to_parse_is_moved_aside_and_fetched_again(hub,
 
 
 def test_downloads_have_a_size_cap(hub, monkeypatch):
-    monkeypatch.setattr(t5, "SMALL_FILE_BYTES", 1 << 20)
+    monkeypatch.setattr(files, "SMALL_FILE_BYTES", 1 << 20)
     hub_repo("acme/endless-config")
     FakeHub.endless.add("acme/endless-config/config.json")
-    with pytest.raises(t5.LoadError, match=r"config\.json: the server sent more than 1048576 bytes \(no small file"):
+    with pytest.raises(files.LoadError, match=r"config\.json: the server sent more than 1048576 bytes \(no small file"):
         t5.T5.from_pretrained("acme/endless-config")
     hub_repo("acme/endless-weights")
     FakeHub.endless.add("acme/endless-weights/model.safetensors")
-    with pytest.raises(t5.LoadError, match="model.safetensors: the server announces no size for these weights"):
+    with pytest.raises(files.LoadError, match="model.safetensors: the server announces no size for these weights"):
         t5.T5.from_pretrained("acme/endless-weights")
     hub_repo("acme/huge")
     FakeHub.announced["acme/huge/model.safetensors"] = 1 << 60
-    with pytest.raises(t5.LoadError, match=r"model.safetensors: the server announces 1152921504606846976 bytes, "
+    with pytest.raises(files.LoadError, match=r"model.safetensors: the server announces 1152921504606846976 bytes, "
                                            r"more than .* can take"):
         t5.T5.from_pretrained("acme/huge")
     assert not [p for p in hub.rglob("*") if p.is_file() and p.stat().st_size > 1 << 20]
@@ -859,7 +860,7 @@ def test_downloads_have_a_size_cap(hub, monkeypatch):
 
 def test_a_tokenizer_must_fit_the_models_vocabulary(hub):
     """acme/tiny-t5: a vocabulary of 64 (t5_relu) with the tokenizer fixture's (187 pieces + 100 sentinels)."""
-    with pytest.raises(t5.LoadError, match="tiny-t5: the tokenizer has 287 ids .* the model's vocab_size is only 64"):
+    with pytest.raises(files.LoadError, match="tiny-t5: the tokenizer has 287 ids .* the model's vocab_size is only 64"):
         t5.load_pretrained("acme/tiny-t5")
 
 
@@ -997,5 +998,5 @@ def test_tokenizer_rejects_non_t5_ids(tmp_path):
                                    vocab_size=100, hard_vocab_limit=False, minloglevel=2)  # default ids: unk 0 bos 1
     with pytest.raises(ValueError, match=r"spiece\.model: T5 needs pad/eos/unk ids 0/1/2"):
         t5.Tokenizer(tmp_path / "spiece.model")
-    with pytest.raises(t5.LoadError, match="nothing.model"):
+    with pytest.raises(files.LoadError, match="nothing.model"):
         t5.Tokenizer(tmp_path / "nothing.model")

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import data
+import client
 import evaluate
 import tailored
-import teacher
+import t5
 import triplet
 import world
 from t5 import T5, T5Config
@@ -103,7 +104,7 @@ def test_rows_without_a_positive_or_negative_are_masked():
 
 
 def test_self_reflection_loss_cuts_long_continuations_at_eos():
-    assert triplet.cut([5] * 10 + [1], 4) == [5, 5, 5, 1] and triplet.cut([5, 1], 4) == [5, 1]
+    assert t5.truncate([5] * 10 + [1], 4) == [5, 5, 5, 1] and t5.truncate([5, 1], 4) == [5, 1]
 
 
 # ---------------------------------------------------------------------------------------------- formats, prompts
@@ -175,7 +176,7 @@ def test_math_teacher_completions_prompts_and_targets():
     assert data.cot_target(rationale, q) == "He keeps 40 - 4 = 36 a day, so 36 * 30 = 1,080. Answer: 1080"
     assert data.parse_cot(data.cot_target(rationale, q), q) == "1080"
     for wrong in ("He keeps 36 a day.\nAnswer: 1,000", "He keeps 40 a day for 30 days: 1,200."):
-        with pytest.raises(teacher.InvalidCompletion):
+        with pytest.raises(client.InvalidCompletion):
             tailored.parse_cot_completion(wrong, q)
 
 
@@ -204,7 +205,7 @@ def test_teacher_completions_keep_gold_rationales_only():
                                         q) == "Wet things live in lakes. Therefore, the answer is lake (b)."
     feedback = "Error: caves are dry.\nAnswer: It swims. Therefore, the answer is lake (b)."
     assert tailored.parse_cot_completion(feedback, q) == "It swims. Therefore, the answer is lake (b)."
-    with pytest.raises(teacher.InvalidCompletion):
+    with pytest.raises(client.InvalidCompletion):
         tailored.parse_cot_completion("Therefore, the answer is cave (a).", q)
     s = data.Question("s", "Is it?", ["yes", "no"], "A", "yes_no")
     assert tailored.parse_cot_completion("It is. So, the answer is Yes.\nAnswer: Yes", s) == \
@@ -230,10 +231,10 @@ def test_world_teacher_answers_both_prompts_in_the_official_format():
 
 
 class ScriptedClient:
-    """teacher.Client's interface: chat(payload) -> an OpenAI response; dies (as a killed run) after `die_after`."""
+    """client.Client's interface: chat(payload) -> an OpenAI response; dies (as a killed run) after `die_after`."""
 
     def __init__(self, die_after=None):
-        self.meter, self.payloads, self.die_after = teacher.Meter(), [], die_after
+        self.meter, self.payloads, self.die_after = client.Meter(), [], die_after
 
     def chat(self, payload):
         if self.die_after is not None and len(self.payloads) == self.die_after:
@@ -248,18 +249,19 @@ class ScriptedClient:
 def test_feedback_requests_are_cached_and_resumed(tmp_path):
     q = data.Question("q", "Where?", ["cave", "lake"], "B")
     jobs = [(q, f"Wrong {i}. Therefore, the answer is cave (a).") for i in range(3)]
-    cfg = teacher.TeacherConfig(data="obqa", workers=1)
+    settings = client.ClientConfig(workers=1)
     path = tmp_path / "cache.jsonl"
     with pytest.raises(KeyboardInterrupt):  # killed after two answered requests
-        tailored.ask_all(jobs, cfg, ScriptedClient(die_after=2), teacher.Cache(path), "feedback")
+        tailored.ask_all(jobs, "obqa", settings, ScriptedClient(die_after=2), client.Cache(path), "feedback")
     assert len(path.read_text().splitlines()) == 2  # each answer was on disk before it was used
-    client = ScriptedClient()
-    kept = tailored.ask_all(jobs, cfg, client, teacher.Cache(path), "feedback")
-    assert len(client.payloads) == 1 and client.meter.counts["cached"] == 2  # only the unanswered one is asked
+    scripted = ScriptedClient()
+    kept = tailored.ask_all(jobs, "obqa", settings, scripted, client.Cache(path), "feedback")
+    assert len(scripted.payloads) == 1 and scripted.meter.counts["cached"] == 2  # only the unanswered one is asked
     assert kept == [[f"Reason {i}. Therefore, the answer is x (b)."] for i in (1, 2, 1)]
-    assert all("Student: Wrong 2." in m["content"] for m in client.payloads[0]["messages"])
+    assert all("Student: Wrong 2." in m["content"] for m in scripted.payloads[0]["messages"])
     again = ScriptedClient()
-    assert tailored.ask_all(jobs, cfg, again, teacher.Cache(path), "feedback") == kept and not again.payloads
+    assert tailored.ask_all(jobs, "obqa", settings, again, client.Cache(path), "feedback") == kept
+    assert not again.payloads
 
 
 def test_evaluate_decodes_one_chain_of_thought_and_votes(monkeypatch):
@@ -295,14 +297,14 @@ def test_negatives_go_through_the_targets_formatter(tmp_path, monkeypatch):
         seen.update(anchors=anchors, positives=positives, negatives=negatives)
         return torch.zeros(())
 
-    def one_step(cfg, out, model, tokenizer, plan, step_loss, validate, runtime, desc):
-        step_loss(model, *plan[0], None)
+    def one_step(loop, out, model, tokenizer, plan, step_loss, validate, runtime, desc):
+        step_loss(model, plan[0], plan[0].indices)
         return 0.0
 
     monkeypatch.setattr(triplet, "self_reflection_loss", reflection)
     monkeypatch.setattr(tailored.train, "fit", one_step)
     cfg = tailored.parse_config(["--data", "gsm8k", "--out", str(tmp_path), "--batch-size", "1"])
-    runtime = tailored.train.Runtime(torch.device("cpu"), None, 0, 1)
+    runtime = tailored.cli.Runtime(torch.device("cpu"), None, 0, 1)
     texts = anchors, {"g": [t for _, t in anchors]}, {"g": [wrong]}  # anchors, positives, negatives
     tailored.train_round(cfg, 2, tiny_model(), CharTokenizer, texts, {"g": q}, [], runtime)
     assert seen["negatives"] == [CharTokenizer.encode("2 + 3 = 6. Answer: 6 Answer: 5")]

@@ -14,8 +14,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import client  # noqa: E402
 import teacher  # noqa: E402
 from data import LETTERS, Question  # noqa: E402
+from make_prompts import make_prompts  # noqa: E402
 
 KEY = "sk-test-DO-NOT-LEAK-4f2a"
 Q = Question("q1", "Where do fish live?", ["desert", "water", "sky"], "B")
@@ -54,7 +56,7 @@ def test_prompts_asset_and_its_regeneration(tmp_path):
         ex = {"Q": name, "Options": "A. yes, B. no", "Key Information": "k", "Explanations": ["A", "B"],
               "Reference": "CoT"}
         (tmp_path / name / "prompt" / f"{name}_cot.json").write_text(json.dumps([ex]))
-    teacher.make_prompts(tmp_path, tmp_path / "prompts.json")
+    make_prompts(tmp_path, tmp_path / "prompts.json")
     made = json.loads((tmp_path / "prompts.json").read_text())
     assert made["instruction"] == "Instr.\n"
     assert made["exemplars"]["obqa"] == [{"Q": "obqa", "Options": "A. yes, B. no", "Key Information": "k",
@@ -87,7 +89,7 @@ def test_parse_valid_completion_drops_verdicts():
     (completion("ABC", "B").replace("B is correct", "B is incorrect"), "not exactly one option called correct"),
 ])
 def test_parse_failures(text, reason):
-    with pytest.raises(teacher.InvalidCompletion, match=reason):
+    with pytest.raises(client.InvalidCompletion, match=reason):
         teacher.parse_completion(text, Q)
 
 
@@ -219,7 +221,7 @@ def scripted(stem, count, payload):
 def test_client_against_scripted_server(tmp_path, monkeypatch):
     write_obqa(tmp_path, STEMS)
     sleeps = []
-    monkeypatch.setattr(teacher.Meter, "pause", lambda self, seconds: sleeps.append(seconds))  # record, don't wait
+    monkeypatch.setattr(client.Meter, "pause", lambda self, seconds: sleeps.append(seconds))  # record, don't wait
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     with Server(scripted) as server:
         cfg = teacher.TeacherConfig(data="obqa", data_dir=str(tmp_path), out=str(tmp_path / "t.jsonl"),
@@ -367,11 +369,11 @@ def test_kill_and_resume_gives_identical_output(tmp_path):
 def test_cache_drops_torn_last_line_and_rejects_corrupt_ones(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps({"model": "m", "key": "k1", "response": {"choices": []}}) + "\n" + '{"model": "m", "ke')
-    cache = teacher.Cache(path)
+    cache = client.Cache(path)
     assert list(cache.responses) == ["k1"] and path.read_text().count("\n") == 1
     cache.put("m", "k2", {"choices": []})
     assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["k1", "k2"]
     cache.close()
     path.write_text("garbage\n" + json.dumps({"model": "m", "key": "k1", "response": {}}) + "\n")
     with pytest.raises(ValueError, match=r"c.jsonl:1: not a cache entry"):
-        teacher.Cache(path)
+        client.Cache(path)

@@ -98,10 +98,9 @@ def test_plan_trains_every_example_once_per_epoch():
     for epoch in range(2):
         seen = {s: [] for s in sizes}
         for step in range(epoch * len(plan) // 2, (epoch + 1) * len(plan) // 2):
-            stage, indices = plan[step]
-            seen[stage] += indices
+            seen[plan[step].stage] += plan[step].indices
         assert {s: sorted(i) for s, i in seen.items()} == {s: list(range(n)) for s, n in sizes.items()}
-    assert plan[0] != plan[len(plan) // 2]  # a new shuffle every epoch
+    assert plan[0].indices != plan[len(plan) // 2].indices  # a new shuffle every epoch
 
 
 def test_a_step_budget_is_the_full_plan_cut_at_that_step():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 import train
 from test_precision import batch, tiny
 
@@ -68,9 +69,9 @@ def test_state_pt_brings_back_each_ranks_generators(device, tmp_path, capsys):
     train.save_state(path, model, optimizer, scaler, ranks, 7, 50.0)
     for rank, world_size, saved_rank in ((1, 2, 1), (0, 2, 0), (2, 3, 0)):
         draws(device)  # the generators move on before the resume
-        runtime = train.Runtime(cpu_or_gpu, None, rank, world_size)
+        runtime = cli.Runtime(cpu_or_gpu, None, rank, world_size)
         assert train.load_state(path, model, optimizer, scaler, runtime) == (7, 50.0)
         assert draws(device) == expected[saved_rank], (rank, world_size)
     assert capsys.readouterr().out == ""  # rank 0 alone speaks, and only on another number of processes
-    train.load_state(path, model, optimizer, scaler, train.Runtime(cpu_or_gpu, None, 0, 3))
+    train.load_state(path, model, optimizer, scaler, cli.Runtime(cpu_or_gpu, None, 0, 3))
     assert "saved by 2 processes, resumed on 3" in capsys.readouterr().out
