@@ -58,7 +58,7 @@ class Teacher(BaseHTTPRequestHandler):
     """POST /v1/chat/completions: n well-formed rationales built from the user scaffold (gold option first). The very
     first request gets a 429 with Retry-After; the question whose stem is in `wrong` always gets rationales that call
     another option correct, so it ends in the failed list."""
-    log, wrong, lock = [], set(), threading.Lock()
+    log, models, wrong, lock = [], [], set(), threading.Lock()
 
     def log_message(self, *args):
         pass
@@ -68,6 +68,7 @@ class Teacher(BaseHTTPRequestHandler):
         user = payload["messages"][1]["content"]
         with self.lock:
             self.log.append(user)
+            self.models.append(payload["model"])
             first = len(self.log) == 1
         if first:
             return self.answer(429, b'{"error": "rate limited"}', {"Retry-After": "1"})
@@ -369,6 +370,43 @@ def test_readme_tailored_on_math(site, capsys):
     assert [(r["phase"], r["data"], r["split"], r["questions"], r["chance"]) for r in rows] == [
         (f"round {k}", "gsm8k", "test", 8, None) for k in (1, 2)]
     assert "| round 2 | gsm8k | cot | test | greedy | 8 |" in out and out.count(" | - |") == 2  # no chance figure
+
+
+def test_readme_choosing_a_teacher(site, tmp_path):
+    """The README's "Choosing a teacher" block as typed, each local server's address pointed at the stand-ins (the
+    chat server, the math one for tailored.py) and the data at a copy of the fixtures: the smoke test's dry run sends
+    nothing, and each run sends the model its line names (teacher.py's --model, tailored.py's --teacher-model)."""
+    lines = readme_commands("## Choosing a teacher")
+    assert [shlex.split(line)[1] for line in lines] == ["teacher.py"] * 4 + ["tailored.py"]
+    shutil.copytree(site["data"], tmp_path / "data")
+    MathTeacher.golds = {q.question: (q.answer, "") for q in data.load("gsm8k", "train", tmp_path / "data")}
+    math_server, math_url = serve(MathTeacher)
+    try:
+        for line in lines:
+            words = shlex.split(line)
+            local = next((w for w in words if w.startswith("http://localhost:")), None)
+            url = (math_url + "/v1") if words[1] == "tailored.py" else site["teacher"]
+            cmd = [sys.executable, str(ROOT / words[1]), *[url if w == local else w for w in words[2:]],
+                   "--limit", "4", "--data-dir", str(tmp_path / "data")]
+            if words[1] == "tailored.py":
+                cmd += ["--rounds", "1", "--epochs", "1", "--max-new-tokens", "8", "--out", str(tmp_path / "tl")]
+            elif local is None:  # the OpenAI line: the stand-in in place of api.openai.com
+                cmd += ["--base-url", site["teacher"]]
+            sent = len(Teacher.models) + len(MathTeacher.log)
+            out = run(cmd, site)
+            if "--dry-run" in words:
+                assert len(Teacher.models) + len(MathTeacher.log) == sent  # nothing sent
+                assert json.loads(out[out.index("{"):])["questions"] == 4
+                continue
+            flag = "--teacher-model" if words[1] == "tailored.py" else "--model"
+            model = words[words.index(flag) + 1] if flag in words else "gpt-4o-2024-05-13"
+            asked = Teacher.models[sent - len(MathTeacher.log):] if words[1] == "teacher.py" else [
+                p["model"] for p in MathTeacher.log[sent - len(Teacher.models):]]
+            assert asked and set(asked) == {model}
+    finally:
+        math_server.shutdown()
+        math_server.server_close()
+    assert (tmp_path / "tl" / "round_1" / "best" / "model.safetensors").is_file()
 
 
 # ---------------------------------------------------------------------------------------------- defaults, failures
