@@ -1,4 +1,4 @@
-"""The paper's two claims, rerun on the embedded world over several seeds, written into BENCHMARKS.md:
+"""The paper's two claims, rerun on the embedded world over several seeds, in a table like BENCHMARKS.md's:
 held-out accuracy of each stage variant after acquire (does recall help?), and of the full variant after reflect
 next to the control the paper lacks, acquire continued for as many steps as reflect took (does reflect help?).
 
@@ -8,7 +8,8 @@ next to the control the paper lacks, acquire continued for as many steps as refl
     python ablation.py --seeds 1 --epochs 1 --iterations 1 --samples 2    # a quick look (minutes, not an hour)
 
 Each run is the same command a user types (tinythinker.py, then evaluate.py), in its own process, under runs/ablation
-of the current directory; the table goes into its BENCHMARKS.md. A rerun skips finished runs.
+of the current directory. The table is printed and written into runs/BENCHMARKS.md (--markdown), in place of the
+table of the same sizes; --markdown BENCHMARKS.md writes it into the repository's. A rerun skips finished runs.
 """
 import argparse
 import glob
@@ -26,6 +27,9 @@ from tinythinker import WORLD
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = os.path.join("runs", "ablation")
+# Where the tables go unless --markdown names another file: beside the runs, not into the repository's BENCHMARKS.md,
+# which changes only when asked (--markdown BENCHMARKS.md).
+MARKDOWN = os.path.join("runs", "BENCHMARKS.md")
 
 
 def run(script, *args):
@@ -84,12 +88,16 @@ def summary(values):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--variants", nargs="+", default=list(data.STAGES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="one run of each variant per seed "
+                        "(default 1 2 3)")
+    parser.add_argument("--variants", nargs="+", default=list(data.STAGES), help="the stage variants acquired; "
+                        "recall_analyze_summarize is also reflected on, beside its control (default all four)")
     parser.add_argument("--epochs", type=int, help="acquire epochs (default: the demo's); fewer leave the student "
                                                     "errors on its training questions for reflect to learn from")
     parser.add_argument("--iterations", type=int, help="reflect iterations (default: the demo's)")
     parser.add_argument("--samples", type=int, help="reflect's chains per question (default: the demo's)")
+    parser.add_argument("--markdown", default=MARKDOWN, help="the Markdown the table is written into, in place of the "
+                        "one of the same sizes (default runs/BENCHMARKS.md; BENCHMARKS.md: the repository's)")
     args = parser.parse_args()
     acquire, reflect, tag = sizes(args.epochs, args.iterations, args.samples)
     begin, end = f"<!-- ablation{tag}:begin -->", f"<!-- ablation{tag}:end -->"
@@ -126,18 +134,20 @@ def main():
     lines.append(end)
     table = "\n".join(lines)
     print(table)
-    write_benchmarks(table, begin, end, "The paper's claims on the embedded world")
+    write_benchmarks(args.markdown, table, begin, end, "The paper's claims on the embedded world")
 
 
-def write_benchmarks(table, begin, end, heading):
-    """Put `table` (which starts with `begin` and ends with `end`) into BENCHMARKS.md in place of the one there, or
-    under a new `heading`."""
-    text = open("BENCHMARKS.md").read() if os.path.isfile("BENCHMARKS.md") else ""
+def write_benchmarks(markdown, table, begin, end, heading):
+    """Put `table` (which starts with `begin` and ends with `end`) into the Markdown file `markdown` in place of the
+    one there, or under a new `heading`."""
+    text = open(markdown).read() if os.path.isfile(markdown) else ""
     if begin in text:
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: table, text, flags=re.S)
     else:
         text += f"\n## {heading}\n\n{table}\n"
-    atomic_write("BENCHMARKS.md", text.encode())
+    os.makedirs(os.path.dirname(markdown) or ".", exist_ok=True)
+    atomic_write(markdown, text.encode())
+    print(f"wrote the table into {markdown}")
 
 
 if __name__ == "__main__":

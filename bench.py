@@ -5,12 +5,16 @@ same device and precision, in one process.
     python bench.py --only train --sizes small --repeats 3     # one benchmark, one size
     python bench.py --sizes base --batch 8 --gen-batch 16      # smaller batches for a CPU run
     python bench.py --only train --sizes small --profile       # + torch.profiler top entries of each side
-    python bench.py --only chain --sizes small --data-dir /work/shared/datasets   # three-stage chains on CSQA
-    python bench.py --only chain --chain-samples 10 --data-dir /work/shared/datasets   # reflect's recall pass
-    python bench.py --only chain --chain-samples 10 --chain-pass analyze --data-dir /work/shared/datasets
-    python bench.py --only dpo --sizes small --data-dir /work/shared/datasets     # reflect's DPO step
-    python bench.py --only project --data-dir /work/shared/datasets  # the whole method's wall time, projected
+    python bench.py --only chain --sizes small --data-dir DIR    # three-stage chains on CSQA
+    python bench.py --only chain --chain-samples 10 --data-dir DIR   # reflect's recall pass
+    python bench.py --only chain --chain-samples 10 --chain-pass analyze --data-dir DIR
+    python bench.py --only dpo --sizes small --data-dir DIR      # reflect's DPO step
+    python bench.py --only project --data-dir DIR    # the whole method's wall time, projected
     python bench.py --only ranks --repeats 2   # one reflect iteration of runs/world on 1 and 2 processes
+    python bench.py --only memory --sizes small --out bench.json --markdown BENCHMARKS.md   # into the repo's files
+
+DIR holds the official files (DIR/csqa/original/*.jsonl, DIR/{csqa,obqa}/prompt/*_cot.json); without --data-dir the
+repo's data/ does, the questions downloaded into it, the exemplars copied from the official repository's datasets/.
 
 Method: transformers builds the model (its own random initialisation) and saves it; ours loads those files. Each
 measurement runs a warm-up, then alternates ours / theirs (the order flipped every repeat, so load from other processes
@@ -21,8 +25,11 @@ padding (transformers computes it, ours skips it). `chain` runs evaluate.run_cha
 side's generate, outputs ending with the length spread of the official exemplars' rationales (EndAtRealLengths);
 `dpo` runs reflect's step, dpo.concatenated_logprobs on CSQA analyze pairs, with each side's forward.
 `project` times ours alone on CSQA-shaped work and scales it by the method's step and chain counts (METHOD_WORK).
-Results are merged into bench.json (--out) and BENCHMARKS.md's results section is rewritten from it, each table under
-the command that produced it (the projection has its own section). Timings never go into tests.
+Results are merged into the JSON at --out (runs/bench.json) and the results section of the Markdown at --markdown
+(runs/BENCHMARKS.md) is rewritten from it, each table under the command that produced it as a user types it from a
+clone, a path outside it replaced (typed_command); the projection and ranks have their own sections. The repository's
+bench.json and BENCHMARKS.md change only when named: --out bench.json --markdown BENCHMARKS.md. Timings never go into
+tests.
 """
 
 import argparse
@@ -290,9 +297,10 @@ def official_exemplars(data_dir):
     """The official few-shot exemplars of CSQA and OBQA (prompt/*_cot.json), in that order."""
     exemplars = []
     for name in ("csqa", "obqa"):
-        path = Path(data_dir) / name / "prompt" / f"{name}_cot.json"
+        path = Path(data_dir or data.DEFAULT_DIR) / name / "prompt" / f"{name}_cot.json"
         if not path.exists():
-            raise SystemExit(f"{path}: the official few-shot exemplars are needed (chain, dpo and project)")
+            raise SystemExit(f"{path}: the official few-shot exemplars are needed (chain, dpo and project); copy "
+                             "them from the official repository (shengminp/TinyThinker, datasets/) or pass --data-dir")
         exemplars += json.loads(path.read_text())
     return exemplars
 
@@ -610,7 +618,7 @@ def save_projection(run, out, markdown):
         out += [f"| {size} | " + " | ".join(f"{h:,.0f} h" for h in hours.values()) +
                 f" | **{sum(hours.values()):,.0f} h = {sum(hours.values()) / 24:,.1f} days** |"
                 for size, hours in run["hours"]]
-    text = Path(markdown).read_text()
+    text = Path(markdown).read_text() if Path(markdown).exists() else "# Benchmarks\n"
     if PROJECTION_BEGIN not in text:
         text += f"\n{PROJECTION_BEGIN}\n{PROJECTION_END}\n"
     head, rest = text.split(PROJECTION_BEGIN, 1)
@@ -707,6 +715,28 @@ def save(run, out, markdown):
 
 
 RANKS_BEGIN, RANKS_END = "<!-- ranks: written by bench.py --only ranks -->", "<!-- end of ranks -->"
+# A path outside the clone in a recorded command, as the README writes it: a placeholder, or (--out, --markdown) the
+# name of the file written.
+PLACEHOLDERS = {"--data-dir": "DIR", "--run": "RUN"}
+
+
+def typed_command(argv):
+    """The command as a user types it from a clone of the repository: python bench.py and its flags, where a path
+    outside the current directory (absolute, or above it) is written as PLACEHOLDERS says, else by its file name.
+    So no recorded command names a folder of the machine that ran it."""
+    def typed(flag, value):
+        outside = os.path.isabs(value) or value.startswith("..")
+        return PLACEHOLDERS.get(flag) or os.path.basename(value) if outside else value
+
+    words, flag = ["python", "bench.py"], None
+    for word in argv[1:]:
+        if word.startswith("--") and "=" in word:
+            name, value = word.split("=", 1)
+            words.append(f"{name}={typed(name, value)}")
+        else:
+            words.append(word if word.startswith("--") else typed(flag, word))
+        flag = word
+    return " ".join(words)
 
 
 def bench_ranks(args):
@@ -729,12 +759,12 @@ def bench_ranks(args):
                 seconds[procs].append(time.perf_counter() - start)
                 print(f"{procs} process(es): {seconds[procs][-1]:.1f} s", flush=True)
     one, two = (statistics.median(seconds[p]) for p in (1, 2))
-    table = "\n".join([RANKS_BEGIN, f"`python {' '.join(sys.argv)}` on {machine(torch.device('cpu'))['cpu']}, "
+    table = "\n".join([RANKS_BEGIN, f"`{typed_command(sys.argv)}` on {machine(torch.device('cpu'))['cpu']}, "
                         f"{cores} cores, {time.strftime('%Y-%m-%d')}:", "",
                         "| processes | threads each | one reflect iteration (median of %d) |" % args.repeats,
                         "|---|---|---|", f"| 1 | {cores} | {one:.1f} s |",
                         f"| 2 (torchrun, gloo) | {max(1, cores // 2)} | {two:.1f} s ({one / two:.2f}x) |", RANKS_END])
-    text = Path(args.markdown).read_text()
+    text = Path(args.markdown).read_text() if Path(args.markdown).exists() else "# Benchmarks\n"
     if RANKS_BEGIN in text:
         text = text.split(RANKS_BEGIN)[0] + table + text.split(RANKS_END, 1)[1]
     else:
@@ -746,33 +776,43 @@ def bench_ranks(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default="train,generate,memory,chain,dpo",
-                   help="comma list of train, generate, memory, chain, dpo; or project alone; or ranks alone")
-    p.add_argument("--sizes", default="small,base", help="comma list of small, base")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=32, help="training batch (sequences)")
-    p.add_argument("--src", type=int, default=200, help="input tokens per sequence")
-    p.add_argument("--tgt", type=int, default=100, help="target tokens per sequence")
-    p.add_argument("--gen-batch", default="1,8,64", help="comma list of sequences generated at once (memory: the last)")
-    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--chain-questions", type=int, default=256, help="chain: CSQA test questions")
-    p.add_argument("--chain-batch", type=int, default=256, help="chain: prompts per generate call (the method's)")
-    p.add_argument("--chain-max-new-tokens", type=int, default=200, help="chain: the method's max_new_tokens")
+                   help="comma list of train, generate, memory, chain, dpo; or project alone; or ranks alone "
+                   "(default all but project and ranks)")
+    p.add_argument("--sizes", default="small,base", help="comma list of the model shapes, small and base (default "
+                   "both)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default cuda where there is one)")
+    p.add_argument("--batch", type=int, default=32, help="training batch in sequences (default 32)")
+    p.add_argument("--src", type=int, default=200, help="input tokens per sequence (default 200)")
+    p.add_argument("--tgt", type=int, default=100, help="target tokens per sequence (default 100)")
+    p.add_argument("--gen-batch", default="1,8,64", help="comma list of sequences generated at once (memory: the "
+                   "last; default 1,8,64)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence (default 128)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls of each side before timing (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls of each side, the median kept (default 3)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--chain-questions", type=int, default=256, help="chain: CSQA test questions (default 256)")
+    p.add_argument("--chain-batch", type=int, default=256, help="chain: prompts per generate call (default 256, the "
+                   "method's)")
+    p.add_argument("--chain-max-new-tokens", type=int, default=200, help="chain: max_new_tokens per stage (default "
+                   "200, the method's)")
     p.add_argument("--chain-samples", type=int, default=1, help="chain: > 1 times one of reflect's passes instead, "
-                   "each question that many times (the method's: 10; --chain-pass says which)")
+                   "each question that many times (the method's: 10; --chain-pass says which; default 1)")
     p.add_argument("--chain-pass", default="recall", choices=["recall", "analyze"],
                    help="chain: with --chain-samples, which of reflect's passes (analyze: recalls fixed, analyses "
-                   "sampled)")
-    p.add_argument("--data-dir", default=None, help="chain: holds csqa/original/*.jsonl and {csqa,obqa}/prompt/"
-                   "*_cot.json (default: data.py's folder, downloading the questions)")
+                   "sampled; default recall)")
+    p.add_argument("--data-dir", default=None, help="chain, dpo, project: the folder that holds csqa/original/*.jsonl "
+                   "and {csqa,obqa}/prompt/*_cot.json (default: the repo's data/, the questions downloaded into it)")
     p.add_argument("--variants", default=None, help="train, generate: comma list of eager, compile (torch.compile, "
                    "CUDA only; default both on CUDA, eager on the CPU)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler top operators of each side")
-    p.add_argument("--run", default="runs/world", help="ranks: the acquired world run to reflect on")
-    p.add_argument("--out", default="bench.json")
-    p.add_argument("--markdown", default="BENCHMARKS.md")
+    p.add_argument("--run", default="runs/world", help="ranks: the acquired world run to reflect on (default "
+                   "runs/world, the demo's)")
+    p.add_argument("--out", default=os.path.join("runs", "bench.json"), help="the JSON the results are merged into "
+                   "(default runs/bench.json; --out bench.json: the repository's)")
+    p.add_argument("--markdown", default=os.path.join("runs", "BENCHMARKS.md"), help="the Markdown whose results, "
+                   "projection or ranks section is rewritten (default runs/BENCHMARKS.md; --markdown BENCHMARKS.md: "
+                   "the repository's)")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -791,7 +831,9 @@ def main():
     variants = (args.variants or default).split(",")
     if set(variants) - {"eager", "compile"} or (device.type == "cpu" and "compile" in variants):
         p.error(f"--variants {args.variants}: expected eager and/or compile, compile on CUDA only")
-    run = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
+    for path in (args.out, args.markdown):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    run = {"command": typed_command(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
            "machine": machine(device), "rows": []}
     start = time.perf_counter()
     if args.only == ["ranks"]:

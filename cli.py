@@ -46,19 +46,29 @@ def finite(text):
     return value
 
 
-def add_flags(parser, config):
+def setting(default, help):
+    """A field of a settings dataclass with its one-line --help (add_flags). A default of None or "" is one the help
+    describes; any other is shown after it (a switch's is off)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def add_flags(parser, config, defaults=None):
     """One --flag per field of the `config` dataclass (a bool is a switch), None when not given, so that the command
-    line can be layered over presets. A field without a plain default (a dict) is no setting."""
+    line can be layered over presets. A field without a plain default (a dict) is no setting. Each flag's help is its
+    field's, then `defaults(name)` (the command's own account of the default) or the field's default."""
     for field in dataclasses.fields(config):
         if field.default is dataclasses.MISSING:
             continue
         flag = "--" + field.name.replace("_", "-")
+        default = defaults(field.name) if defaults else (
+            None if isinstance(field.default, bool) or field.default in (None, "") else f"default {field.default}")
+        text = field.metadata["help"] + (f" ({default})" if default else "")
+        text = text.replace("%", "%%")  # argparse formats help with %
         if field.type is bool or isinstance(field.default, bool):
-            parser.add_argument(flag, action="store_true", default=None)
+            parser.add_argument(flag, action="store_true", default=None, help=text)
         else:
             kind = field.type if isinstance(field.type, type) else field.type.__args__[0]  # `int | None` -> int
-            parser.add_argument(flag, type=finite if kind is float else kind, default=None,
-                                help=f"default {field.default!r}")
+            parser.add_argument(flag, type=finite if kind is float else kind, default=None, help=text)
 
 
 def given_flags(parser, argv=None):
@@ -181,14 +191,16 @@ def read_run_config(run_dir):
     return cfg
 
 
-def write_run_config(cfg, run_dir, runtime, decisions, **extra):
-    """config.json: the resolved settings, the library versions and the method's recorded decisions (rank 0)."""
+def write_run_config(cfg, run_dir, runtime, decisions, leave_out=(), **extra):
+    """config.json: the resolved settings but those in `leave_out` (settings the run does not use), the library
+    versions and the method's recorded decisions (rank 0)."""
     if runtime.rank != 0:
         return
     env = dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
                platform=platform.platform(), devices=runtime.world_size,
                cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-    config = {**dataclasses.asdict(cfg), **extra, "env": env, "decisions": decisions}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in leave_out}
+    config = {**settings, **extra, "env": env, "decisions": decisions}
     atomic_write(os.path.join(run_dir, "config.json"), json.dumps(config, indent=1).encode())
 
 

@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -32,19 +32,28 @@ from files import hold, read_json, release
 @dataclass
 class ClientConfig:
     """The endpoint, the model and its request settings, the retries and the prices; TeacherConfig adds TinyThinker's
-    settings, tailored.py fills it from its own."""
-    base_url: str = "https://api.openai.com/v1"
-    api_key_env: str = "OPENAI_API_KEY"
-    model: str = "gpt-4o-2024-05-13"
-    temperature: float = 0.8
-    max_tokens: int = 256
-    workers: int = 8
-    timeout: float = 120.0  # seconds per HTTP request, all of it (connecting, waiting, reading)
-    max_attempts: int = 6  # HTTP tries per request before the question is reported failed
-    backoff: float = 1.0  # first backoff cap in seconds, doubled per attempt
-    max_backoff: float = 60.0
-    price_in: float = 5e-6  # $ per prompt token (gpt-4o-2024-05-13 list price)
-    price_out: float = 15e-6  # $ per completion token
+    settings, tailored.py fills it from its own. Each field's help is its --help line (cli.add_flags; written out
+    here as cli.setting writes it, client.py being below cli.py in the imports)."""
+    base_url: str = field(default="https://api.openai.com/v1", metadata={
+        "help": "the teacher's OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 for a local server"})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={
+        "help": "environment variable holding the API key (a local server may need none)"})
+    model: str = field(default="gpt-4o-2024-05-13", metadata={
+        "help": "the model name sent to the endpoint; a local server takes the name it serves"})
+    temperature: float = field(default=0.8, metadata={"help": "sampling temperature of the teacher's completions"})
+    max_tokens: int = field(default=256, metadata={
+        "help": "tokens per completion; a cut-off one is requested again with twice as many"})
+    workers: int = field(default=8, metadata={"help": "requests in flight at once (mind the endpoint's rate limit)"})
+    timeout: float = field(default=120.0, metadata={
+        "help": "seconds per HTTP request, all of it (connecting, waiting, reading)"})
+    max_attempts: int = field(default=6, metadata={
+        "help": "HTTP tries per request before its question is reported failed"})
+    backoff: float = field(default=1.0, metadata={"help": "seconds of the first retry's backoff cap, doubled per try"})
+    max_backoff: float = field(default=60.0, metadata={
+        "help": "longest wait before a retry in seconds, a server's Retry-After included"})
+    price_in: float = field(default=5e-6, metadata={
+        "help": "US dollars per prompt token, for the bill (gpt-4o-2024-05-13's list price)"})
+    price_out: float = field(default=15e-6, metadata={"help": "US dollars per completion token, for the bill"})
 
 
 class InvalidCompletion(ValueError):

@@ -1,6 +1,6 @@
 """The two methods side by side on the embedded world: same student (a T5 from scratch, world.MODEL), same teacher
-(the world's built-in one), same held-out questions; held-out accuracy over seeds with each row's budget, written into
-BENCHMARKS.md.
+(the world's built-in one), same held-out questions; held-out accuracy over seeds with each row's budget, in a table
+like BENCHMARKS.md's.
 
     python compare.py                       # seeds 1 2 3, two runs at a time (36 minutes on 2 cores)
     python compare.py --seeds 1 --jobs 1
@@ -9,11 +9,12 @@ BENCHMARKS.md.
 
 Each run is the command a user types (tinythinker.py, tailored.py, then evaluate.py), in its own process with one
 thread. The TinyThinker runs are ablation.py's (runs/ablation, same commands and seeds), so either script reuses the
-other's; the Tailored runs go under runs/compare (of the current directory, as the table goes into its BENCHMARKS.md).
-A rerun skips finished runs. --epochs sets every acquire's and every Tailored round's epochs, --iterations and
---samples reflect's; their runs and their table are kept apart from the demo's. The Tailored run without L_SR
-(--lam 0) starts from the same round-1 model as the one with it (round 1 has no L_SR, and the round-2 exam is
-seeded), so the two differ only in the loss of rounds 2..K.
+other's; the Tailored runs go under runs/compare of the current directory. The table is printed and written into
+runs/BENCHMARKS.md (--markdown), in place of the table of the same sizes; --markdown BENCHMARKS.md writes it into the
+repository's. A rerun skips finished runs. --epochs sets every acquire's and every Tailored round's epochs,
+--iterations and --samples reflect's; their runs and their table are kept apart from the demo's. The Tailored run
+without L_SR (--lam 0) starts from the same round-1 model as the one with it (round 1 has no L_SR, and the round-2
+exam is seeded), so the two differ only in the loss of rounds 2..K.
 """
 import argparse
 import json
@@ -117,13 +118,18 @@ def tailored_rows(seed, rounds, train, epochs):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each one thread)")
-    parser.add_argument("--only", choices=["tailored", "tinythinker"], help="train only this method's runs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="one run of each method per seed "
+                        "(default 1 2 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="Tailored Learning's rounds (default 3)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, each with one thread (default 2)")
+    parser.add_argument("--only", choices=["tailored", "tinythinker"], help="train only this method's runs; the "
+                        "other's enter the table if they are finished (default: train both)")
     parser.add_argument("--epochs", type=int, help="epochs of every acquire and Tailored round (default: the demo's)")
     parser.add_argument("--iterations", type=int, help="reflect iterations (default: the demo's)")
     parser.add_argument("--samples", type=int, help="reflect's chains per question (default: the demo's)")
+    parser.add_argument("--markdown", default=ablation.MARKDOWN, help="the Markdown the table is written into, in "
+                        "place of the one of the same sizes (default runs/BENCHMARKS.md; BENCHMARKS.md: the "
+                        "repository's)")
     args = parser.parse_args()
     sizes = ablation.sizes(args.epochs, args.iterations, args.samples)
     trains = lambda method: args.only in (None, method)
@@ -159,7 +165,8 @@ def main():
     lines.append(end)
     text = "\n".join(lines)
     print(text)
-    ablation.write_benchmarks(text, begin, end, "Tailored Learning against TinyThinker on the embedded world")
+    ablation.write_benchmarks(args.markdown, text, begin, end,
+                              "Tailored Learning against TinyThinker on the embedded world")
 
 
 if __name__ == "__main__":

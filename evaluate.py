@@ -137,14 +137,19 @@ def checkpoints(run_dir):
 
 def parse_args(argv=None):
     parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="*", default=["runs/world"], help="run directories made by tinythinker.py")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--samples", type=int, default=1, help="chains per question; > 1 votes (self-consistency)")
+    parser.add_argument("runs", nargs="*", default=["runs/world"], help="run folders made by tinythinker.py or "
+                        "tailored.py; each is evaluated on the data set and data folder its config.json names "
+                        "(default runs/world)")
+    parser.add_argument("--split", default="test", help="the questions answered: train, valid or test (default test)")
+    parser.add_argument("--samples", type=int, default=1, help="chains per question; > 1 votes (self-consistency) "
+                        "(default 1, greedy)")
     parser.add_argument("--temperature", type=cli.finite, default=0.7,
-                        help="sampling temperature when --samples > 1")
-    parser.add_argument("--seed", type=int, default=0, help="the sampled chains' seed when --samples > 1")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--out", default=None, help="report path without extension (default: RUN/report)")
+                        help="sampling temperature when --samples > 1 (default 0.7)")
+    parser.add_argument("--seed", type=int, default=0, help="the sampled chains' seed when --samples > 1 (default 0)")
+    parser.add_argument("--batch-size", type=int, default=256, help="questions (or chains) per generation batch "
+                        "(default 256)")
+    parser.add_argument("--out", default=None, help="report path without extension, written as .md and .json "
+                        "(default RUN/report, RUN the first run folder)")
     args = parser.parse_args(argv)
     check(args)
     return args

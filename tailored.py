@@ -31,43 +31,55 @@ import triplet
 import world
 from client import (Cache, Client, ClientConfig, InvalidCompletion, Meter, RequestFailed, api_key, bill,
                     cached_chat)
+from cli import setting
 from data import DEFAULT_DIR, Question
 from files import atomic_write
 
 
 @dataclass
 class Config:
-    data: str = "world"                 # world | gsm8k | svamp | multiarith | csqa | strategyqa | obqa | one's own
-    data_dir: str = str(DEFAULT_DIR)    # data set files and the teacher's cache, as tinythinker.py's
-    model: str = "google-t5/t5-small"   # Hub id or local directory; "scratch" = a new T5 sized by world.MODEL
-    out: str = ""                       # run directory (default runs/tailored_{data})
-    resume: bool = False                # continue a killed round from its last state.pt
-    dry_run: bool = False               # print round 1's teacher bill, as teacher.py --dry-run; nothing sent or written
-    limit: int | None = None            # only the first N training questions, as teacher.py's --limit
-    seed: int = 42
-    rounds: int = 3                     # Figure 1 shows rounds 1-3 (METHOD 10.4)
-    lam: float = 0.5                    # weight of L_SR; 0 = the LM loss alone (the paper's ablation)
-    margin: float = 1.0
-    sr_max_length: int = 192            # tokens of each triplet continuation
-    exam_samples: int = 4               # the exam: transformers' sampling defaults, as the official code left them
-    exam_temperature: float = 1.0
-    exam_top_k: int = 50
-    batch_size: int = 16                # the official effective batch (8 GPUs x 2)
-    lr: float = 3e-4                    # re-tuned for T5 (METHOD 10.8); the official 7e-6 was for GPT-J-6B
-    warmup: float = 0.1
-    epochs: int = 10                    # per round (METHOD 10.6)
-    later_epochs: int = 0               # rounds 2..K; 0 = epochs
-    later_lr: float = 0.0               # rounds 2..K; 0 = lr
-    eval_every: int = 0                 # optimizer steps between validations; 0 = once per epoch
-    grad_clip: float = 1.0
-    precision: str = "fp32"             # fp32 | bf16 | fp16: the autocast dtype, as tinythinker's --precision (A20)
-    eval_batch_size: int = 256
-    max_new_tokens: int = 0             # 0 = the task's official cap (CAPS, TL10), for the exam and validation
-    base_url: str = "https://api.openai.com/v1"  # the teacher (real data only); see client.py
-    teacher_model: str = "gpt-4o-2024-05-13"
-    api_key_env: str = "OPENAI_API_KEY"
-    workers: int = 8
-
+    data: str = setting("world", "gsm8k, svamp, multiarith, csqa, strategyqa, obqa, world (built in, offline), or a "
+                        "directory or .jsonl file of your own questions")
+    data_dir: str = setting(str(DEFAULT_DIR), "folder of the data sets (downloaded into DIR/{data set}/original if "
+                            "missing) and of the teacher's cache, DIR/{data set}/tailored.cache.jsonl")
+    model: str = setting("google-t5/t5-small", "the student to train: a Hugging Face Hub id or a local checkpoint "
+                         "folder; scratch = a new small T5 (world.MODEL) with a tokenizer trained on the data")
+    out: str = setting("", "run folder (default runs/tailored_{data set})")
+    resume: bool = setting(False, "continue a killed round from its last state.pt, on the settings it started with")
+    dry_run: bool = setting(False, "print round 1's teacher bill (questions, requests, tokens, cost), as teacher.py "
+                            "--dry-run; nothing is sent or written")
+    limit: int | None = setting(None, "only the first N training questions, as teacher.py's --limit (default all)")
+    seed: int = setting(42, "seed of a model from scratch, the batches' order, dropout and the exams' samples")
+    rounds: int = setting(3, "rounds: round 1 on the teacher's rationales, each later one on its corrections of the "
+                          "student's exam (Figure 1 shows rounds 1-3, METHOD 10.4)")
+    lam: float = setting(0.5, "weight of the self-reflection loss L_SR; 0 = the LM loss alone (the paper's ablation)")
+    margin: float = setting(1.0, "margin of the triplet loss L_SR")
+    sr_max_length: int = setting(192, "tokens of each triplet continuation (anchor, positive, negative), </s> kept")
+    exam_samples: int = setting(4, "sampled rationales per training question in a round's exam")
+    exam_temperature: float = setting(1.0, "the exam's sampling temperature (transformers' default, which the "
+                                      "official code left in place)")
+    exam_top_k: int = setting(50, "the exam's top-k sampling; 0 = off")
+    batch_size: int = setting(16, "questions per step, one rationale each (the official effective batch, 8 GPUs x 2)")
+    lr: float = setting(3e-4, "peak learning rate of AdamW, re-tuned for T5 (TL8; the official 7e-6 was for "
+                        "GPT-J-6B)")
+    warmup: float = setting(0.1, "share of the steps with a linear warm-up, then cosine decay to 0")
+    epochs: int = setting(10, "epochs per round (METHOD 10.6)")
+    later_epochs: int = setting(0, "epochs of rounds 2 and later; 0 = --epochs")
+    later_lr: float = setting(0.0, "peak learning rate of rounds 2 and later; 0 = --lr")
+    eval_every: int = setting(0, "optimizer steps between validations; 0 = once per epoch")
+    grad_clip: float = setting(1.0, "gradient-norm clip")
+    precision: str = setting("fp32", "autocast dtype: fp32, bf16, or fp16 with a loss scaler, as tinythinker.py's "
+                             "(A20)")
+    eval_batch_size: int = setting(256, "questions (or exam samples) per generation batch")
+    max_new_tokens: int = setting(0, "tokens generated per rationale in validation and the exam; 0 = the task's "
+                                  "official cap (TL10)")
+    base_url: str = setting("https://api.openai.com/v1", "the teacher's OpenAI-compatible endpoint, e.g. "
+                            "http://localhost:8000/v1 for a local server (real data only: the world's is built in)")
+    teacher_model: str = setting("gpt-4o-2024-05-13", "the model name sent to the endpoint; a local server takes "
+                                 "the name it serves (TL12)")
+    api_key_env: str = setting("OPENAI_API_KEY", "environment variable holding the API key (a local server may need "
+                               "none)")
+    workers: int = setting(8, "teacher requests in flight at once (mind the endpoint's rate limit)")
 
 DECISIONS = {
     "TL1 prompt": "encoder input = the official prompt without few-shot demos (T5's 512 tokens cannot hold them): "
@@ -119,10 +131,19 @@ FREE_ON_RESUME = ("resume", "dry_run", "out", "data_dir", "rounds", "eval_batch_
 WORLD = dict(world.FROM_SCRATCH, later_epochs=10, later_lr=1e-4, max_new_tokens=64)
 
 
+def world_default(name):
+    """A flag's default as --help shows it, with the world's where that differs (WORLD); None where the help itself
+    says it (a switch, an empty default)."""
+    default = Config.__dataclass_fields__[name].default
+    if isinstance(default, bool) or default in ("", None):
+        return None
+    return f"default {default}" + (f", world {WORLD[name]}" if WORLD.get(name, default) != default else "")
+
+
 def parse_config(argv=None):
     """Defaults, then the world's presets (WORLD), then the command line."""
     parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_flags(parser, Config)
+    cli.add_flags(parser, Config, world_default)
     given = cli.given_flags(parser, argv)
     data.check_name(given.get("data", Config.data), listed=tuple(data.FILES))
     cfg = Config(**{**(WORLD if given.get("data", Config.data) == "world" else {}), **given})

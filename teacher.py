@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 import cli
 import data
+from cli import setting
 from client import (Cache, Client, ClientConfig, Fatal, InvalidCompletion, Meter, RequestFailed, api_key, bill,
                     cached_chat)
 from data import LETTERS, DataError, Question, with_period
@@ -62,16 +63,21 @@ def prompt_set(name: str) -> str:
 @dataclass
 class TeacherConfig(ClientConfig):
     """The client's settings (endpoint, model, temperature 0.8, max_tokens 256, retries, prices), then TinyThinker's."""
-    data: str = ""
-    split: str = "train"
-    data_dir: str | None = None
-    out: str | None = None  # default {data_dir}/{data.dataset_name(data)}/teacher_{split}.jsonl
-    cache: str | None = None  # default {out stem}.cache.jsonl
-    n: int | None = None  # default N[prompt_set(data)]
-    rounds: int | None = None  # default ROUNDS[prompt_set(data)]
-    prompt_seed: int = 0  # draws the few-shot order, once per dataset
-    limit: int | None = None  # only the first `limit` questions
-
+    data: str = setting("", "the data set: csqa, obqa, strategyqa, or a directory or .jsonl file of your own "
+                        "questions")
+    split: str = setting("train", "the split whose questions the teacher explains: train, valid or test")
+    data_dir: str | None = setting(None, "folder of the data sets, downloaded into DIR/{data set}/original if "
+                                   "missing; the records are written to DIR/{data set}/teacher_{split}.jsonl unless "
+                                   "--out says otherwise (default: the repo's data/)")
+    out: str | None = setting(None, "the records file (default DIR/{data set}/teacher_{split}.jsonl); the failed "
+                              "questions go beside it, in {its stem}.failed.jsonl")
+    cache: str | None = setting(None, "the file every raw response is kept in before use (default {out stem}"
+                                ".cache.jsonl); a rerun asks only what it lacks")
+    n: int | None = setting(None, "completions per question (default: CSQA and your own 8, OBQA and StrategyQA 4)")
+    rounds: int | None = setting(None, "request rounds, the first included: the invalid completions are asked again "
+                                 "(default: CSQA, OBQA and your own 3, StrategyQA 2)")
+    prompt_seed: int = setting(0, "seed of the few-shot exemplars' order, drawn once per data set")
+    limit: int | None = setting(None, "only the first N questions of the split, e.g. a smoke test (default all)")
 
 # ---------------------------------------------------------------- prompt (METHOD 3.1)
 

@@ -6,7 +6,10 @@
 
 With no --data both phases run on the embedded world (world.py), a T5 trained from scratch in minutes on a CPU.
 A real run first asks the teacher (python teacher.py --data csqa --split train), then trains google-t5/t5-small.
-Every default is the official code's value (METHOD sections 5.3 and 7); the world overrides a few to fit a laptop.
+Each phase has its own defaults, the official code's values (METHOD sections 5.3 and 7); the world replaces a few to
+fit a laptop. A reflect run takes its data set, stages and model from the acquire run it continues (--from). Each
+flag's help names the defaults of acquire and reflect where they differ, and "world" the one on the embedded world
+where that differs; every run's config.json records each setting it uses with where it came from.
 """
 import argparse
 import dataclasses
@@ -23,41 +26,51 @@ import evaluate
 import teacher
 import train
 import world
+from cli import setting
 from data import DEFAULT_DIR
 
 
 @dataclass
 class Config:
-    phase: str = "acquire"              # acquire | reflect
-    data: str = "world"                 # world | csqa | obqa | strategyqa | a directory or .jsonl of one's own
-    data_dir: str = str(DEFAULT_DIR)    # data set files and teacher records: <repo>/data, where teacher.py writes
-    model: str = "google-t5/t5-small"   # Hub id or local directory; "scratch" = a new T5 sized by world.MODEL
-    stages: str = "recall_analyze_summarize"  # acquire: a data.STAGES variant (reflect: its acquire run's)
-    pairs: str = "recall_analyze"       # reflect: the preference pairs it trains on, recall | analyze | both
-    out: str = ""                       # run directory (default runs/{data}); reflect writes into {out}/reflect
-    resume: bool = False                # continue a killed run from its last state.pt
-    seed: int = 42
+    phase: str = setting("acquire", "acquire (phase 1: staged fine-tuning on the teacher's rationales) or reflect "
+                         "(phase 2: DPO on the student's own chains)")
+    data: str = setting("world", "world (built in, offline), csqa, obqa, strategyqa, or a directory or .jsonl file "
+                        "of your own questions")
+    data_dir: str = setting(str(DEFAULT_DIR), "folder of the data sets (downloaded into DIR/{data set}/original if "
+                            "missing) and of teacher.py's records, which acquire and reflect read from "
+                            "DIR/{data set}/teacher_train.jsonl")
+    model: str = setting("google-t5/t5-small", "the student to train: a Hugging Face Hub id or a local checkpoint "
+                         "folder; scratch = a new small T5 (world.MODEL) with a tokenizer trained on the data")
+    stages: str = setting("recall_analyze_summarize", "the stages trained: recall_analyze_summarize, or an ablation "
+                          "variant (summarize, recall_summarize, analyze_summarize)")
+    pairs: str = setting("recall_analyze", "the preference pairs trained on: recall, analyze or recall_analyze")
+    out: str = setting("", "run folder (default runs/{data set}); reflect writes into OUT/reflect")
+    resume: bool = setting(False, "continue a killed run from its last state.pt, on the settings it started with")
+    seed: int = setting(42, "seed of a model from scratch, the batches' order, dropout and reflect's samples")
     # optimisation (METHOD 5.3 for acquire, 7.5 for reflect)
-    batch_size: int = 64                # acquire: per micro-batch, a step = batch_size * grad_accum * devices;
-                                        # reflect: a step's pairs, one micro-batch split over the devices
-    grad_accum: int = 1
-    lr: float = 5e-4
-    warmup: float = 0.1                 # fraction of the steps with a linear warm-up, then cosine decay to 0 (A3)
-    epochs: int = 10
-    steps: int = 0                      # acquire: stop after this many optimizer steps (0 = all epochs; A23 control)
-    interval: int = 100                 # recall batches per cycle of the staged schedule (METHOD 5.2)
-    eval_every: int = 0                 # optimizer steps between validations; 0 = once per cycle, as the official code
-    grad_clip: float = 1.0
-    precision: str = "fp32"             # fp32 | bf16 | fp16 (fp16 with a GradScaler): the autocast dtype (A20)
-    eval_batch_size: int = 256
-    max_new_tokens: int = 200           # every stage, as the official max_length 200
+    batch_size: int = setting(64, "acquire: examples per micro-batch, a step being batch size x grad accumulation x "
+                              "devices; reflect: pairs per step, split over the devices")
+    grad_accum: int = setting(1, "micro-batches accumulated into one optimizer step")
+    lr: float = setting(5e-4, "peak learning rate of AdamW (no weight decay)")
+    warmup: float = setting(0.1, "share of the steps with a linear warm-up, then cosine decay to 0 (A3)")
+    epochs: int = setting(10, "acquire: passes over the teacher's rationales; reflect: cycles of the official "
+                          "schedule per iteration, each ending in a validation (A19)")
+    steps: int = setting(0, "stop after this many optimizer steps, 0 = all epochs (ablation.py's control, A23)")
+    interval: int = setting(100, "recall batches per cycle of the staged schedule, then interval x options analyze "
+                            "and interval summarize batches (METHOD 5.2)")
+    eval_every: int = setting(0, "optimizer steps between validations; 0 = once per cycle of the schedule")
+    grad_clip: float = setting(1.0, "gradient-norm clip")
+    precision: str = setting("fp32", "autocast dtype: fp32, bf16, or fp16 with a loss scaler (A20)")
+    eval_batch_size: int = setting(256, "questions (or sampled chains) per generation batch")
+    max_new_tokens: int = setting(200, "tokens generated per stage in validation and sampling (the official "
+                                  "max_length)")
     # self-reflection (METHOD 7)
-    iterations: int = 5
-    samples: int = 10                   # sampled chains per question and per chosen recall (generation_times)
-    temperature: float = 0.7            # sampling temperature; the official schedule never changes it (A8)
-    beta: float = 0.5                   # DPO beta: the official argparse value (A2)
-    alpha: float = 0.5                  # weight of the NLL on chosen responses (DPO + alpha * NLL, A10)
-    max_length: int = 200               # prompt and response truncation for DPO (METHOD 7.4)
+    iterations: int = setting(5, "DPO iterations, each from the previous one's best model")
+    samples: int = setting(10, "sampled chains per question (recall pass) and per chosen recall (analyze pass)")
+    temperature: float = setting(0.7, "sampling temperature of recall and analyze; never changed (A8)")
+    beta: float = setting(0.5, "DPO's beta (A2)")
+    alpha: float = setting(0.5, "weight of the NLL on chosen responses: DPO + alpha x NLL (A10, A25)")
+    max_length: int = setting(200, "tokens kept of each prompt and response, </s> included (METHOD 7.4)")
     sources: dict = dataclasses.field(default_factory=dict)  # where each setting came from (parse_config)
 
 
@@ -72,40 +85,126 @@ REFLECT = dict(batch_size=32, lr=5e-6, warmup=0.1, epochs=10, eval_every=0, grad
 WORLD = {"acquire": dict(world.FROM_SCRATCH, interval=1, max_new_tokens=48),
          "reflect": dict(batch_size=32, lr=5e-5, epochs=2, iterations=2, samples=4, max_new_tokens=48)}
 PAIRS = ("recall", "analyze", "recall_analyze")
-# The method's open questions that move accuracy (METHOD 9), recorded in every run's config.
+# The settings one phase alone reads: the other refuses them on its command line and leaves them out of its
+# config.json. What reflect takes from the acquire run it continues (acquire_settings) it may not change, but for the
+# folder the data sets are in.
+ONLY = {"acquire": ("grad_accum", "steps", "interval"),
+        "reflect": ("pairs", "iterations", "samples", "temperature", "beta", "alpha", "max_length")}
+FROM_ACQUIRE = ("data", "data_dir", "stages", "model")
+# Every decision of METHOD 9 with the runs that record it in their config.json (decisions()): "every run", "real data"
+# (a data set the teacher LLM answered: not the world), "reflect" (reflect's runs, whose model continues an acquire
+# run's and records its decisions too) and "world" (the embedded world's runs). METHOD 9 marks each alike.
 DECISIONS = {
-    "A1 analysis order in summarize inputs": "alphabetical in training and inference (no gold-first shortcut)",
-    "A2 beta": "0.5, the official argparse value",
-    "A3 learning-rate schedule": "linear warm-up over 10% of the steps, then cosine to 0 (the current official code)",
-    "A6 test decoding": "greedy unless evaluate.py --samples N",
-    "A7 reported iteration": "reflect/best is the iteration with the best validation accuracy",
-    "A9 analyze-pair balancing": "chosen topped up to |rejected| like the recall rule (see dpo.analyze_pairs)",
-    "A16 exhausted loaders": "a cycle skips an exhausted loader; every example is seen once per epoch",
-    "A18 identical pairs": "a preference pair whose chosen and rejected texts are equal is left out (dpo.recall_pairs)",
-    "A19 reflect schedule": "the official one: epochs x S steps, validation every S = RI + AI steps (reflect_plan)",
-    "A20 precision": "fp32 unless --precision bf16|fp16, as the official code (DPO compares sums of 200 log-probs)",
-    "A21 reflect samples": "only training questions with teacher records, as the official code",
+    "A1 analysis order in summarize inputs": (
+        "every run", "alphabetical in training and inference (no gold-first shortcut)"),
+    "A2 beta": ("reflect", "0.5, the official argparse value"),
+    "A3 learning-rate schedule": (
+        "every run", "linear warm-up over 10% of the steps, then cosine to 0 (the current official code)"),
+    "A4 label padding": ("every run", "padded target positions are ignored (-100), as the current official code"),
+    "A5 per-model settings": ("every run", "the published t5-small settings, for every model size"),
+    "A6 test decoding": ("every run", "greedy unless evaluate.py --samples N"),
+    "A7 reported iteration": ("reflect", "reflect/best is the iteration with the best validation accuracy"),
+    "A8 temperature schedule": ("reflect", "fixed (0.7): the official temperature_increase defaults to 0"),
+    "A9 analyze-pair balancing": (
+        "reflect", "chosen topped up to |rejected| like the recall rule (see dpo.analyze_pairs)"),
+    "A10 DPO + alpha * NLL": (
+        "reflect", "loss = DPO + alpha x NLL, as the official trainer (not TRL 0.9's alpha x DPO + NLL)"),
+    "A11 splits": ("real data", "drawn with seed 42 where the official code draws without a seed"),
+    "A12 no gold override": (
+        "real data", "the data set's label stays; a completion calling another option correct is requested again"),
+    "A13 options from the structured choices": ("every run", "options written from the choices, never re-split"),
+    "A14 notebook breakage": ("every run", "what the released notebooks intend where they read missing keys"),
+    "A15 option letters per question": ("every run", "from each question's own choices"),
+    "A16 exhausted loaders": ("every run", "a cycle skips an exhausted loader; every example is seen once per epoch"),
+    "A17 diversity filter omitted": (
+        "real data", "every valid completion kept (the official filter keeps them all when n_augment = n)"),
+    "A18 identical pairs": (
+        "reflect", "a preference pair whose chosen and rejected texts are equal is left out (dpo.recall_pairs)"),
+    "A19 reflect schedule": (
+        "reflect", "the official one: epochs x S steps, validation every S = RI + AI steps (reflect_plan)"),
+    "A20 precision": (
+        "every run", "fp32 unless --precision bf16|fp16, as the official code (DPO compares sums of 200 log-probs)"),
+    "A21 reflect samples": ("reflect", "only training questions with teacher records, as the official code"),
+    "A22 the world's Key Information carries the knowledge": (
+        "world", "a held-out animal's size is stated only in its Key Information, so recall must retrieve it"),
+    "A23 the control the paper lacks": (
+        "world", "ablation.py continues acquire for as many steps as reflect took, at reflect's batch size and lr"),
+    "A24 the world's reflect temperature": (
+        "world", "the method's 0.7; reflect is also tried from a half-trained student (ablation.py --epochs 15)"),
+    "A25 NLL normalisation": (
+        "reflect", "the NLL is the mean over the batch's real chosen tokens; the official mean also counts every "
+                   "padded position, where a real token weighs 0.59-1.00 of ours on the world's pairs "
+                   "(python -m tests.nll_weights RUN)"),
+    "A26 validation at the last step": (
+        "every run", "acquire also validates at its last step when no cycle ends there (105 validations on CSQA, "
+                     "the official 104), so the fully trained model is a candidate"),
+    "A27 validation cycle on small data": (
+        "every run", "a validation per cycle of the schedule as it runs, the sum of min(quota, batches) of the "
+                     "stages: once an epoch when a stage has fewer batches than its quota (not interval x (k + 2))"),
 }
 # Settings a resumed run may change: they move no step of the schedule (more iterations continue a finished run).
 FREE_ON_RESUME = ("resume", "out", "data_dir", "eval_batch_size", "iterations", "sources")
 
 
+def decisions(phase, name):
+    """{decision: what was chosen} of every decision of METHOD 9 that a run of `phase` on data set `name` records."""
+    scopes = {"every run", "world" if name == "world" else "real data"} | ({"reflect"} if phase == "reflect" else set())
+    return {decision: chosen for decision, (scope, chosen) in DECISIONS.items() if scope in scopes}
+
+
+def unused(phase):
+    """The settings a phase does not read: the other phase's ONLY."""
+    return {"acquire": ONLY["reflect"], "reflect": ONLY["acquire"]}.get(phase, ())
+
+
+def phase_defaults(name):
+    """A flag's default as --help shows it: acquire's and reflect's where they differ, each with the world's where
+    that differs (the layers of parse_config); None where the help itself says it (a switch, an empty default)."""
+    default = Config.__dataclass_fields__[name].default
+    if isinstance(default, bool) or default == "":
+        return None
+    if name == "phase":
+        return f"default {default}"
+
+    def of(phase):
+        if phase == "reflect" and name in FROM_ACQUIRE:
+            return "the acquire run's"
+        method = REFLECT.get(name, default) if phase == "reflect" else default
+        on_world = WORLD[phase].get(name, method)
+        return f"{method}" + (f", world {on_world}" if on_world != method else "")
+
+    phases = {phase: of(phase) for phase in ("acquire", "reflect") if name not in unused(phase)}
+    if len(phases) == 1:
+        [(phase, text)] = phases.items()
+        return f"{phase} only; default {text}"
+    if phases["acquire"] == phases["reflect"]:
+        return f"default {phases['acquire']}"
+    return f"default: acquire {phases['acquire']}; reflect {phases['reflect']}"
+
+
 def parse_config(argv=None):
     """Defaults, then the phase's and the world's, then the command line, in that order. A reflect run continues the
-    acquire run in --from: its data set, data directory and stage variant come from that run's config.json, then
-    the method's reflect values (REFLECT), then the world's if that run was on the world, then the command line.
-    cfg.sources records where each setting came from; it is written to config.json."""
+    acquire run in --from: its data set, data directory, stage variant and model come from that run's config.json,
+    then the method's reflect values (REFLECT), then the world's if that run was on the world, then the command line.
+    cfg.sources records where each setting the phase uses came from; it is written to config.json."""
     parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_flags(parser, Config)
-    parser.add_argument("--from", dest="out", help="reflect: the acquire run directory (same as --out)")
+    cli.add_flags(parser, Config, phase_defaults)
+    parser.add_argument("--from", dest="out", help="reflect: the acquire run's folder, as --out (default runs/{data "
+                        "set})")
     given = cli.given_flags(parser, argv)
     phase, name = given.get("phase", Config.phase), given.get("data", Config.data)
+    for key in unused(phase):
+        if key in given:
+            raise SystemExit(f"--{key.replace('_', '-')}: --phase {phase} does not use it (a setting of the other "
+                             "phase; python tinythinker.py --help says which)")
     layers = []
     if phase == "reflect":
         run_dir = given.get("out") or os.path.join("runs", data.dataset_name(name))
         acquired = acquire_settings(run_dir)
-        if "data" in given and given["data"] != acquired["data"]:
-            raise SystemExit(f"--data {given['data']}: the run in {run_dir} was acquired on {acquired['data']}")
+        for key in ("data", "stages", "model"):  # data_dir may be given: the folder may have moved
+            if key in given and given[key] != acquired[key]:
+                raise SystemExit(f"--{key} {given[key]}: the run in {run_dir} was acquired with {key} "
+                                 f"{acquired[key]}; reflect continues it")
         name = acquired["data"]
         layers += [("acquire run", acquired), ("method (reflect)", REFLECT)]
     if name == "world":
@@ -118,7 +217,8 @@ def parse_config(argv=None):
     cfg = Config(**settings)
     cfg.out = cfg.out or os.path.join("runs", data.dataset_name(cfg.data))
     cfg.data_dir = os.path.abspath(cfg.data_dir)
-    cfg.sources = {f.name: sources.get(f.name, "default") for f in dataclasses.fields(Config) if f.name != "sources"}
+    cfg.sources = {f.name: sources.get(f.name, "default") for f in dataclasses.fields(Config)
+                   if f.name != "sources" and f.name not in unused(cfg.phase)}
     return cfg
 
 
@@ -148,8 +248,9 @@ def check(cfg):
 
 
 def acquire_settings(run_dir):
-    """What a reflect run takes from the acquire run it continues. Reflect trains recall and analyze inside the full
-    chain (METHOD 7), so it continues only a run of the full recall_analyze_summarize variant."""
+    """What a reflect run takes from the acquire run it continues (FROM_ACQUIRE): its model is that run's best/, so
+    its config.json names the model that run trained. Reflect trains recall and analyze inside the full chain
+    (METHOD 7), so it continues only a run of the full recall_analyze_summarize variant."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no acquire run to reflect on; run python tinythinker.py --phase acquire first, "
@@ -157,7 +258,9 @@ def acquire_settings(run_dir):
     acquired = cli.read_run_config(run_dir)
     if acquired["stages"] != "recall_analyze_summarize":
         raise SystemExit(f"{path}: reflect continues a recall_analyze_summarize run, not a {acquired['stages']} one")
-    return dict(data=acquired["data"], data_dir=acquired["data_dir"], stages=acquired["stages"])
+    if not isinstance(acquired.get("model"), str):
+        raise data.DataError(f"{path}: not a run config (no model)")
+    return {key: acquired[key] for key in FROM_ACQUIRE}
 
 
 def teacher_records(cfg):
@@ -202,7 +305,8 @@ def acquire(cfg):
     # --steps: a budget in steps instead of epochs, the last epoch cut short (ablation.py's control, A23)
     plan = train.Plan({s: len(p) for s, p in texts.items()}, effective, cfg.epochs, cfg.seed, quotas, cfg.steps or None)
     if not resumed:  # a resumed run keeps the config.json it started with
-        cli.write_run_config(cfg, cfg.out, runtime, DECISIONS, effective_batch_size=effective, total_steps=len(plan),
+        cli.write_run_config(cfg, cfg.out, runtime, decisions(cfg.phase, cfg.data), unused(cfg.phase),
+                             effective_batch_size=effective, total_steps=len(plan),
                              examples={s: len(p) for s, p in texts.items()})
     model, tokenizer = cli.student(cfg, cfg.out, [x + " " + y for pairs in texts.values() for x, y in pairs], runtime)
     examples = {stage: [(tokenizer.encode(x), tokenizer.encode(y)) for x, y in pairs] for stage, pairs in texts.items()}
@@ -315,7 +419,7 @@ def reflect(cfg):
     reflect_dir = os.path.join(cfg.out, "reflect")
     cli.hold_run(cfg.out)  # the acquire run's folder: reflect reads its best/
     if not cli.start_run(cfg, reflect_dir, os.path.join("iter_1", "state.pt"), FREE_ON_RESUME):
-        cli.write_run_config(cfg, reflect_dir, runtime, DECISIONS)
+        cli.write_run_config(cfg, reflect_dir, runtime, decisions(cfg.phase, cfg.data), unused(cfg.phase))
     cli.demo("reflect", cfg.data == "world")
     questions, valid = (cli.questions(cfg.data, split, cfg.data_dir) for split in ("train", "valid"))
     records = teacher_records(cfg)

@@ -1,8 +1,8 @@
 """`python ablation.py` and `python compare.py`, the commands behind the README's world figures, run as typed from a
 fresh directory with only sizes shrunk (one seed, one acquire epoch, one reflect iteration of two samples per question,
-two Tailored rounds of one epoch): the runs they make, the tables they write into BENCHMARKS.md, ablation reusing
-compare's TinyThinker runs (compare runs them beside Tailored's, two at a time), and a rerun of compare training
-nothing."""
+two Tailored rounds of one epoch): the runs they make, the tables they write into runs/BENCHMARKS.md (and not into the
+directory's BENCHMARKS.md, which they change only when asked), ablation reusing compare's TinyThinker runs (compare
+runs them beside Tailored's, two at a time), and a rerun of compare training nothing."""
 import json
 import os
 import re
@@ -35,13 +35,14 @@ def accuracy(cell):  # "62.5 ± 0.0" -> 62.5
 
 
 def test_compare_then_ablation_run_as_typed(tmp_path):
+    (tmp_path / "BENCHMARKS.md").write_text("# A clone's own\n")
     # Two runs at a time: Tailored's beside TinyThinker's, then the answer-only acquire
     compare_out = script("compare.py", *SIZES, "--rounds", "2", "--jobs", "2", cwd=tmp_path)
     trained = sorted(line.split()[2:6] for line in compare_out.splitlines() if line.startswith("+ tinythinker.py"))
     run_dir = "runs/ablation/recall_analyze_summarize-epochs1-iterations1-samples2-seed1"
     assert trained == [["--phase", "acquire", "--stages", "recall_analyze_summarize"],
                        ["--phase", "acquire", "--stages", "summarize"], ["--phase", "reflect", "--from", run_dir]]
-    benchmarks = (tmp_path / "BENCHMARKS.md").read_text()
+    benchmarks = (tmp_path / "runs" / "BENCHMARKS.md").read_text()
     assert "`python compare.py --seeds 1 --rounds 2 --epochs 1 --iterations 1 --samples 2`" in benchmarks
     compare = table(benchmarks, "compare-epochs1-iterations1-samples2")
     assert list(compare) == ["answer-only fine-tuning", "chain-of-thought fine-tuning (Tailored round 1)",
@@ -55,7 +56,7 @@ def test_compare_then_ablation_run_as_typed(tmp_path):
     ablation_out = script("ablation.py", *SIZES, "--variants", "recall_analyze_summarize", cwd=tmp_path)
     trained = [line.split()[2:6] for line in ablation_out.splitlines() if line.startswith("+ tinythinker.py")]
     assert trained == [["--phase", "acquire", "--model", f"{run_dir}/best"]]
-    benchmarks = (tmp_path / "BENCHMARKS.md").read_text()
+    benchmarks = (tmp_path / "runs" / "BENCHMARKS.md").read_text()
     assert ("`python ablation.py --seeds 1 --variants recall_analyze_summarize --epochs 1 --iterations 1 --samples 2`"
             in benchmarks)
     ablation = table(benchmarks, "ablation-epochs1-iterations1-samples2")
@@ -75,4 +76,5 @@ def test_compare_then_ablation_run_as_typed(tmp_path):
     # A rerun of compare trains nothing: every run of both methods is finished; it only evaluates them again
     rerun = script("compare.py", *SIZES, "--rounds", "2", "--jobs", "2", cwd=tmp_path)
     assert not [line for line in rerun.splitlines() if line.startswith(("+ tinythinker.py", "+ tailored.py"))]
-    assert table((tmp_path / "BENCHMARKS.md").read_text(), "compare-epochs1-iterations1-samples2") == compare
+    assert table((tmp_path / "runs" / "BENCHMARKS.md").read_text(), "compare-epochs1-iterations1-samples2") == compare
+    assert (tmp_path / "BENCHMARKS.md").read_text() == "# A clone's own\n"  # written only when asked (--markdown)

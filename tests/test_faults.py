@@ -527,6 +527,9 @@ def test_command_line_mistakes_get_one_line(tmp_path):
         ((tt, "--phase", "reflect", "--from", runs["good"], "--pairs", "summarize"),
          "--pairs must be one of recall, analyze, recall_analyze, not 'summarize'"),
         ((tt, "--epochs", "0"), "--epochs must be at least 1, not 0"),
+        ((tt, "--samples", "4"), "--samples: --phase acquire does not use it"),  # a reflect setting, not silently lost
+        ((tt, "--phase", "reflect", "--from", runs["good"], "--model", "t5-base"),
+         "--model t5-base: the run in " + str(runs["good"]) + " was acquired with model scratch"),
         ((tt, "--model", nan_model, "--out", tmp_path / "nan_run"),
          f"{nan_model / 'config.json'}: field layer_norm_epsilon must be a finite number above 0, got nan"),
         ((tt, "--data", "obqa", "--data-dir", tmp_path / "d", "--out", tmp_path / "r"),
@@ -550,7 +553,8 @@ def test_resume_refuses_changed_settings_naming_them(tmp_path):
     cfg = tinythinker.parse_config(flags)
     (tmp_path / "run").mkdir()
     cpu = cli.Runtime(torch.device("cpu"), None, 0, 1)
-    cli.write_run_config(cfg, str(tmp_path / "run"), cpu, tinythinker.DECISIONS, effective_batch_size=cfg.batch_size)
+    cli.write_run_config(cfg, str(tmp_path / "run"), cpu, tinythinker.decisions(cfg.phase, cfg.data),
+                         effective_batch_size=cfg.batch_size)
     (tmp_path / "run" / "state.pt").write_bytes(b"")
     code, stderr = as_typed("tinythinker.py", *flags, "--resume", "--epochs", "3", "--seed", "1", "--batch-size", "8",
                        "--lr", "0.1", "--eval-batch-size", "8")
@@ -588,7 +592,8 @@ def test_a_damaged_or_hostile_state_pt_is_one_line_and_runs_nothing(world, tmp_p
         flags[name] = [*args(world, run), "--resume"]
         cfg = tinythinker.parse_config(flags[name])
         cpu = cli.Runtime(torch.device("cpu"), None, 0, 1)
-        cli.write_run_config(cfg, str(run), cpu, tinythinker.DECISIONS, effective_batch_size=cfg.batch_size)
+        cli.write_run_config(cfg, str(run), cpu, tinythinker.decisions(cfg.phase, cfg.data),
+                             effective_batch_size=cfg.batch_size)
         (run / "state.pt").write_bytes(content)
     with ThreadPoolExecutor(2) as pool:
         results = dict(zip(flags, pool.map(lambda name: as_typed("tinythinker.py", *flags[name]), flags)))
@@ -637,8 +642,8 @@ def acquired_run(path):
     """A run folder as acquire leaves it, as far as reflect and evaluate look before they start: config.json, best/."""
     cfg = tinythinker.parse_config(["--out", str(path)])
     path.mkdir()
-    cli.write_run_config(cfg, str(path), cli.Runtime(torch.device("cpu"), None, 0, 1), tinythinker.DECISIONS,
-                         effective_batch_size=cfg.batch_size)
+    cli.write_run_config(cfg, str(path), cli.Runtime(torch.device("cpu"), None, 0, 1),
+                         tinythinker.decisions(cfg.phase, cfg.data), effective_batch_size=cfg.batch_size)
     (path / "best").mkdir()
     return path
 

@@ -253,6 +253,9 @@ def test_readme_real_run_on_csqa(site):
         lr="method (reflect)", temperature="method (reflect)", batch_size="method (reflect)",
         samples="command line", data="acquire run")
     assert "A19 reflect schedule" in config["decisions"] and "A20 precision" in config["decisions"]
+    assert config["decisions"] == tinythinker.decisions("reflect", "csqa")  # every one METHOD 9 gives it
+    assert (config["model"], config["sources"]["model"]) == ("google-t5/t5-small", "acquire run")
+    assert "grad_accum" not in config and "interval" not in config  # acquire's alone
     pairs = (reflected / "iter_1" / "recall_pairs.jsonl").read_text().splitlines()
     log = [json.loads(line) for line in (reflected / "iter_1" / "log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]

@@ -93,3 +93,14 @@ def test_the_readme_demo_line_runs_as_typed(tmp_path):
     assert [(r["phase"], r["data"], r["split"], r["questions"]) for r in report] == [
         ("acquire", "world", "test", 96), ("reflect", "world", "test", 96)]
     assert "summarize: " in out.stdout  # the demo ends by showing one held-out question's chain
+    # Each config.json: the settings its phase uses, each from where it came, and the decisions METHOD 9 gives it
+    for phase, folder in [("acquire", ""), ("reflect", "reflect")]:
+        config = json.loads((tmp_path / "runs" / "world" / folder / "config.json").read_text())
+        assert config["decisions"] == tinythinker.decisions(phase, "world")
+        assert not set(tinythinker.unused(phase)) & (set(config) | set(config["sources"]))
+        assert set(config["sources"]) | set(tinythinker.unused(phase)) | {"sources"} == set(
+            tinythinker.Config.__dataclass_fields__)
+    # reflect trained the acquire run's model, a T5 from scratch, and says so
+    assert (config["model"], config["sources"]["model"]) == ("scratch", "acquire run")
+    assert (config["lr"], config["sources"]["lr"]) == (5e-5, "world preset")
+    assert (config["iterations"], config["sources"]["iterations"]) == (1, "command line")
