@@ -381,7 +381,7 @@ def test_readme_choosing_a_teacher(site, tmp_path):
     nothing, and each run sends the model its line names (teacher.py's --model, tailored.py's --teacher-model)."""
     lines = readme_commands("## Choosing a teacher")
     assert [shlex.split(line)[1] for line in lines] == ["teacher.py"] * 4 + ["tailored.py"]
-    shutil.copytree(site["data"], tmp_path / "data")
+    shutil.copytree(FIXTURES, tmp_path / "data", ignore=shutil.ignore_patterns("README.md"))  # no answers cached
     MathTeacher.golds = {q.question: (q.answer, "") for q in data.load("gsm8k", "train", tmp_path / "data")}
     math_server, math_url = serve(MathTeacher)
     try:
